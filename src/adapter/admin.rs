@@ -1,0 +1,248 @@
+//! keymeter's admin API, served by the filter on an internal listener with the same
+//! `vm_id` as the public filter, so both see one key set.
+//!
+//! Every call needs `Authorization: Bearer <admin token>`; the config holds only the
+//! token's sha256. Update bodies are buffered by Envoy (the admin listener's buffer
+//! limit bounds them) and applied in one callback.
+
+use super::host::{self, HostStore};
+use super::root::Shared;
+use crate::core::api_key::hashes_equal;
+use crate::core::keyset::{parse_json, DeltaDoc, KeySetDoc};
+use crate::core::problem::admin_body;
+use crate::core::shared_layout::{
+    self, read_meta, read_plans, ApplyError, ApplyOptions, ApplyReport, STATUS,
+};
+use crate::core::store::Store;
+use crate::core::time::format_rfc3339;
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::Action;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::rc::Rc;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Status,
+    PutKeySet,
+    PostDelta,
+}
+
+pub struct AdminRequest {
+    shared: Rc<Shared>,
+    route: Option<Route>,
+    force: bool,
+}
+
+impl AdminRequest {
+    pub fn new(shared: Rc<Shared>) -> Self {
+        AdminRequest {
+            shared,
+            route: None,
+            force: false,
+        }
+    }
+
+    fn reply(&self, status: u32, body: &str) -> Action {
+        let ctype = if status >= 400 {
+            "application/problem+json"
+        } else {
+            "application/json"
+        };
+        self.send_http_response(
+            status,
+            vec![("content-type", ctype), ("cache-control", "no-store")],
+            Some(body.as_bytes()),
+        );
+        Action::Pause
+    }
+
+    fn problem(&self, status: u32, slug: &str, title: &str, detail: &str) -> Action {
+        self.reply(status, &admin_body(status, slug, title, detail))
+    }
+
+    fn authorized(&self) -> bool {
+        let Some(want) = self.shared.config.admin_token_sha256 else {
+            return false;
+        };
+        let Some(auth) = self.get_http_request_header("authorization") else {
+            return false;
+        };
+        let Some(token) = auth.strip_prefix("Bearer ").map(str::trim) else {
+            return false;
+        };
+        hashes_equal(&Sha256::digest(token.as_bytes()).into(), &want)
+    }
+
+    fn status(&self) -> Action {
+        let store = HostStore;
+        let last: serde_json::Value = store
+            .get(STATUS)
+            .0
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let body = match read_meta(&store) {
+            None => json!({"loaded": false, "last_update": last}),
+            Some(m) => json!({
+                "loaded": true,
+                "version": m.version,
+                "keys": m.keys,
+                "plans": read_plans(&store, &m).keys().collect::<Vec<_>>(),
+                "generation": m.gen,
+                "updated_at": format_rfc3339(m.updated_at),
+                "last_update": last,
+            }),
+        };
+        self.reply(200, &body.to_string())
+    }
+
+    fn apply(&self, route: Route, body: &[u8]) -> Action {
+        let store = HostStore;
+        let opts = ApplyOptions {
+            force: self.force,
+            now_ms: host::now_ms(),
+        };
+        let result: Result<ApplyReport, Action> = match route {
+            Route::PutKeySet => match parse_json::<KeySetDoc>(body).and_then(|d| d.compile()) {
+                Err(e) => {
+                    Err(self.problem(400, "invalid-keyset", "Invalid key set", &e.to_string()))
+                }
+                Ok(set) => {
+                    shared_layout::apply_full(&store, &set, opts).map_err(|e| self.apply_error(e))
+                }
+            },
+            Route::PostDelta => {
+                let running = read_meta(&store)
+                    .map(|m| read_plans(&store, &m))
+                    .unwrap_or_default();
+                match parse_json::<DeltaDoc>(body)
+                    .and_then(|d| Ok((d.version, d.compile(|p| running.contains_key(p))?)))
+                {
+                    Err(e) => Err(self.problem(
+                        400,
+                        "invalid-delta",
+                        "Invalid key-set delta",
+                        &e.to_string(),
+                    )),
+                    Ok((version, ops)) => shared_layout::apply_delta(&store, version, &ops, opts)
+                        .map_err(|e| self.apply_error(e)),
+                }
+            }
+            Route::Status => return self.status(),
+        };
+        match result {
+            Err(action) => action,
+            Ok(report) => {
+                let source = if route == Route::PutKeySet {
+                    "push"
+                } else {
+                    "delta"
+                };
+                let record = json!({"source": source, "at": format_rfc3339((opts.now_ms / 1000) as i64), "result": &report});
+                let _ = store.set(STATUS, record.to_string().as_bytes(), None);
+                log::info!(
+                    "keymeter: key set {source} applied: version {} keys {}",
+                    report.version,
+                    report.keys
+                );
+                self.reply(200, &serde_json::to_string(&report).unwrap_or_default())
+            }
+        }
+    }
+
+    fn apply_error(&self, e: ApplyError) -> Action {
+        let (status, slug, title) = match e {
+            ApplyError::Stale { .. } => (
+                409,
+                "stale-version",
+                "Key-set version is not newer than the running one",
+            ),
+            ApplyError::NoKeySet => (409, "no-keyset", "No key set loaded"),
+            ApplyError::Busy => (
+                409,
+                "update-in-progress",
+                "Another key-set update is in progress",
+            ),
+            ApplyError::UnknownKey { .. } => (400, "unknown-key", "Delta refers to an unknown key"),
+            ApplyError::Host => (500, "store-failure", "Shared-data write failed"),
+        };
+        self.problem(status, slug, title, &e.to_string())
+    }
+}
+
+impl Context for AdminRequest {}
+
+impl HttpContext for AdminRequest {
+    fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
+        let method = self.get_http_request_header(":method").unwrap_or_default();
+        let full_path = self.get_http_request_header(":path").unwrap_or_default();
+        let (path, query) = full_path.split_once('?').unwrap_or((&full_path, ""));
+        self.force = query
+            .split('&')
+            .any(|p| p == "force=true" || p == "force=1");
+        let (route, allow) = match path {
+            "/v1/status" => (Route::Status, "GET"),
+            "/v1/keyset" => (Route::PutKeySet, "PUT"),
+            "/v1/keyset/delta" => (Route::PostDelta, "POST"),
+            _ => return self.problem(404, "not-found", "Not found", "Unknown admin API path."),
+        };
+        if !self.authorized() {
+            self.send_http_response(
+                401,
+                vec![
+                    ("content-type", "application/problem+json"),
+                    ("www-authenticate", "Bearer realm=\"keymeter-admin\""),
+                ],
+                Some(
+                    admin_body(
+                        401,
+                        "admin-unauthorized",
+                        "Admin token required",
+                        "Send Authorization: Bearer <admin token>.",
+                    )
+                    .as_bytes(),
+                ),
+            );
+            return Action::Pause;
+        }
+        if method != allow {
+            self.send_http_response(
+                405,
+                vec![
+                    ("content-type", "application/problem+json"),
+                    ("allow", allow),
+                ],
+                Some(
+                    admin_body(
+                        405,
+                        "method-not-allowed",
+                        "Method not allowed",
+                        &format!("Use {allow}."),
+                    )
+                    .as_bytes(),
+                ),
+            );
+            return Action::Pause;
+        }
+        if route == Route::Status {
+            return self.status();
+        }
+        self.route = Some(route);
+        if end_of_stream {
+            return self.apply(route, b"");
+        }
+        Action::Pause
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(route) = self.route else {
+            return Action::Continue;
+        };
+        if !end_of_stream {
+            return Action::Pause; // let Envoy buffer the whole document
+        }
+        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+        log::debug!("keymeter admin: got {} bytes", body.len());
+        self.apply(route, &body)
+    }
+}

@@ -1,0 +1,12 @@
+//! The thin proxy-wasm layer: everything here touches the host (headers, shared data,
+//! time, metrics); every decision is delegated to `crate::core`.
+
+mod admin;
+mod filter;
+mod host;
+mod root;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Debug);
+    proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> { Box::new(root::Root::default()) });
+}}

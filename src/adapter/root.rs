@@ -1,0 +1,61 @@
+//! The root context: parses the plugin configuration once and hands each request a
+//! context of the configured role.
+
+use super::{admin::AdminRequest, filter::FilterRequest};
+use crate::core::config::{Config, Role};
+use crate::core::problem::Problem;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::ContextType;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// Everything a request context needs that is computed once per configuration.
+pub struct Shared {
+    pub config: Config,
+    /// Problem bodies rendered at start-up so a refusal formats nothing.
+    pub bodies: HashMap<Problem, String>,
+    pub challenges: Vec<String>,
+}
+
+#[derive(Default)]
+pub struct Root {
+    shared: Option<Rc<Shared>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let raw = self.get_plugin_configuration().unwrap_or_default();
+        match Config::parse(&raw) {
+            Ok(config) => {
+                let bodies = Problem::ALL.iter().map(|p| (*p, p.body())).collect();
+                let challenges = config.challenges();
+                log::info!("keymeter: configured as {:?}", config.role);
+                self.shared = Some(Rc::new(Shared {
+                    config,
+                    bodies,
+                    challenges,
+                }));
+                true
+            }
+            Err(e) => {
+                // Returning false makes Envoy reject the plugin: never run half-configured.
+                log::error!("keymeter: {e}");
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let shared = self.shared.clone()?;
+        Some(match shared.config.role {
+            Role::Filter => Box::new(FilterRequest::new(shared)),
+            Role::Admin => Box::new(AdminRequest::new(shared)),
+        })
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}

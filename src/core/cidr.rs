@@ -1,0 +1,127 @@
+//! Client address allow-lists (IPv4 and IPv6 CIDRs) per key.
+
+use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
+
+/// One allowed network. IPv4 is kept as an IPv4-mapped IPv6 address so a single
+/// comparison covers both families; `::ffff:a.b.c.d` clients match IPv4 CIDRs too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cidr {
+    addr: u128,
+    /// Prefix length in the 128-bit space.
+    bits: u8,
+}
+
+impl Cidr {
+    /// Parses `10.0.0.0/8`, `2001:db8::/32` or a bare address (a /32 or /128). Host bits
+    /// set below the prefix are an error: they usually mean a typo in the mask.
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let ip: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("'{s}' is not an IP address or CIDR"))?;
+        let (max, offset) = match ip {
+            IpAddr::V4(_) => (32u8, 96u8),
+            IpAddr::V6(_) => (128, 0),
+        };
+        let len = match len {
+            None => max,
+            Some(l) => match l.parse::<u8>() {
+                Ok(n) if n <= max && !l.starts_with('+') => n,
+                _ => return Err(format!("'{s}': prefix length must be 0..={max}")),
+            },
+        };
+        let bits = len + offset;
+        let addr = to_u128(ip);
+        if addr & !mask(bits) != 0 {
+            return Err(format!(
+                "'{s}': address has bits set beyond the /{len} prefix"
+            ));
+        }
+        Ok(Cidr { addr, bits })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        to_u128(ip) & mask(self.bits) == self.addr
+    }
+}
+
+fn mask(bits: u8) -> u128 {
+    if bits == 0 {
+        0
+    } else {
+        u128::MAX << (128 - bits as u32)
+    }
+}
+
+fn to_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
+        IpAddr::V6(v6) => u128::from(v6),
+    }
+}
+
+/// Parses Envoy's `source.address` property: `1.2.3.4:5678` or `[::1]:5678` (or a bare
+/// address, to be lenient with other hosts).
+pub fn parse_peer(s: &str) -> Option<IpAddr> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        return rest.split_once(']')?.0.parse().ok();
+    }
+    s.rsplit_once(':')?.0.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn v4_and_v6() {
+        let c = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(c.contains(ip("10.1.255.3")));
+        assert!(!c.contains(ip("10.2.0.1")));
+        assert!(c.contains(ip("::ffff:10.1.2.3")));
+        let c6 = Cidr::parse("2001:db8::/32").unwrap();
+        assert!(c6.contains(ip("2001:db8:1::5")));
+        assert!(!c6.contains(ip("2001:db9::1")));
+        assert!(!c6.contains(ip("10.1.2.3")));
+        assert!(Cidr::parse("127.0.0.1").unwrap().contains(ip("127.0.0.1")));
+        assert!(!Cidr::parse("127.0.0.1").unwrap().contains(ip("127.0.0.2")));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("8.8.8.8")));
+        assert!(!Cidr::parse("0.0.0.0/0").unwrap().contains(ip("::1")));
+        assert!(Cidr::parse("::/0").unwrap().contains(ip("::1")));
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "10.0.0.1/8",
+            "::1/129",
+            "abc",
+            "10.0.0.0/",
+            "10.0.0.0/+8",
+            "1.2.3.4/-1",
+        ] {
+            assert!(Cidr::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn peers() {
+        assert_eq!(parse_peer("1.2.3.4:80"), Some(ip("1.2.3.4")));
+        assert_eq!(parse_peer("[::1]:80"), Some(ip("::1")));
+        assert_eq!(parse_peer("::1"), Some(ip("::1")));
+        assert_eq!(parse_peer("garbage"), None);
+    }
+}

@@ -1,0 +1,15 @@
+pub mod api_key;
+pub mod cidr;
+pub mod config;
+pub mod credential;
+pub mod key_record;
+pub mod keyset;
+pub mod plan;
+pub mod problem;
+pub mod quota;
+pub mod ratelimit_headers;
+pub mod scope;
+pub mod shared_layout;
+pub mod store;
+pub mod time;
+pub mod token_bucket;

@@ -1,0 +1,155 @@
+//! Error responses: RFC 9457 `application/problem+json` with stable types.
+//!
+//! Bodies never contain the presented key, only what the caller needs to fix the call;
+//! the `type` URI is the machine-readable part clients should switch on.
+
+/// Every way keymeter refuses a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Problem {
+    MissingCredential,
+    MalformedCredential,
+    InvalidCredential,
+    KeyDisabled,
+    KeyExpired,
+    KeyNotYetValid,
+    OutOfScope,
+    AddressNotAllowed,
+    KeySetUnavailable,
+    RateLimited,
+    QuotaExceeded,
+    /// The request's cost is larger than the bucket can ever hold.
+    CostExceedsBurst,
+}
+
+pub const TYPE_BASE: &str = "urn:keymeter:problem:";
+/// The IETF RateLimit draft registers this type for quota exhaustion.
+pub const QUOTA_EXCEEDED_TYPE: &str =
+    "https://iana.org/assignments/http-problem-types#quota-exceeded";
+
+impl Problem {
+    pub const ALL: [Problem; 12] = [
+        Problem::MissingCredential,
+        Problem::MalformedCredential,
+        Problem::InvalidCredential,
+        Problem::KeyDisabled,
+        Problem::KeyExpired,
+        Problem::KeyNotYetValid,
+        Problem::OutOfScope,
+        Problem::AddressNotAllowed,
+        Problem::KeySetUnavailable,
+        Problem::RateLimited,
+        Problem::QuotaExceeded,
+        Problem::CostExceedsBurst,
+    ];
+
+    pub fn status(self) -> u32 {
+        use Problem::*;
+        match self {
+            MissingCredential | MalformedCredential | InvalidCredential | KeyDisabled
+            | KeyExpired | KeyNotYetValid => 401,
+            OutOfScope | AddressNotAllowed => 403,
+            KeySetUnavailable => 503,
+            RateLimited | QuotaExceeded | CostExceedsBurst => 429,
+        }
+    }
+
+    /// Stable slug: the type URI suffix, and the `reason` label in metrics.
+    pub fn slug(self) -> &'static str {
+        use Problem::*;
+        match self {
+            MissingCredential => "missing-credential",
+            MalformedCredential => "malformed-credential",
+            InvalidCredential => "invalid-credential",
+            KeyDisabled => "key-disabled",
+            KeyExpired => "key-expired",
+            KeyNotYetValid => "key-not-yet-valid",
+            OutOfScope => "out-of-scope",
+            AddressNotAllowed => "address-not-allowed",
+            KeySetUnavailable => "keyset-unavailable",
+            RateLimited => "rate-limited",
+            QuotaExceeded => "quota-exceeded",
+            CostExceedsBurst => "cost-exceeds-burst",
+        }
+    }
+
+    pub fn title(self) -> &'static str {
+        use Problem::*;
+        match self {
+            MissingCredential => "API key required",
+            MalformedCredential => "Malformed API key",
+            InvalidCredential => "Invalid API key",
+            KeyDisabled => "API key disabled",
+            KeyExpired => "API key expired",
+            KeyNotYetValid => "API key not yet valid",
+            OutOfScope => "API key not allowed for this request",
+            AddressNotAllowed => "API key not allowed from this address",
+            KeySetUnavailable => "Authentication temporarily unavailable",
+            RateLimited => "Rate limit exceeded",
+            QuotaExceeded => "Quota exceeded",
+            CostExceedsBurst => "Request cost exceeds the rate limit capacity",
+        }
+    }
+
+    fn detail(self) -> &'static str {
+        use Problem::*;
+        match self {
+            MissingCredential => "Send your API key in the x-api-key header, as a Bearer token, or with Basic auth.",
+            MalformedCredential => "The credential sent is not a well-formed keymeter API key (check for typos or truncation).",
+            InvalidCredential => "The API key is not valid.",
+            KeyDisabled => "The API key has been disabled by its issuer.",
+            KeyExpired => "The API key has expired.",
+            KeyNotYetValid => "The API key is not valid yet.",
+            OutOfScope => "The API key does not grant this method on this path.",
+            AddressNotAllowed => "The API key may not be used from this client address.",
+            KeySetUnavailable => "No key set is loaded yet; retry shortly.",
+            RateLimited => "Too many requests for this API key; retry after the time given in Retry-After.",
+            QuotaExceeded => "The API key's quota for the current period is used up; retry after the time given in Retry-After.",
+            CostExceedsBurst => "This request costs more than the API key's rate limit can ever allow.",
+        }
+    }
+
+    pub fn type_uri(self) -> String {
+        match self {
+            Problem::QuotaExceeded => QUOTA_EXCEEDED_TYPE.to_string(),
+            p => format!("{TYPE_BASE}{}", p.slug()),
+        }
+    }
+
+    /// The full JSON body. Built once per problem at start-up and reused per request.
+    pub fn body(self) -> String {
+        serde_json::json!({
+            "type": self.type_uri(),
+            "title": self.title(),
+            "status": self.status(),
+            "detail": self.detail(),
+        })
+        .to_string()
+    }
+}
+
+/// A JSON problem body for the admin API, with a free-form detail (never key material).
+pub fn admin_body(status: u32, slug: &str, title: &str, detail: &str) -> String {
+    serde_json::json!({
+        "type": format!("{TYPE_BASE}{slug}"),
+        "title": title,
+        "status": status,
+        "detail": detail,
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_valid_problem_json() {
+        for p in Problem::ALL {
+            let v: serde_json::Value = serde_json::from_str(&p.body()).unwrap();
+            assert_eq!(v["status"], p.status());
+            assert!(v["type"].as_str().unwrap().ends_with(p.slug()));
+            assert!(!v["title"].as_str().unwrap().is_empty());
+        }
+        assert_eq!(Problem::QuotaExceeded.type_uri(), QUOTA_EXCEEDED_TYPE);
+    }
+}

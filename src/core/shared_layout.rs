@@ -1,0 +1,741 @@
+//! How the key set lives in proxy-wasm shared data, and every update to it.
+//!
+//! ABI 0.2 can neither delete nor list shared-data keys, and a full snapshot must switch
+//! atomically for requests on all workers. The layout:
+//!
+//! - `km/meta`: the active generation and slot, version, key count (tiny, read per request).
+//! - `km/k/<id>`: one small entry per key id with two slots. A full push writes the new
+//!   record into the slot the active generation does not use, tagged with a fresh
+//!   generation number, then flips `km/meta` with CAS: a request reads `km/meta` and
+//!   then takes the slot whose generation is active, so it sees the old set or the new
+//!   one, never a mix. A key absent from the new snapshot has no slot of the new
+//!   generation and stops working at the flip.
+//! - `km/plans/<slot>`: the plans of the generation in that slot.
+//! - `km/idx/<slot>/<n>`: the ids written to a slot, in chunks, because shared data
+//!   cannot be listed: after a flip the old slot's index is swept, dropping the old
+//!   records (entries of removed keys become empty values). Memory is therefore bounded
+//!   by the live set plus one empty entry per id ever removed (the ABI cannot delete the
+//!   key string itself).
+//! - `km/lock`: serialises writers (admin pushes on any worker, the pull service), since
+//!   shared-data CAS is not checked for keys that do not exist yet.
+//! - `km/gen`: generation counter, so a failed or interrupted push leaves only inert slots.
+
+use super::key_record::KeyRecord;
+use super::keyset::{CompiledOp, KeySet};
+use super::plan::Plan;
+use super::store::{Store, StoreError};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub const META: &str = "km/meta";
+pub const GEN: &str = "km/gen";
+pub const LOCK: &str = "km/lock";
+pub const STATUS: &str = "km/status";
+const INDEX_CHUNK: usize = 4096;
+const LOCK_TTL_MS: u64 = 60_000;
+const CAS_RETRIES: usize = 16;
+
+/// What a request reads first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    pub gen: u64,
+    pub slot: u8,
+    pub version: u64,
+    pub keys: u64,
+    /// Bumped whenever plans change, so workers know when to re-read them.
+    pub plans_rev: u64,
+    /// Unix seconds of the last successful update.
+    pub updated_at: i64,
+}
+
+impl Meta {
+    pub fn decode(bytes: &[u8]) -> Option<Meta> {
+        bincode::deserialize(bytes).ok()
+    }
+    fn encode(&self) -> Vec<u8> {
+        bincode::serialize(self).expect("meta encodes")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slot {
+    pub gen: u64,
+    pub record: KeyRecord,
+}
+
+/// The per-key shared-data value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyEntry {
+    pub slots: [Option<Slot>; 2],
+}
+
+impl KeyEntry {
+    pub fn decode(bytes: &[u8]) -> Option<KeyEntry> {
+        bincode::deserialize(bytes).ok()
+    }
+    fn encode(&self) -> Vec<u8> {
+        if self.slots.iter().all(Option::is_none) {
+            Vec::new()
+        } else {
+            bincode::serialize(self).expect("entry encodes")
+        }
+    }
+    /// The record visible under `meta`, if any.
+    pub fn active(&self, meta: &Meta) -> Option<&KeyRecord> {
+        match &self.slots[meta.slot as usize & 1] {
+            Some(s) if s.gen == meta.gen => Some(&s.record),
+            _ => None,
+        }
+    }
+    fn active_mut(&mut self, meta: &Meta) -> Option<&mut KeyRecord> {
+        match &mut self.slots[meta.slot as usize & 1] {
+            Some(s) if s.gen == meta.gen => Some(&mut s.record),
+            _ => None,
+        }
+    }
+}
+
+/// Writes `km/k/<id>` into `buf` without allocating (ids are 12 ASCII bytes).
+pub fn key_entry_name<'a>(id: &str, buf: &'a mut [u8; 32]) -> &'a str {
+    let n = 5 + id.len().min(27);
+    buf[..5].copy_from_slice(b"km/k/");
+    buf[5..n].copy_from_slice(&id.as_bytes()[..n - 5]);
+    std::str::from_utf8(&buf[..n]).unwrap_or("km/k/")
+}
+
+pub fn plans_name(slot: u8) -> String {
+    format!("km/plans/{}", slot & 1)
+}
+fn index_len_name(slot: u8) -> String {
+    format!("km/idx/{}/n", slot & 1)
+}
+fn index_chunk_name(slot: u8, i: usize) -> String {
+    format!("km/idx/{}/{i}", slot & 1)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyError {
+    /// The pushed version is not newer than the running one.
+    Stale {
+        running: u64,
+        pushed: u64,
+    },
+    /// A delta needs a running set to apply to.
+    NoKeySet,
+    /// Another writer holds the lock, or changed the set under us: retry.
+    Busy,
+    /// A delta op refers to a key that is not in the running set.
+    UnknownKey {
+        at: String,
+        id: String,
+    },
+    Host,
+}
+
+impl std::fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApplyError::Stale { running, pushed } => {
+                write!(f, "version {pushed} is not newer than the running version {running} (force to override)")
+            }
+            ApplyError::NoKeySet => f.write_str("no key set is loaded: push a full snapshot first"),
+            ApplyError::Busy => f.write_str("another key-set update is in progress; retry"),
+            ApplyError::UnknownKey { at, id } => {
+                write!(f, "{at}: no key with id \"{id}\" in the running set")
+            }
+            ApplyError::Host => f.write_str("shared-data write failed"),
+        }
+    }
+}
+
+impl From<StoreError> for ApplyError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::CasMismatch => ApplyError::Busy,
+            StoreError::Host => ApplyError::Host,
+        }
+    }
+}
+
+/// Result of a successful update.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ApplyReport {
+    pub version: u64,
+    pub keys: u64,
+    pub written: u64,
+    pub removed: u64,
+}
+
+fn value(store: &dyn Store, key: &str) -> (Option<Vec<u8>>, u32) {
+    let (v, cas) = store.get(key);
+    (v.filter(|v| !v.is_empty()), cas)
+}
+
+/// The running meta, or `None` when no key set was ever loaded into this process.
+pub fn read_meta(store: &dyn Store) -> Option<Meta> {
+    value(store, META).0.and_then(|b| Meta::decode(&b))
+}
+
+pub fn read_plans(store: &dyn Store, meta: &Meta) -> BTreeMap<String, Plan> {
+    value(store, &plans_name(meta.slot))
+        .0
+        .and_then(|b| bincode::deserialize::<(u64, BTreeMap<String, Plan>)>(&b).ok())
+        .filter(|(gen, _)| *gen == meta.gen)
+        .map(|(_, p)| p)
+        .unwrap_or_default()
+}
+
+/// The active record for `id` (admin and tests; the filter inlines this to reuse buffers).
+pub fn lookup(store: &dyn Store, meta: &Meta, id: &str) -> Option<KeyRecord> {
+    let mut buf = [0u8; 32];
+    let (v, _) = value(store, key_entry_name(id, &mut buf));
+    KeyEntry::decode(&v?)?.active(meta).cloned()
+}
+
+/// Holds `km/lock` for the duration of one update.
+struct Lock<'a> {
+    store: &'a dyn Store,
+}
+
+impl<'a> Lock<'a> {
+    fn acquire(store: &'a dyn Store, now_ms: u64) -> Result<Lock<'a>, ApplyError> {
+        let (v, _) = store.get(LOCK);
+        if v.is_none() {
+            // CAS is not checked on a missing key: create it first, then compete by CAS.
+            store.set(LOCK, &0u64.to_le_bytes(), None)?;
+        }
+        let (v, cas) = store.get(LOCK);
+        let held_until = v
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u64::from_le_bytes);
+        if held_until > now_ms {
+            return Err(ApplyError::Busy);
+        }
+        store
+            .set(LOCK, &(now_ms + LOCK_TTL_MS).to_le_bytes(), Some(cas))
+            .map_err(|_| ApplyError::Busy)?;
+        Ok(Lock { store })
+    }
+}
+
+impl Drop for Lock<'_> {
+    fn drop(&mut self) {
+        let _ = self.store.set(LOCK, &0u64.to_le_bytes(), None);
+    }
+}
+
+fn next_gen(store: &dyn Store) -> Result<u64, ApplyError> {
+    let (v, cas) = store.get(GEN);
+    let g = v
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes)
+        + 1;
+    store.set(GEN, &g.to_le_bytes(), Some(cas))?;
+    Ok(g)
+}
+
+/// Read-modify-write of one key entry with CAS retries (bounded).
+fn update_entry(
+    store: &dyn Store,
+    id: &str,
+    mut f: impl FnMut(&mut KeyEntry),
+) -> Result<KeyEntry, ApplyError> {
+    let mut buf = [0u8; 32];
+    let name = key_entry_name(id, &mut buf);
+    for _ in 0..CAS_RETRIES {
+        let (v, cas) = value(store, name);
+        let mut entry = v.and_then(|b| KeyEntry::decode(&b)).unwrap_or_default();
+        f(&mut entry);
+        match store.set(name, &entry.encode(), Some(cas)) {
+            Ok(()) => return Ok(entry),
+            Err(StoreError::CasMismatch) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApplyError::Busy)
+}
+
+fn read_index(store: &dyn Store, slot: u8) -> Vec<String> {
+    let n = value(store, &index_len_name(slot))
+        .0
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes) as usize;
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n.div_ceil(INDEX_CHUNK) {
+        if let Some(chunk) = value(store, &index_chunk_name(slot, i)).0 {
+            ids.extend(
+                chunk
+                    .chunks(12)
+                    .filter_map(|c| std::str::from_utf8(c).ok())
+                    .map(str::to_string),
+            );
+        }
+    }
+    ids.truncate(n);
+    ids
+}
+
+/// Replaces a slot's index with `ids`, emptying chunks the old index had beyond it.
+fn write_index<'a>(
+    store: &dyn Store,
+    slot: u8,
+    ids: impl ExactSizeIterator<Item = &'a str>,
+) -> Result<(), ApplyError> {
+    let old_n = value(store, &index_len_name(slot))
+        .0
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes) as usize;
+    let n = ids.len();
+    let mut chunk = Vec::with_capacity(INDEX_CHUNK * 12);
+    let mut i = 0;
+    for id in ids {
+        chunk.extend_from_slice(id.as_bytes());
+        if chunk.len() == INDEX_CHUNK * 12 {
+            store.set(&index_chunk_name(slot, i), &chunk, None)?;
+            chunk.clear();
+            i += 1;
+        }
+    }
+    if !chunk.is_empty() {
+        store.set(&index_chunk_name(slot, i), &chunk, None)?;
+        i += 1;
+    }
+    for j in i..old_n.div_ceil(INDEX_CHUNK) {
+        store.set(&index_chunk_name(slot, j), &[], None)?;
+    }
+    store.set(&index_len_name(slot), &(n as u64).to_le_bytes(), None)?;
+    Ok(())
+}
+
+fn append_index(store: &dyn Store, slot: u8, new_ids: &[String]) -> Result<(), ApplyError> {
+    if new_ids.is_empty() {
+        return Ok(());
+    }
+    let mut ids = read_index(store, slot);
+    ids.extend(new_ids.iter().cloned());
+    write_index(store, slot, ids.iter().map(String::as_str))
+}
+
+fn write_plans(
+    store: &dyn Store,
+    slot: u8,
+    gen: u64,
+    plans: &BTreeMap<String, Plan>,
+) -> Result<(), ApplyError> {
+    let bytes = bincode::serialize(&(gen, plans)).expect("plans encode");
+    store.set(&plans_name(slot), &bytes, None)?;
+    Ok(())
+}
+
+/// Options every update takes.
+#[derive(Debug, Clone, Copy)]
+pub struct ApplyOptions {
+    pub force: bool,
+    pub now_ms: u64,
+}
+
+fn check_version(running: Option<&Meta>, pushed: u64, force: bool) -> Result<(), ApplyError> {
+    match running {
+        Some(m) if !force && pushed <= m.version => Err(ApplyError::Stale {
+            running: m.version,
+            pushed,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Replaces the whole key set atomically (see the module doc for how).
+pub fn apply_full(
+    store: &dyn Store,
+    set: &KeySet,
+    opts: ApplyOptions,
+) -> Result<ApplyReport, ApplyError> {
+    let _lock = Lock::acquire(store, opts.now_ms)?;
+    let (meta_bytes, meta_cas) = value(store, META);
+    let running = meta_bytes.as_deref().and_then(Meta::decode);
+    check_version(running.as_ref(), set.version, opts.force)?;
+    let gen = next_gen(store)?;
+    let slot = running.map_or(0, |m| 1 - (m.slot & 1));
+
+    write_plans(store, slot, gen, &set.plans)?;
+    for rec in &set.keys {
+        update_entry(store, &rec.id, |e| {
+            e.slots[slot as usize] = Some(Slot {
+                gen,
+                record: rec.clone(),
+            })
+        })?;
+    }
+    write_index(store, slot, set.keys.iter().map(|k| k.id.as_str()))?;
+
+    let meta = Meta {
+        gen,
+        slot,
+        version: set.version,
+        keys: set.keys.len() as u64,
+        plans_rev: running.map_or(0, |m| m.plans_rev) + 1,
+        updated_at: (opts.now_ms / 1000) as i64,
+    };
+    store.set(META, &meta.encode(), Some(meta_cas))?;
+
+    let removed = match running {
+        Some(old) => sweep(store, old.slot, &meta)?,
+        None => 0,
+    };
+    Ok(ApplyReport {
+        version: set.version,
+        keys: meta.keys,
+        written: set.keys.len() as u64,
+        removed,
+    })
+}
+
+/// After a flip, drops the records of the previous generation: entries of keys still
+/// present keep only their active slot, entries of removed keys become empty.
+fn sweep(store: &dyn Store, old_slot: u8, meta: &Meta) -> Result<u64, ApplyError> {
+    if old_slot & 1 == meta.slot & 1 {
+        return Ok(0);
+    }
+    let mut removed = 0;
+    for id in read_index(store, old_slot) {
+        let e = update_entry(store, &id, |e| e.slots[old_slot as usize & 1] = None)?;
+        if e.active(meta).is_none() {
+            removed += 1;
+        }
+    }
+    write_index(store, old_slot, std::iter::empty())?;
+    Ok(removed)
+}
+
+/// Applies a batch of changes to the running set, op by op (each op is atomic for
+/// requests; a revoke is visible to every worker as soon as this returns).
+pub fn apply_delta(
+    store: &dyn Store,
+    version: u64,
+    ops: &[CompiledOp],
+    opts: ApplyOptions,
+) -> Result<ApplyReport, ApplyError> {
+    let _lock = Lock::acquire(store, opts.now_ms)?;
+    let (meta_bytes, meta_cas) = value(store, META);
+    let mut meta = meta_bytes
+        .as_deref()
+        .and_then(Meta::decode)
+        .ok_or(ApplyError::NoKeySet)?;
+    check_version(Some(&meta), version, opts.force)?;
+
+    // Check every op first, so an unknown id fails the batch before anything changes.
+    let mut upserted: Vec<&str> = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        match op {
+            CompiledOp::Upsert(r) => upserted.push(&r.id),
+            CompiledOp::Revoke(id) | CompiledOp::SetEnabled(id, _) => {
+                if !upserted.contains(&id.as_str()) && lookup(store, &meta, id).is_none() {
+                    return Err(ApplyError::UnknownKey {
+                        at: format!("ops[{i}]"),
+                        id: id.clone(),
+                    });
+                }
+            }
+            CompiledOp::SetPlan(..) => {}
+        }
+    }
+
+    let slot = meta.slot as usize & 1;
+    let mut plans: Option<BTreeMap<String, Plan>> = None;
+    let mut new_ids = Vec::new();
+    let mut report = ApplyReport {
+        version,
+        ..Default::default()
+    };
+    for op in ops {
+        match op {
+            CompiledOp::Upsert(rec) => {
+                let mut existed = false;
+                update_entry(store, &rec.id, |e| {
+                    existed = e.active(&meta).is_some();
+                    e.slots[slot] = Some(Slot {
+                        gen: meta.gen,
+                        record: rec.clone(),
+                    });
+                })?;
+                if !existed {
+                    meta.keys += 1;
+                    new_ids.push(rec.id.clone());
+                }
+                report.written += 1;
+            }
+            CompiledOp::Revoke(id) => {
+                let mut existed = false;
+                update_entry(store, id, |e| {
+                    existed = e.active(&meta).is_some();
+                    if existed {
+                        e.slots[slot] = None;
+                    }
+                })?;
+                if existed {
+                    meta.keys -= 1;
+                    report.removed += 1;
+                }
+            }
+            CompiledOp::SetEnabled(id, on) => {
+                update_entry(store, id, |e| {
+                    if let Some(r) = e.active_mut(&meta) {
+                        r.enabled = *on;
+                    }
+                })?;
+                report.written += 1;
+            }
+            CompiledOp::SetPlan(name, plan) => {
+                plans
+                    .get_or_insert_with(|| read_plans(store, &meta))
+                    .insert(name.clone(), plan.clone());
+            }
+        }
+    }
+    append_index(store, meta.slot, &new_ids)?;
+    if let Some(p) = &plans {
+        write_plans(store, meta.slot, meta.gen, p)?;
+        meta.plans_rev += 1;
+    }
+    meta.version = version;
+    meta.updated_at = (opts.now_ms / 1000) as i64;
+    store.set(META, &meta.encode(), Some(meta_cas))?;
+    report.keys = meta.keys;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::keyset::{parse_json, DeltaDoc, KeySetDoc};
+    use super::super::store::MemStore;
+    use super::*;
+
+    const H: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    fn set(version: u64, ids: &[&str]) -> KeySet {
+        let keys: Vec<String> = ids
+            .iter()
+            .map(|id| format!(r#"{{"id":"{id}","hash":"{H}","consumer":"c","plan":"p"}}"#))
+            .collect();
+        let doc = format!(
+            r#"{{"version":{version},"plans":{{"p":{{}}}},"keys":[{}]}}"#,
+            keys.join(",")
+        );
+        parse_json::<KeySetDoc>(doc.as_bytes())
+            .unwrap()
+            .compile()
+            .unwrap()
+    }
+    fn opts() -> ApplyOptions {
+        ApplyOptions {
+            force: false,
+            now_ms: 1_000_000,
+        }
+    }
+    fn ids(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("k{i:011}")).collect()
+    }
+    fn active(s: &MemStore) -> Vec<String> {
+        let m = read_meta(s).unwrap();
+        let mut v: Vec<String> = s
+            .keys_with_prefix("km/k/")
+            .iter()
+            .filter_map(|k| lookup(s, &m, &k[5..]).map(|r| r.id))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn full_push_replaces_and_sweeps() {
+        let s = MemStore::default();
+        assert!(read_meta(&s).is_none());
+        let r = apply_full(&s, &set(1, &["aaaaaaaaaaa1", "aaaaaaaaaaa2"]), opts()).unwrap();
+        assert_eq!((r.keys, r.removed), (2, 0));
+        assert_eq!(active(&s), ["aaaaaaaaaaa1", "aaaaaaaaaaa2"]);
+        let r = apply_full(&s, &set(2, &["aaaaaaaaaaa2", "aaaaaaaaaaa3"]), opts()).unwrap();
+        assert_eq!((r.keys, r.removed), (2, 1));
+        assert_eq!(active(&s), ["aaaaaaaaaaa2", "aaaaaaaaaaa3"]);
+        // the removed key's entry is an empty value; live entries hold one slot only
+        assert_eq!(s.get("km/k/aaaaaaaaaaa1").0.unwrap().len(), 0);
+        let e = KeyEntry::decode(&s.get("km/k/aaaaaaaaaaa2").0.unwrap()).unwrap();
+        assert_eq!(e.slots.iter().filter(|s| s.is_some()).count(), 1);
+        assert_eq!(read_plans(&s, &read_meta(&s).unwrap()).len(), 1);
+    }
+
+    #[test]
+    fn memory_stays_bounded_over_many_pushes() {
+        let s = MemStore::default();
+        let all = ids(50);
+        let mut sizes = Vec::new();
+        for v in 1..=20u64 {
+            // rotate through different subsets
+            let start = (v as usize * 7) % 25;
+            let subset: Vec<&str> = all[start..start + 25].iter().map(String::as_str).collect();
+            apply_full(&s, &set(v, &subset), opts()).unwrap();
+            sizes.push((s.len(), s.value_bytes()));
+        }
+        assert!(s.len() <= 50 + 10, "shared-data keys grew to {}", s.len());
+        let max_bytes = sizes.iter().map(|x| x.1).max().unwrap();
+        assert!(
+            sizes[19].1 <= max_bytes && max_bytes < 25 * 400,
+            "{sizes:?}"
+        );
+    }
+
+    #[test]
+    fn stale_versions_are_refused_unless_forced() {
+        let s = MemStore::default();
+        apply_full(&s, &set(5, &["aaaaaaaaaaa1"]), opts()).unwrap();
+        assert_eq!(
+            apply_full(&s, &set(5, &[]), opts()).unwrap_err(),
+            ApplyError::Stale {
+                running: 5,
+                pushed: 5
+            }
+        );
+        assert_eq!(
+            apply_full(&s, &set(4, &[]), opts()).unwrap_err(),
+            ApplyError::Stale {
+                running: 5,
+                pushed: 4
+            }
+        );
+        assert_eq!(active(&s), ["aaaaaaaaaaa1"]);
+        apply_full(
+            &s,
+            &set(4, &[]),
+            ApplyOptions {
+                force: true,
+                ..opts()
+            },
+        )
+        .unwrap();
+        assert!(active(&s).is_empty());
+    }
+
+    #[test]
+    fn a_request_mid_push_sees_only_the_old_set() {
+        let s = std::rc::Rc::new(MemStore::default());
+        apply_full(&*s, &set(1, &["aaaaaaaaaaa1", "aaaaaaaaaaa2"]), opts()).unwrap();
+        let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let (s2, seen2) = (std::rc::Rc::downgrade(&s), seen.clone());
+        *s.before_set.borrow_mut() = Some(Box::new(move |key: &str| {
+            if key == META {
+                return;
+            }
+            // A "request" between two writes of the push.
+            let s = s2.upgrade().unwrap();
+            let m = read_meta(&*s).unwrap();
+            let a = ["aaaaaaaaaaa1", "aaaaaaaaaaa2", "aaaaaaaaaaa3"]
+                .map(|id| lookup(&*s, &m, id).is_some());
+            seen2.borrow_mut().push(a);
+        }));
+        apply_full(&*s, &set(2, &["aaaaaaaaaaa3"]), opts()).unwrap();
+        *s.before_set.borrow_mut() = None;
+        let seen = seen.borrow();
+        let old = [true, true, false];
+        let new = [false, false, true];
+        let flip = seen.iter().position(|a| *a == new).unwrap_or(seen.len());
+        assert!(flip > 2, "{seen:?}");
+        assert!(
+            seen[..flip].iter().all(|a| *a == old),
+            "mixed view: {seen:?}"
+        );
+        assert!(
+            seen[flip..].iter().all(|a| *a == new),
+            "mixed view: {seen:?}"
+        );
+        assert_eq!(active(&s), ["aaaaaaaaaaa3"]);
+    }
+
+    #[test]
+    fn lock_blocks_a_concurrent_writer_and_expires() {
+        let s = MemStore::default();
+        let l = Lock::acquire(&s, 1000).unwrap();
+        assert_eq!(
+            apply_full(
+                &s,
+                &set(1, &[]),
+                ApplyOptions {
+                    force: false,
+                    now_ms: 2000
+                }
+            )
+            .unwrap_err(),
+            ApplyError::Busy
+        );
+        std::mem::forget(l); // a crashed writer never releases
+        assert!(apply_full(
+            &s,
+            &set(1, &[]),
+            ApplyOptions {
+                force: false,
+                now_ms: 1000 + LOCK_TTL_MS + 1
+            }
+        )
+        .is_ok());
+        drop(Lock::acquire(&s, 0).unwrap());
+    }
+
+    fn delta(json: &str, s: &MemStore) -> Result<ApplyReport, ApplyError> {
+        let d: DeltaDoc = parse_json(json.as_bytes()).unwrap();
+        let m = read_meta(s);
+        let plans = m.map(|m| read_plans(s, &m)).unwrap_or_default();
+        let ops = d.compile(|p| plans.contains_key(p)).unwrap();
+        apply_delta(s, d.version, &ops, opts())
+    }
+
+    #[test]
+    fn deltas_upsert_revoke_disable_and_plans() {
+        let s = MemStore::default();
+        assert_eq!(
+            delta(r#"{"version":1,"ops":[]}"#, &s).unwrap_err(),
+            ApplyError::NoKeySet
+        );
+        apply_full(&s, &set(1, &["aaaaaaaaaaa1", "aaaaaaaaaaa2"]), opts()).unwrap();
+        let up = format!(
+            r#"{{"version":2,"ops":[{{"op":"upsert","key":{{"id":"aaaaaaaaaaa3","hash":"{H}","consumer":"c","plan":"q"}}}},{{"op":"set_plan","name":"q","plan":{{}}}},{{"op":"revoke","id":"aaaaaaaaaaa1"}},{{"op":"disable","id":"aaaaaaaaaaa2"}}]}}"#
+        );
+        let r = delta(&up, &s).unwrap();
+        assert_eq!((r.keys, r.removed, r.version), (2, 1, 2));
+        assert_eq!(active(&s), ["aaaaaaaaaaa2", "aaaaaaaaaaa3"]);
+        let m = read_meta(&s).unwrap();
+        assert!(!lookup(&s, &m, "aaaaaaaaaaa2").unwrap().enabled);
+        assert!(read_plans(&s, &m).contains_key("q"));
+        assert_eq!(
+            delta(&up, &s).unwrap_err(),
+            ApplyError::Stale {
+                running: 2,
+                pushed: 2
+            }
+        );
+        let bad = r#"{"version":3,"ops":[{"op":"revoke","id":"aaaaaaaaaaa2"},{"op":"enable","id":"zzzzzzzzzzzz"}]}"#;
+        assert!(matches!(
+            delta(bad, &s).unwrap_err(),
+            ApplyError::UnknownKey { .. }
+        ));
+        assert_eq!(
+            active(&s),
+            ["aaaaaaaaaaa2", "aaaaaaaaaaa3"],
+            "a failed batch changed nothing"
+        );
+        // a later full push sweeps delta-added keys too
+        apply_full(&s, &set(10, &["aaaaaaaaaaa2"]), opts()).unwrap();
+        assert_eq!(active(&s), ["aaaaaaaaaaa2"]);
+        assert_eq!(s.get("km/k/aaaaaaaaaaa3").0.unwrap().len(), 0);
+    }
+
+    #[test]
+    fn index_spans_chunks() {
+        let s = MemStore::default();
+        let many = ids(INDEX_CHUNK * 2 + 5);
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        apply_full(&s, &set(1, &refs), opts()).unwrap();
+        assert_eq!(read_index(&s, 0).len(), many.len());
+        let r = apply_full(&s, &set(2, &refs[..10]), opts()).unwrap();
+        assert_eq!(r.removed as usize, many.len() - 10);
+        assert_eq!(read_index(&s, 0).len(), 0);
+        assert_eq!(s.get(&index_chunk_name(0, 2)).0.unwrap().len(), 0);
+    }
+}

@@ -10,9 +10,7 @@ use super::root::Shared;
 use crate::core::api_key::hashes_equal;
 use crate::core::keyset::{parse_json, DeltaDoc, KeySetDoc};
 use crate::core::problem::admin_body;
-use crate::core::shared_layout::{
-    self, read_meta, read_plans, ApplyError, ApplyOptions, ApplyReport, STATUS,
-};
+use crate::core::shared_layout::{self, read_meta, read_plans, ApplyError, ApplyOptions, ApplyReport, STATUS};
 use crate::core::store::Store;
 use crate::core::time::format_rfc3339;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -104,28 +102,18 @@ impl AdminRequest {
         };
         let result: Result<ApplyReport, Action> = match route {
             Route::PutKeySet => match parse_json::<KeySetDoc>(body).and_then(|d| d.compile()) {
-                Err(e) => {
-                    Err(self.problem(400, "invalid-keyset", "Invalid key set", &e.to_string()))
-                }
-                Ok(set) => {
-                    shared_layout::apply_full(&store, &set, opts).map_err(|e| self.apply_error(e))
-                }
+                Err(e) => Err(self.problem(400, "invalid-keyset", "Invalid key set", &e.to_string())),
+                Ok(set) => shared_layout::apply_full(&store, &set, opts).map_err(|e| self.apply_error(e)),
             },
             Route::PostDelta => {
-                let running = read_meta(&store)
-                    .map(|m| read_plans(&store, &m))
-                    .unwrap_or_default();
+                let running = read_meta(&store).map(|m| read_plans(&store, &m)).unwrap_or_default();
                 match parse_json::<DeltaDoc>(body)
                     .and_then(|d| Ok((d.version, d.compile(|p| running.contains_key(p))?)))
                 {
-                    Err(e) => Err(self.problem(
-                        400,
-                        "invalid-delta",
-                        "Invalid key-set delta",
-                        &e.to_string(),
-                    )),
-                    Ok((version, ops)) => shared_layout::apply_delta(&store, version, &ops, opts)
-                        .map_err(|e| self.apply_error(e)),
+                    Err(e) => Err(self.problem(400, "invalid-delta", "Invalid key-set delta", &e.to_string())),
+                    Ok((version, ops)) => {
+                        shared_layout::apply_delta(&store, version, &ops, opts).map_err(|e| self.apply_error(e))
+                    }
                 }
             }
             Route::Status => return self.status(),
@@ -133,12 +121,9 @@ impl AdminRequest {
         match result {
             Err(action) => action,
             Ok(report) => {
-                let source = if route == Route::PutKeySet {
-                    "push"
-                } else {
-                    "delta"
-                };
-                let record = json!({"source": source, "at": format_rfc3339((opts.now_ms / 1000) as i64), "result": &report});
+                let source = if route == Route::PutKeySet { "push" } else { "delta" };
+                let record =
+                    json!({"source": source, "at": format_rfc3339((opts.now_ms / 1000) as i64), "result": &report});
                 let _ = store.set(STATUS, record.to_string().as_bytes(), None);
                 log::info!(
                     "keymeter: key set {source} applied: version {} keys {}",
@@ -158,11 +143,7 @@ impl AdminRequest {
                 "Key-set version is not newer than the running one",
             ),
             ApplyError::NoKeySet => (409, "no-keyset", "No key set loaded"),
-            ApplyError::Busy => (
-                409,
-                "update-in-progress",
-                "Another key-set update is in progress",
-            ),
+            ApplyError::Busy => (409, "update-in-progress", "Another key-set update is in progress"),
             ApplyError::UnknownKey { .. } => (400, "unknown-key", "Delta refers to an unknown key"),
             ApplyError::Host => (500, "store-failure", "Shared-data write failed"),
         };
@@ -177,9 +158,7 @@ impl HttpContext for AdminRequest {
         let method = self.get_http_request_header(":method").unwrap_or_default();
         let full_path = self.get_http_request_header(":path").unwrap_or_default();
         let (path, query) = full_path.split_once('?').unwrap_or((&full_path, ""));
-        self.force = query
-            .split('&')
-            .any(|p| p == "force=true" || p == "force=1");
+        self.force = query.split('&').any(|p| p == "force=true" || p == "force=1");
         let (route, allow) = match path {
             "/v1/status" => (Route::Status, "GET"),
             "/v1/keyset" => (Route::PutKeySet, "PUT"),
@@ -208,10 +187,7 @@ impl HttpContext for AdminRequest {
         if method != allow {
             self.send_http_response(
                 405,
-                vec![
-                    ("content-type", "application/problem+json"),
-                    ("allow", allow),
-                ],
+                vec![("content-type", "application/problem+json"), ("allow", allow)],
                 Some(
                     admin_body(
                         405,

@@ -1,28 +1,56 @@
-//! The public filter: authenticate, authorize, forward identity.
+//! The public filter: authenticate, authorize, limit, forward identity.
 
 use super::host::{self, HostStore};
 use super::root::Shared;
 use crate::core::api_key::hashes_equal;
-use crate::core::config::NoKeySet;
+use crate::core::config::{NoKeySet, OnContention};
 use crate::core::credential::{self, CredentialError, Field, Source};
 use crate::core::key_record::{KeyRecord, Refusal};
+use crate::core::limiter::{self, Denial, LimitState, Verdict};
+use crate::core::plan::{LimitBy, Plan};
 use crate::core::problem::Problem;
-use crate::core::shared_layout::{key_entry_name, read_meta, KeyEntry};
-use crate::core::store::Store;
+use crate::core::ratelimit_headers::{push_ratelimit, push_ratelimit_policy};
+use crate::core::shared_layout::{key_entry_name, read_meta, KeyEntry, Meta};
+use crate::core::store::{Store, StoreError};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::rc::Rc;
 
+/// CAS attempts on one limit entry before the request counts as contended.
+const LIMIT_CAS_RETRIES: usize = 32;
+
 pub struct FilterRequest {
     shared: Rc<Shared>,
+    /// `RateLimit-Policy` and `RateLimit` values for the response.
+    ratelimit_headers: Option<(String, String)>,
+}
+
+/// Who a limit applies to and what it draws from.
+struct Subject<'a> {
+    state_key: String,
+    plan: &'a Plan,
+    override_rec: Option<&'a KeyRecord>,
+}
+
+enum LimitResult {
+    Allowed(Verdict),
+    Denied(Verdict),
+    Contended,
 }
 
 impl FilterRequest {
     pub fn new(shared: Rc<Shared>) -> Self {
-        FilterRequest { shared }
+        FilterRequest {
+            shared,
+            ratelimit_headers: None,
+        }
     }
 
     fn refuse(&self, problem: Problem) -> Action {
+        self.refuse_with(problem, &[])
+    }
+
+    fn refuse_with(&self, problem: Problem, extra: &[(&str, &str)]) -> Action {
         let body = self.shared.bodies.get(&problem).map(String::as_bytes);
         let mut headers = vec![
             ("content-type", "application/problem+json"),
@@ -33,17 +61,24 @@ impl FilterRequest {
                 headers.push(("www-authenticate", c.as_str()));
             }
         }
+        headers.extend_from_slice(extra);
         self.send_http_response(problem.status(), headers, body);
         Action::Pause
     }
 
     /// Identity headers are always set or removed (never passed through from the
     /// client), so a backend can trust them.
-    fn forward_identity(&self, rec: Option<&KeyRecord>) {
+    fn forward_identity(
+        &self,
+        key_id: Option<&str>,
+        consumer: Option<&str>,
+        plan: Option<&str>,
+        rec: Option<&KeyRecord>,
+    ) {
         let h = &self.shared.config.headers;
-        self.set_http_request_header(&h.key_id, rec.map(|r| r.id.as_str()));
-        self.set_http_request_header(&h.consumer, rec.map(|r| r.consumer.as_str()));
-        self.set_http_request_header(&h.plan, rec.map(|r| r.plan.as_str()));
+        self.set_http_request_header(&h.key_id, key_id);
+        self.set_http_request_header(&h.consumer, consumer);
+        self.set_http_request_header(&h.plan, plan);
         for (name, header) in &self.shared.config.forward_metadata {
             self.set_http_request_header(header, rec.and_then(|r| r.metadata(name)));
         }
@@ -55,20 +90,134 @@ impl FilterRequest {
             return;
         }
         match source {
-            Source::Header => self.set_http_request_header(
-                cfg.sources.header.as_deref().unwrap_or("x-api-key"),
-                None,
-            ),
+            Source::Header => self.set_http_request_header(cfg.sources.header.as_deref().unwrap_or("x-api-key"), None),
             Source::Bearer | Source::Basic => self.set_http_request_header("authorization", None),
             Source::Query => {
                 if let (Some(p), Some(name)) = (path, &cfg.sources.query_param) {
-                    self.set_http_request_header(
-                        ":path",
-                        Some(&credential::strip_query_param(p, name)),
-                    );
+                    self.set_http_request_header(":path", Some(&credential::strip_query_param(p, name)));
                 }
             }
         }
+    }
+
+    /// Runs the subject's limits against its shared state: read, evaluate, CAS-write,
+    /// retried while other workers race us on the same entry.
+    fn limit(&self, store: &HostStore, subject: &Subject<'_>, cost: u64) -> LimitResult {
+        let limits = subject.override_rec.and_then(|r| r.limits.as_ref());
+        let buckets = limits
+            .and_then(|l| l.rate_limits.as_deref())
+            .unwrap_or(&subject.plan.rate_limits);
+        let quotas = limits.and_then(|l| l.quotas.as_deref()).unwrap_or(&subject.plan.quotas);
+        if buckets.is_empty() && quotas.is_empty() {
+            return LimitResult::Allowed(Verdict {
+                denial: None,
+                retry_after_secs: None,
+                views: Vec::new(),
+            });
+        }
+        for _ in 0..LIMIT_CAS_RETRIES {
+            let (bytes, cas) = store.get(&subject.state_key);
+            if cas == 0 {
+                // CAS is not checked on a missing key: create it, then compete by CAS.
+                if store.set(&subject.state_key, &[], None).is_err() {
+                    break;
+                }
+                continue;
+            }
+            let state = bytes
+                .filter(|b| !b.is_empty())
+                .map(|b| LimitState::decode(&b))
+                .unwrap_or_default();
+            let (verdict, next) = limiter::evaluate(buckets, quotas, &state, host::now_ms(), cost);
+            let Some(next) = next else {
+                return LimitResult::Denied(verdict);
+            };
+            match store.set(&subject.state_key, &next.encode(), Some(cas)) {
+                Ok(()) => return LimitResult::Allowed(verdict),
+                Err(StoreError::CasMismatch) => continue,
+                Err(StoreError::Host) => break,
+            }
+        }
+        LimitResult::Contended
+    }
+
+    fn render_ratelimit_headers(&mut self, verdict: &Verdict) {
+        if !self.shared.config.rate_limit_headers || verdict.views.is_empty() {
+            return;
+        }
+        let policies: Vec<(&str, u64, u64)> = verdict
+            .views
+            .iter()
+            .map(|v| (v.name.as_str(), v.quota, v.window_secs))
+            .collect();
+        let states: Vec<(&str, u64, u64)> = verdict
+            .views
+            .iter()
+            .map(|v| (v.name.as_str(), v.remaining, v.reset_secs))
+            .collect();
+        let (mut p, mut s) = (String::with_capacity(64), String::with_capacity(64));
+        push_ratelimit_policy(&mut p, &policies);
+        push_ratelimit(&mut s, &states);
+        self.ratelimit_headers = Some((p, s));
+    }
+
+    /// Applies limits; `None` means go on, `Some(action)` means the request was refused.
+    fn enforce(&mut self, store: &HostStore, subject: &Subject<'_>, method: &str, path: &str) -> Option<Action> {
+        let cost = subject.plan.cost(method, path);
+        match self.limit(store, subject, cost) {
+            LimitResult::Allowed(v) => {
+                self.render_ratelimit_headers(&v);
+                None
+            }
+            LimitResult::Denied(v) => {
+                self.render_ratelimit_headers(&v);
+                let problem = match v.denial {
+                    Some(Denial::QuotaExceeded) => Problem::QuotaExceeded,
+                    Some(Denial::CostExceedsBurst) => Problem::CostExceedsBurst,
+                    _ => Problem::RateLimited,
+                };
+                let retry = v.retry_after_secs.map(|s| s.to_string());
+                let mut extra: Vec<(&str, &str)> = Vec::with_capacity(3);
+                if let Some(r) = &retry {
+                    extra.push(("retry-after", r));
+                }
+                if let Some((p, s)) = &self.ratelimit_headers {
+                    extra.push(("ratelimit-policy", p));
+                    extra.push(("ratelimit", s));
+                }
+                Some(self.refuse_with(problem, &extra))
+            }
+            LimitResult::Contended => {
+                log::warn!("keymeter: limit state contended for {}", subject.state_key);
+                match self.shared.config.on_contention {
+                    OnContention::Deny => Some(self.refuse_with(Problem::RateLimited, &[("retry-after", "1")])),
+                    OnContention::Allow => None,
+                }
+            }
+        }
+    }
+
+    fn anonymous(&mut self, store: &HostStore, meta: &Meta, plan_name: &str) -> Action {
+        let plans = self.shared.plans.borrow_mut().get(store, meta);
+        let Some(plan) = plans.get(plan_name) else {
+            log::warn!("keymeter: anonymous plan '{plan_name}' is not in the key set; refusing");
+            return self.refuse(Problem::MissingCredential);
+        };
+        let Some(ip) = host::peer_ip() else {
+            return self.refuse(Problem::MissingCredential);
+        };
+        let subject = Subject {
+            state_key: format!("km/rl/ip/{ip}"),
+            plan,
+            override_rec: None,
+        };
+        let method = self.get_http_request_header(":method").unwrap_or_default();
+        let path = self.get_http_request_header(":path").unwrap_or_default();
+        if let Some(refused) = self.enforce(store, &subject, &method, &path) {
+            return refused;
+        }
+        self.forward_identity(None, Some("anonymous"), Some(plan_name), None);
+        Action::Continue
     }
 
     fn authenticate(&mut self) -> Action {
@@ -77,15 +226,14 @@ impl FilterRequest {
             return match self.shared.config.when_no_keyset {
                 NoKeySet::Deny => self.refuse(Problem::KeySetUnavailable),
                 NoKeySet::Allow => {
-                    log::warn!(
-                        "keymeter: no key set loaded, letting a request through unauthenticated"
-                    );
-                    self.forward_identity(None);
+                    log::warn!("keymeter: no key set loaded, letting a request through unauthenticated");
+                    self.forward_identity(None, None, None, None);
                     Action::Continue
                 }
             };
         };
-        let cfg = &self.shared.config;
+        let shared = self.shared.clone();
+        let cfg = &shared.config;
         let mut path: Option<String> = None;
         let found = credential::find(&cfg.sources, |f| match f {
             Field::ApiKeyHeader => self.get_http_request_header(cfg.sources.header.as_deref()?),
@@ -97,7 +245,12 @@ impl FilterRequest {
         });
         let cred = match found {
             Ok(c) => c,
-            Err(CredentialError::Missing) => return self.refuse(Problem::MissingCredential),
+            Err(CredentialError::Missing) => {
+                return match &cfg.anonymous_plan {
+                    Some(plan) => self.anonymous(&store, &meta, plan),
+                    None => self.refuse(Problem::MissingCredential),
+                }
+            }
             Err(CredentialError::Malformed(_) | CredentialError::BadChecksum(_)) => {
                 return self.refuse(Problem::MalformedCredential)
             }
@@ -105,9 +258,7 @@ impl FilterRequest {
         let key = cred.key();
         let mut name_buf = [0u8; 32];
         let (bytes, _) = store.get(key_entry_name(key.id(), &mut name_buf));
-        let entry = bytes
-            .filter(|b| !b.is_empty())
-            .and_then(|b| KeyEntry::decode(&b));
+        let entry = bytes.filter(|b| !b.is_empty()).and_then(|b| KeyEntry::decode(&b));
         let Some(rec) = entry.as_ref().and_then(|e| e.active(&meta)) else {
             return self.refuse(Problem::InvalidCredential);
         };
@@ -118,13 +269,10 @@ impl FilterRequest {
         if path.is_none() {
             path = self.get_http_request_header(":path");
         }
-        let peer = if rec.cidrs.is_empty() {
-            None
-        } else {
-            host::peer_ip()
-        };
+        let path_str = path.as_deref().unwrap_or("/");
+        let peer = if rec.cidrs.is_empty() { None } else { host::peer_ip() };
         let now_secs = (host::now_ms() / 1000) as i64;
-        if let Err(r) = rec.admit(now_secs, &method, path.as_deref().unwrap_or("/"), peer) {
+        if let Err(r) = rec.admit(now_secs, &method, path_str, peer) {
             return self.refuse(match r {
                 Refusal::Disabled => Problem::KeyDisabled,
                 Refusal::NotYetValid => Problem::KeyNotYetValid,
@@ -133,7 +281,22 @@ impl FilterRequest {
                 Refusal::AddressNotAllowed => Problem::AddressNotAllowed,
             });
         }
-        self.forward_identity(Some(rec));
+        let plans = shared.plans.borrow_mut().get(&store, &meta);
+        if let Some(plan) = plans.get(&rec.plan) {
+            let state_key = match plan.limit_by {
+                LimitBy::Key => format!("km/rl/k/{}", rec.lineage()),
+                LimitBy::Consumer => format!("km/rl/c/{}", rec.consumer),
+            };
+            let subject = Subject {
+                state_key,
+                plan,
+                override_rec: Some(rec),
+            };
+            if let Some(refused) = self.enforce(&store, &subject, &method, path_str) {
+                return refused;
+            }
+        }
+        self.forward_identity(Some(&rec.id), Some(&rec.consumer), Some(&rec.plan), Some(rec));
         self.strip_credential(cred.source, path.as_deref());
         Action::Continue
     }
@@ -144,5 +307,13 @@ impl Context for FilterRequest {}
 impl HttpContext for FilterRequest {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         self.authenticate()
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if let Some((policy, state)) = self.ratelimit_headers.take() {
+            self.set_http_response_header("ratelimit-policy", Some(&policy));
+            self.set_http_response_header("ratelimit", Some(&state));
+        }
+        Action::Continue
     }
 }

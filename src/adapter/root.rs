@@ -3,11 +3,34 @@
 
 use super::{admin::AdminRequest, filter::FilterRequest};
 use crate::core::config::{Config, Role};
+use crate::core::plan::Plan;
 use crate::core::problem::Problem;
+use crate::core::shared_layout::{read_plans, Meta};
+use crate::core::store::Store;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
+
+/// This worker's decoded copy of the active plans, re-read only when `km/meta` says
+/// they changed, so a request does not copy and decode the plans blob.
+#[derive(Default)]
+pub struct PlansCache {
+    key: Option<(u64, u64)>,
+    plans: Rc<BTreeMap<String, Plan>>,
+}
+
+impl PlansCache {
+    pub fn get(&mut self, store: &dyn Store, meta: &Meta) -> Rc<BTreeMap<String, Plan>> {
+        let key = (meta.gen, meta.plans_rev);
+        if self.key != Some(key) {
+            self.plans = Rc::new(read_plans(store, meta));
+            self.key = Some(key);
+        }
+        self.plans.clone()
+    }
+}
 
 /// Everything a request context needs that is computed once per configuration.
 pub struct Shared {
@@ -15,6 +38,7 @@ pub struct Shared {
     /// Problem bodies rendered at start-up so a refusal formats nothing.
     pub bodies: HashMap<Problem, String>,
     pub challenges: Vec<String>,
+    pub plans: RefCell<PlansCache>,
 }
 
 #[derive(Default)]
@@ -36,6 +60,7 @@ impl RootContext for Root {
                     config,
                     bodies,
                     challenges,
+                    plans: RefCell::default(),
                 }));
                 true
             }

@@ -38,9 +38,7 @@ pub enum KeyFormatError {
 impl std::fmt::Display for KeyFormatError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            KeyFormatError::Malformed => {
-                f.write_str("not a keymeter key (expected km_<id>_<secret>)")
-            }
+            KeyFormatError::Malformed => f.write_str("not a keymeter key (expected km_<id>_<secret>)"),
             KeyFormatError::BadChecksum => f.write_str("key checksum does not match (typo?)"),
         }
     }
@@ -207,14 +205,8 @@ mod tests {
     fn malformed_shapes() {
         let k = sample();
         assert_eq!(ApiKey::parse("").unwrap_err(), KeyFormatError::Malformed);
-        assert_eq!(
-            ApiKey::parse(&k[1..]).unwrap_err(),
-            KeyFormatError::Malformed
-        );
-        assert_eq!(
-            ApiKey::parse(&format!("{k}x")).unwrap_err(),
-            KeyFormatError::Malformed
-        );
+        assert_eq!(ApiKey::parse(&k[1..]).unwrap_err(), KeyFormatError::Malformed);
+        assert_eq!(ApiKey::parse(&format!("{k}x")).unwrap_err(), KeyFormatError::Malformed);
         assert_eq!(
             ApiKey::parse(&k.replace("km_", "kx_")).unwrap_err(),
             KeyFormatError::Malformed

@@ -37,9 +37,7 @@ impl Cidr {
         let bits = len + offset;
         let addr = to_u128(ip);
         if addr & !mask(bits) != 0 {
-            return Err(format!(
-                "'{s}': address has bits set beyond the /{len} prefix"
-            ));
+            return Err(format!("'{s}': address has bits set beyond the /{len} prefix"));
         }
         Ok(Cidr { addr, bits })
     }

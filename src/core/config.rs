@@ -15,6 +15,9 @@ pub enum Role {
     Filter,
     /// keymeter's admin API on an internal listener.
     Admin,
+    /// The key-set pull service: an Envoy bootstrap singleton (`envoy.bootstrap.wasm`)
+    /// that polls `source` and applies what it serves. Has no HTTP contexts.
+    Service,
 }
 
 /// What to do while no key set has been loaded (fresh start, source not reached yet).
@@ -104,6 +107,30 @@ struct ConfigDoc {
     rate_limit_headers: bool,
     #[serde(default)]
     admin_token_sha256: Option<String>,
+    #[serde(default)]
+    source: Option<SourceDoc>,
+    #[serde(default)]
+    on_contention: OnContention,
+    #[serde(default)]
+    anonymous: Option<AnonymousDoc>,
+}
+
+/// What to do when a limit's shared state keeps changing under our CAS retries (many
+/// workers hammering one key). Either way it is counted, never silent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnContention {
+    /// 429, as if the limit were reached (the default: never fail open silently).
+    #[default]
+    Deny,
+    /// Let the request through without consuming.
+    Allow,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnonymousDoc {
+    plan: String,
 }
 
 /// The validated configuration.
@@ -119,6 +146,12 @@ pub struct Config {
     pub when_no_keyset: NoKeySet,
     pub rate_limit_headers: bool,
     pub admin_token_sha256: Option<[u8; 32]>,
+    /// Where role `service` pulls the key set from (always `Some` for that role).
+    pub source: Option<SourceConfig>,
+    pub on_contention: OnContention,
+    /// Plan (from the key set) for requests without a key, limited per client IP;
+    /// `None`: such requests get 401.
+    pub anonymous_plan: Option<String>,
 }
 
 fn is_header_name(s: &str) -> bool {
@@ -129,8 +162,7 @@ fn is_header_name(s: &str) -> bool {
 
 impl Config {
     pub fn parse(json: &[u8]) -> Result<Config, String> {
-        let doc: ConfigDoc = serde_json::from_slice(json)
-            .map_err(|e| format!("invalid plugin configuration: {e}"))?;
+        let doc: ConfigDoc = serde_json::from_slice(json).map_err(|e| format!("invalid plugin configuration: {e}"))?;
         let field = |f: &str, m: &str| Err(format!("invalid plugin configuration: {f}: {m}"));
         if let Some(h) = &doc.credentials.header {
             if !is_header_name(h) {
@@ -138,25 +170,13 @@ impl Config {
             }
         }
         if let Some(q) = &doc.credentials.query_param {
-            if q.is_empty()
-                || !q
-                    .bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
-            {
+            if q.is_empty() || !q.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-') {
                 return field("credentials.query_param", "must be a plain parameter name");
             }
         }
         let c = &doc.credentials;
-        if doc.role == Role::Filter
-            && c.header.is_none()
-            && !c.bearer
-            && !c.basic
-            && c.query_param.is_none()
-        {
-            return field(
-                "credentials",
-                "at least one credential source must be enabled",
-            );
+        if doc.role == Role::Filter && c.header.is_none() && !c.bearer && !c.basic && c.query_param.is_none() {
+            return field("credentials", "at least one credential source must be enabled");
         }
         if doc.realm.is_empty()
             || !doc
@@ -164,10 +184,7 @@ impl Config {
                 .bytes()
                 .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
         {
-            return field(
-                "realm",
-                "must be printable ASCII without quotes or backslashes",
-            );
+            return field("realm", "must be printable ASCII without quotes or backslashes");
         }
         let h = &doc.headers;
         for (name, v) in [
@@ -180,13 +197,15 @@ impl Config {
                 return field(name, "must be a lowercase header name");
             }
         }
+        if let Some(a) = &doc.anonymous {
+            if !super::plan::is_valid_name(&a.plan) {
+                return field("anonymous.plan", "must be a plan name (A-Z a-z 0-9 _ -)");
+            }
+        }
         let mut forward = Vec::new();
         for (i, m) in doc.forward_metadata.iter().enumerate() {
             if !is_header_name(m) || m.contains('_') {
-                return field(
-                    &format!("forward_metadata[{i}]"),
-                    "must be a metadata name (a-z 0-9 -)",
-                );
+                return field(&format!("forward_metadata[{i}]"), "must be a metadata name (a-z 0-9 -)");
             }
             forward.push((m.clone(), format!("{}{m}", h.metadata_prefix)));
         }
@@ -201,9 +220,13 @@ impl Config {
                 }
                 Some(out)
             }
-            (None, Role::Admin) => {
-                return field("admin_token_sha256", "is required for role admin")
-            }
+            (None, Role::Admin) => return field("admin_token_sha256", "is required for role admin"),
+            (None, _) => None,
+        };
+        let source = match (&doc.source, doc.role) {
+            (Some(s), Role::Service) => Some(s.validate()?),
+            (None, Role::Service) => return field("source", "is required for role service"),
+            (Some(_), _) => return field("source", "is only valid for role service"),
             (None, _) => None,
         };
         Ok(Config {
@@ -221,6 +244,9 @@ impl Config {
             when_no_keyset: doc.when_no_keyset,
             rate_limit_headers: doc.rate_limit_headers,
             admin_token_sha256,
+            source,
+            on_contention: doc.on_contention,
+            anonymous_plan: doc.anonymous.map(|a| a.plan),
         })
     }
 
@@ -237,6 +263,129 @@ impl Config {
             v.push(format!("ApiKey realm=\"{}\"", self.realm));
         }
         v
+    }
+}
+
+fn d_interval() -> String {
+    "10s".into()
+}
+fn d_timeout() -> String {
+    "5s".into()
+}
+
+/// `source` as written: where the pull service fetches the key-set document.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourceDoc {
+    cluster: String,
+    path: String,
+    authority: String,
+    #[serde(default = "d_interval")]
+    interval: String,
+    #[serde(default = "d_timeout")]
+    timeout: String,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+}
+
+/// The validated `source` of role service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceConfig {
+    /// An Envoy cluster that must exist in the bootstrap.
+    pub cluster: String,
+    pub path: String,
+    pub authority: String,
+    /// Time between two polls of a healthy source (also the cap of the retry backoff).
+    pub interval_ms: u64,
+    /// Per-request timeout of a poll.
+    pub timeout_ms: u64,
+    /// Extra request headers (e.g. `authorization`); values are secrets, never logged.
+    pub headers: Vec<(String, String)>,
+}
+
+/// Headers keymeter sets itself, or that would break the request framing.
+const RESERVED_SOURCE_HEADERS: &[&str] = &[
+    "host",
+    "if-none-match",
+    "connection",
+    "content-length",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "keep-alive",
+    "proxy-connection",
+];
+
+impl SourceDoc {
+    fn validate(&self) -> Result<SourceConfig, String> {
+        let field = |f: &str, m: &str| format!("invalid plugin configuration: source.{f}: {m}");
+        let printable = |s: &str| s.bytes().all(|b| (0x21..0x7f).contains(&b));
+        if self.cluster.is_empty() || self.cluster.len() > 255 || !printable(&self.cluster) {
+            return Err(field(
+                "cluster",
+                "must be an Envoy cluster name (printable ASCII, no spaces)",
+            ));
+        }
+        if !self.path.starts_with('/')
+            || self.path.len() > 2048
+            || !printable(&self.path)
+            || self.path.contains('#')
+        {
+            return Err(field(
+                "path",
+                "must be a request path starting with '/' (printable ASCII, no spaces or '#')",
+            ));
+        }
+        if self.authority.is_empty()
+            || self.authority.len() > 255
+            || !self
+                .authority
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-_:[]".contains(&b))
+        {
+            return Err(field(
+                "authority",
+                "must be a host name with an optional port, e.g. keys.internal:8080",
+            ));
+        }
+        let duration = |f: &str, v: &str, min: u64, max: u64, range: &str| {
+            let ms = super::time::parse_duration(v).map_err(|e| field(f, &e.to_string()))?;
+            if !(min..=max).contains(&ms) {
+                return Err(field(f, &format!("must be between {range}")));
+            }
+            Ok(ms)
+        };
+        let interval_ms = duration("interval", &self.interval, 1_000, 86_400_000, "1s and 24h")?;
+        let timeout_ms = duration("timeout", &self.timeout, 100, 60_000, "100ms and 60s")?;
+        let mut headers = Vec::with_capacity(self.headers.len());
+        for (name, value) in &self.headers {
+            let f = format!("headers.{name}");
+            if !is_header_name(name) {
+                return Err(field(&f, "must be a lowercase header name"));
+            }
+            if RESERVED_SOURCE_HEADERS.contains(&name.as_str()) {
+                return Err(field(&f, "is set by keymeter or not allowed"));
+            }
+            // The value is likely a secret: the message never repeats it.
+            if value.is_empty()
+                || value.len() > 8192
+                || !value.bytes().all(|b| (0x20..0x7f).contains(&b) || b == b'\t')
+            {
+                return Err(field(
+                    &f,
+                    "value must be 1-8192 characters of printable ASCII",
+                ));
+            }
+            headers.push((name.clone(), value.clone()));
+        }
+        Ok(SourceConfig {
+            cluster: self.cluster.clone(),
+            path: self.path.clone(),
+            authority: self.authority.clone(),
+            interval_ms,
+            timeout_ms,
+            headers,
+        })
     }
 }
 
@@ -266,21 +415,18 @@ mod tests {
         assert!(e(r#"{"role":"filter","credentails":{}}"#).contains("unknown field `credentails`"));
         assert!(e(r#"{"role":"proxy"}"#).contains("unknown variant `proxy`"));
         assert!(e(r#"{}"#).contains("missing field `role`"));
+        assert!(e(r#"{"role":"filter","credentials":{"header":"X-Api-Key"}}"#).contains("credentials.header"));
         assert!(
-            e(r#"{"role":"filter","credentials":{"header":"X-Api-Key"}}"#)
-                .contains("credentials.header")
+            e(r#"{"role":"filter","credentials":{"header":null,"bearer":false,"basic":false}}"#)
+                .contains("credentials:")
         );
-        assert!(e(
-            r#"{"role":"filter","credentials":{"header":null,"bearer":false,"basic":false}}"#
-        )
-        .contains("credentials:"));
         assert!(e(r#"{"role":"admin"}"#).contains("admin_token_sha256: is required"));
         assert!(e(r#"{"role":"admin","admin_token_sha256":"abc"}"#).contains("admin_token_sha256"));
-        assert!(
-            e(r#"{"role":"filter","forward_metadata":["Tier"]}"#).contains("forward_metadata[0]")
-        );
+        assert!(e(r#"{"role":"filter","forward_metadata":["Tier"]}"#).contains("forward_metadata[0]"));
         assert!(e(r#"{"role":"filter","realm":"a\"b"}"#).contains("realm"));
         assert!(e("not json").contains("invalid plugin configuration"));
+        assert!(e(r#"{"role":"filter","anonymous":{"plan":"a b"}}"#).contains("anonymous.plan"));
+        assert!(e(r#"{"role":"filter","on_contention":"maybe"}"#).contains("maybe"));
     }
 
     #[test]
@@ -292,5 +438,83 @@ mod tests {
         );
         assert_eq!(c.sources.header, None);
         assert_eq!(c.challenges(), ["Bearer realm=\"keymeter\""]);
+    }
+}
+
+#[cfg(test)]
+mod source_tests {
+    use super::*;
+
+    fn service(source: &str) -> Result<Config, String> {
+        Config::parse(format!(r#"{{"role":"service","source":{source}}}"#).as_bytes())
+    }
+
+    #[test]
+    fn service_source_parses_with_defaults() {
+        let c = service(r#"{"cluster":"keyset_source","path":"/keyset.json","authority":"keys.internal"}"#)
+            .unwrap();
+        assert_eq!(c.role, Role::Service);
+        assert_eq!(
+            c.source.unwrap(),
+            SourceConfig {
+                cluster: "keyset_source".into(),
+                path: "/keyset.json".into(),
+                authority: "keys.internal".into(),
+                interval_ms: 10_000,
+                timeout_ms: 5_000,
+                headers: vec![],
+            }
+        );
+        let c = service(
+            r#"{"cluster":"c","path":"/k?x=1","authority":"keys.internal:8443","interval":"1m","timeout":"500ms","headers":{"authorization":"Bearer abc","x-fleet":"eu"}}"#,
+        )
+        .unwrap();
+        let s = c.source.unwrap();
+        assert_eq!((s.interval_ms, s.timeout_ms), (60_000, 500));
+        assert_eq!(
+            s.headers,
+            [
+                ("authorization".to_string(), "Bearer abc".to_string()),
+                ("x-fleet".to_string(), "eu".to_string())
+            ]
+        );
+        assert!(Config::parse(br#"{"role":"filter"}"#).unwrap().source.is_none());
+    }
+
+    #[test]
+    fn source_errors_name_the_field() {
+        let ok = r#""cluster":"c","path":"/k","authority":"a""#;
+        let e = |extra: &str| service(&format!("{{{ok}{extra}}}")).unwrap_err();
+        assert!(Config::parse(br#"{"role":"service"}"#)
+            .unwrap_err()
+            .contains("source: is required for role service"));
+        assert!(Config::parse(
+            br#"{"role":"filter","source":{"cluster":"c","path":"/k","authority":"a"}}"#
+        )
+        .unwrap_err()
+        .contains("source: is only valid for role service"));
+        assert!(service(r#"{"path":"/k","authority":"a"}"#)
+            .unwrap_err()
+            .contains("missing field `cluster`"));
+        assert!(e(r#","intervall":"1s""#).contains("unknown field `intervall`"));
+        assert!(service(r#"{"cluster":"a b","path":"/k","authority":"a"}"#)
+            .unwrap_err()
+            .contains("source.cluster"));
+        assert!(service(r#"{"cluster":"c","path":"k","authority":"a"}"#)
+            .unwrap_err()
+            .contains("source.path"));
+        assert!(service(r#"{"cluster":"c","path":"/k","authority":"a/b"}"#)
+            .unwrap_err()
+            .contains("source.authority"));
+        assert!(e(r#","interval":"10""#).contains("source.interval: "));
+        assert!(e(r#","interval":"10x""#).contains("source.interval"));
+        assert!(e(r#","interval":"500ms""#).contains("source.interval: must be between 1s and 24h"));
+        assert!(e(r#","timeout":"2m""#).contains("source.timeout: must be between"));
+        assert!(e(r#","timeout":"0s""#).contains("source.timeout"));
+        assert!(e(r#","headers":{"Authorization":"x"}}"#).contains("source.headers.Authorization"));
+        assert!(e(r#","headers":{"if-none-match":"x"}}"#).contains("source.headers.if-none-match"));
+        let secret = e(r#","headers":{"authorization":"Bearer s3cr3t\n"}}"#);
+        assert!(secret.contains("source.headers.authorization"), "{secret}");
+        assert!(!secret.contains("s3cr3t"), "the message repeats a secret: {secret}");
     }
 }

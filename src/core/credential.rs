@@ -216,10 +216,7 @@ mod tests {
         authorization: Option<&'a str>,
         path: Option<&'a str>,
     }
-    fn run(
-        sources: &CredentialSources,
-        req: &RequestFields<'_>,
-    ) -> Result<Credential, CredentialError> {
+    fn run(sources: &CredentialSources, req: &RequestFields<'_>) -> Result<Credential, CredentialError> {
         find(sources, |f| {
             match f {
                 Field::ApiKeyHeader => req.api_key_header,
@@ -275,11 +272,7 @@ mod tests {
     fn basic_spellings() {
         let k = key();
         let (id, secret) = (&k[3..15], &k[16..]);
-        for user_pass in [
-            format!("{id}:{secret}"),
-            format!("{k}:"),
-            format!("apikey:{k}"),
-        ] {
+        for user_pass in [format!("{id}:{secret}"), format!("{k}:"), format!("apikey:{k}")] {
             let auth = format!("Basic {}", b64(&user_pass));
             assert_eq!(
                 found(RequestFields {
@@ -302,11 +295,7 @@ mod tests {
                     ..Default::default()
                 },
             );
-            assert_eq!(
-                r.unwrap_err(),
-                CredentialError::Malformed(Source::Basic),
-                "{bad}"
-            );
+            assert_eq!(r.unwrap_err(), CredentialError::Malformed(Source::Basic), "{bad}");
         }
         let huge = format!("Basic {}", "QUFB".repeat(1000));
         assert!(run(
@@ -338,10 +327,7 @@ mod tests {
     fn foreign_or_disabled_schemes_are_ignored() {
         let k = key();
         let auth = format!("Bearer {k}");
-        let no_bearer = CredentialSources {
-            bearer: false,
-            ..all()
-        };
+        let no_bearer = CredentialSources { bearer: false, ..all() };
         assert_eq!(
             run(
                 &no_bearer,
@@ -394,10 +380,7 @@ mod tests {
     fn query_helpers() {
         assert_eq!(query_value("/a?x=1&api_key=v#f", "api_key"), Some("v"));
         assert_eq!(query_value("/a?api_keyx=1", "api_key"), None);
-        assert_eq!(
-            strip_query_param("/a?x=1&api_key=v&y=2", "api_key"),
-            "/a?x=1&y=2"
-        );
+        assert_eq!(strip_query_param("/a?x=1&api_key=v&y=2", "api_key"), "/a?x=1&y=2");
         assert_eq!(strip_query_param("/a?api_key=v", "api_key"), "/a");
         assert_eq!(strip_query_param("/a", "api_key"), "/a");
     }

@@ -47,13 +47,7 @@ pub enum Refusal {
 impl KeyRecord {
     /// Checks everything but the secret, in the order that reveals least: a disabled or
     /// expired key says so before any authorization detail.
-    pub fn admit(
-        &self,
-        now_secs: i64,
-        method: &str,
-        path: &str,
-        peer: Option<IpAddr>,
-    ) -> Result<(), Refusal> {
+    pub fn admit(&self, now_secs: i64, method: &str, path: &str, peer: Option<IpAddr>) -> Result<(), Refusal> {
         if !self.enabled {
             return Err(Refusal::Disabled);
         }
@@ -66,9 +60,7 @@ impl KeyRecord {
         if !scope::allowed(&self.scopes, method, path) {
             return Err(Refusal::OutOfScope);
         }
-        if !self.cidrs.is_empty()
-            && !peer.is_some_and(|ip| self.cidrs.iter().any(|c| c.contains(ip)))
-        {
+        if !self.cidrs.is_empty() && !peer.is_some_and(|ip| self.cidrs.iter().any(|c| c.contains(ip))) {
             return Err(Refusal::AddressNotAllowed);
         }
         Ok(())
@@ -79,10 +71,7 @@ impl KeyRecord {
     }
 
     pub fn metadata(&self, name: &str) -> Option<&str> {
-        self.metadata
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.metadata.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 }
 
@@ -112,34 +101,19 @@ mod tests {
         let r = record();
         let ip: IpAddr = "10.1.2.3".parse().unwrap();
         assert_eq!(r.admit(150, "GET", "/v1/x", Some(ip)), Ok(()));
-        assert_eq!(
-            r.admit(99, "GET", "/v1/x", Some(ip)),
-            Err(Refusal::NotYetValid)
-        );
-        assert_eq!(
-            r.admit(200, "GET", "/v1/x", Some(ip)),
-            Err(Refusal::Expired)
-        );
-        assert_eq!(
-            r.admit(150, "POST", "/v1/x", Some(ip)),
-            Err(Refusal::OutOfScope)
-        );
+        assert_eq!(r.admit(99, "GET", "/v1/x", Some(ip)), Err(Refusal::NotYetValid));
+        assert_eq!(r.admit(200, "GET", "/v1/x", Some(ip)), Err(Refusal::Expired));
+        assert_eq!(r.admit(150, "POST", "/v1/x", Some(ip)), Err(Refusal::OutOfScope));
         assert_eq!(
             r.admit(150, "GET", "/v1/x", Some("11.0.0.1".parse().unwrap())),
             Err(Refusal::AddressNotAllowed)
         );
-        assert_eq!(
-            r.admit(150, "GET", "/v1/x", None),
-            Err(Refusal::AddressNotAllowed)
-        );
+        assert_eq!(r.admit(150, "GET", "/v1/x", None), Err(Refusal::AddressNotAllowed));
         let off = KeyRecord {
             enabled: false,
             ..r.clone()
         };
-        assert_eq!(
-            off.admit(150, "GET", "/v1/x", Some(ip)),
-            Err(Refusal::Disabled)
-        );
+        assert_eq!(off.admit(150, "GET", "/v1/x", Some(ip)), Err(Refusal::Disabled));
         assert_eq!(r.lineage(), "AbCdEf012345");
         assert_eq!(r.metadata("tier"), Some("gold"));
     }

@@ -157,16 +157,9 @@ fn time_field(at: &str, field: &str, v: &Option<String>) -> Result<Option<i64>, 
 impl KeyDoc {
     /// Validates one key against the names of the plans it may refer to. `at` locates it
     /// in the document for error messages (`keys[3]`, `ops[1].key`).
-    pub fn compile(
-        &self,
-        at: &str,
-        plan_exists: impl Fn(&str) -> bool,
-    ) -> Result<KeyRecord, DocError> {
+    pub fn compile(&self, at: &str, plan_exists: impl Fn(&str) -> bool) -> Result<KeyRecord, DocError> {
         if !is_valid_id(&self.id) {
-            return Err(err(
-                format!("{at}.id"),
-                "must be 12 characters of A-Z a-z 0-9",
-            ));
+            return Err(err(format!("{at}.id"), "must be 12 characters of A-Z a-z 0-9"));
         }
         let at = format!("{at} (id \"{}\")", self.id);
         let field = |f: &str| format!("{at}.{f}");
@@ -181,10 +174,7 @@ impl KeyDoc {
             ));
         }
         if !is_valid_name(&self.consumer) {
-            return Err(err(
-                field("consumer"),
-                "must be 1-64 characters of A-Z a-z 0-9 _ -",
-            ));
+            return Err(err(field("consumer"), "must be 1-64 characters of A-Z a-z 0-9 _ -"));
         }
         if !plan_exists(&self.plan) {
             return Err(err(field("plan"), format!("unknown plan '{}'", self.plan)));
@@ -198,10 +188,7 @@ impl KeyDoc {
         }
         let mut scopes = Vec::with_capacity(self.scopes.len());
         for (i, s) in self.scopes.iter().enumerate() {
-            scopes.push(
-                Scope::new(&s.methods, &s.path_prefix)
-                    .map_err(|e| err(field(&format!("scopes[{i}]")), e))?,
-            );
+            scopes.push(Scope::new(&s.methods, &s.path_prefix).map_err(|e| err(field(&format!("scopes[{i}]")), e))?);
         }
         let mut cidrs = Vec::with_capacity(self.cidrs.len());
         for (i, c) in self.cidrs.iter().enumerate() {
@@ -223,10 +210,7 @@ impl KeyDoc {
         }
         if let Some(l) = &self.lineage {
             if !is_valid_id(l) {
-                return Err(err(
-                    field("lineage"),
-                    "must be a key id (12 characters of A-Z a-z 0-9)",
-                ));
+                return Err(err(field("lineage"), "must be a key id (12 characters of A-Z a-z 0-9)"));
             }
         }
         let limits = match &self.limits {
@@ -243,11 +227,7 @@ impl KeyDoc {
             expires_at,
             scopes,
             cidrs,
-            metadata: self
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            metadata: self.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             lineage: self.lineage.clone(),
             limits,
         })
@@ -279,10 +259,7 @@ impl KeySetDoc {
         for (i, k) in self.keys.iter().enumerate() {
             let rec = k.compile(&format!("keys[{i}]"), |p| plans.contains_key(p))?;
             if !seen.insert(k.id.as_str()) {
-                return Err(err(
-                    format!("keys[{i}].id"),
-                    format!("duplicate key id \"{}\"", k.id),
-                ));
+                return Err(err(format!("keys[{i}].id"), format!("duplicate key id \"{}\"", k.id)));
             }
             keys.push(rec);
         }
@@ -305,10 +282,7 @@ pub enum CompiledOp {
 
 impl DeltaDoc {
     /// Validates against the plans of the running set (plus plans the delta itself sets).
-    pub fn compile(
-        &self,
-        running_plan: impl Fn(&str) -> bool,
-    ) -> Result<Vec<CompiledOp>, DocError> {
+    pub fn compile(&self, running_plan: impl Fn(&str) -> bool) -> Result<Vec<CompiledOp>, DocError> {
         if self.version == 0 {
             return Err(err("version", "must be >= 1"));
         }
@@ -328,22 +302,15 @@ impl DeltaDoc {
                 if is_valid_id(id) {
                     Ok(id.clone())
                 } else {
-                    Err(err(
-                        format!("{at}.id"),
-                        "must be 12 characters of A-Z a-z 0-9",
-                    ))
+                    Err(err(format!("{at}.id"), "must be 12 characters of A-Z a-z 0-9"))
                 }
             };
             out.push(match op {
-                DeltaOp::Upsert { key } => {
-                    CompiledOp::Upsert(key.compile(&format!("{at}.key"), plan_exists)?)
-                }
+                DeltaOp::Upsert { key } => CompiledOp::Upsert(key.compile(&format!("{at}.key"), plan_exists)?),
                 DeltaOp::Revoke { id } => CompiledOp::Revoke(id_ok(id)?),
                 DeltaOp::Disable { id } => CompiledOp::SetEnabled(id_ok(id)?, false),
                 DeltaOp::Enable { id } => CompiledOp::SetEnabled(id_ok(id)?, true),
-                DeltaOp::SetPlan { name, plan } => {
-                    CompiledOp::SetPlan(name.clone(), compile_plan(name, plan, &at)?)
-                }
+                DeltaOp::SetPlan { name, plan } => CompiledOp::SetPlan(name.clone(), compile_plan(name, plan, &at)?),
             });
         }
         Ok(out)
@@ -386,23 +353,14 @@ mod tests {
     fn every_error_names_entry_and_field() {
         assert_eq!(error_of(|d| d.version = 0), "version: must be >= 1");
         assert!(error_of(|d| d.keys[0].id = "short".into()).starts_with("keys[0].id:"));
-        assert!(error_of(|d| d.keys[0].hash = "AB".into())
-            .starts_with("keys[0] (id \"AbCdEf012345\").hash:"));
+        assert!(error_of(|d| d.keys[0].hash = "AB".into()).starts_with("keys[0] (id \"AbCdEf012345\").hash:"));
         assert!(error_of(|d| d.keys[0].hash = d.keys[0].hash.to_uppercase()).contains(".hash:"));
         assert!(error_of(|d| d.keys[0].plan = "gold".into()).contains(".plan: unknown plan 'gold'"));
         assert!(error_of(|d| d.keys[0].consumer = "a b".into()).contains(".consumer:"));
-        assert!(
-            error_of(|d| d.keys[0].expires_at = Some("2030-02-30T00:00:00Z".into()))
-                .contains(".expires_at:")
-        );
-        assert!(
-            error_of(|d| d.keys[0].not_before = Some("2031-01-01T00:00:00Z".into()))
-                .contains("after not_before")
-        );
+        assert!(error_of(|d| d.keys[0].expires_at = Some("2030-02-30T00:00:00Z".into())).contains(".expires_at:"));
+        assert!(error_of(|d| d.keys[0].not_before = Some("2031-01-01T00:00:00Z".into())).contains("after not_before"));
         assert!(error_of(|d| d.keys[0].cidrs.push("10.0.0.1/8".into())).contains(".cidrs[1]:"));
-        assert!(
-            error_of(|d| d.keys[0].scopes[0].methods.push("get".into())).contains(".scopes[0]:")
-        );
+        assert!(error_of(|d| d.keys[0].scopes[0].methods.push("get".into())).contains(".scopes[0]:"));
         assert!(error_of(|d| {
             d.keys[0].metadata.insert("x".into(), "a\r\nb".into());
         })
@@ -412,10 +370,7 @@ mod tests {
         })
         .contains(".metadata: name 'X_Y'"));
         assert!(error_of(|d| d.keys.push(d.keys[0].clone())).starts_with("keys[1].id: duplicate"));
-        assert!(
-            error_of(|d| d.plans.get_mut("free").unwrap().rate_limits[0].rate = 0)
-                .starts_with("plans.free:")
-        );
+        assert!(error_of(|d| d.plans.get_mut("free").unwrap().rate_limits[0].rate = 0).starts_with("plans.free:"));
         assert!(error_of(|d| d.keys[0].lineage = Some("x".into())).contains(".lineage:"));
     }
 
@@ -442,8 +397,7 @@ mod tests {
         let ops = d.compile(|_| false).unwrap();
         assert_eq!(ops.len(), 4);
         assert!(matches!(&ops[2], CompiledOp::Revoke(id) if id == "AbCdEf012345"));
-        let bad: DeltaDoc =
-            parse_json(br#"{"version": 4, "ops": [{"op":"revoke","id":"nope"}]}"#).unwrap();
+        let bad: DeltaDoc = parse_json(br#"{"version": 4, "ops": [{"op":"revoke","id":"nope"}]}"#).unwrap();
         assert_eq!(
             bad.compile(|_| true).unwrap_err().to_string(),
             "ops[0].id: must be 12 characters of A-Z a-z 0-9"

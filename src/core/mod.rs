@@ -4,6 +4,7 @@ pub mod config;
 pub mod credential;
 pub mod key_record;
 pub mod keyset;
+pub mod limiter;
 pub mod plan;
 pub mod problem;
 pub mod quota;

@@ -114,9 +114,7 @@ impl Plan {
 
 /// Names are used in response headers and metric labels: keep them to a safe alphabet.
 pub fn is_valid_name(s: &str) -> bool {
-    (1..=64).contains(&s.len())
-        && s.bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+    (1..=64).contains(&s.len()) && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
 }
 
 fn check_name(kind: &str, name: &str) -> Result<(), String> {
@@ -173,11 +171,7 @@ pub fn compile_quotas(docs: &[QuotaDoc]) -> Result<Vec<NamedQuota>, String> {
 impl LimitsDoc {
     pub fn compile(&self) -> Result<Limits, String> {
         Ok(Limits {
-            rate_limits: self
-                .rate_limits
-                .as_deref()
-                .map(compile_rate_limits)
-                .transpose()?,
+            rate_limits: self.rate_limits.as_deref().map(compile_rate_limits).transpose()?,
             quotas: self.quotas.as_deref().map(compile_quotas).transpose()?,
         })
     }
@@ -187,8 +181,7 @@ impl PlanDoc {
     pub fn compile(&self) -> Result<Plan, String> {
         let mut costs = Vec::with_capacity(self.costs.len());
         for (i, c) in self.costs.iter().enumerate() {
-            let scope =
-                Scope::new(&c.methods, &c.path_prefix).map_err(|e| format!("costs[{i}]: {e}"))?;
+            let scope = Scope::new(&c.methods, &c.path_prefix).map_err(|e| format!("costs[{i}]: {e}"))?;
             costs.push((scope, c.cost));
         }
         Ok(Plan {

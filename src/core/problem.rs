@@ -23,8 +23,7 @@ pub enum Problem {
 
 pub const TYPE_BASE: &str = "urn:keymeter:problem:";
 /// The IETF RateLimit draft registers this type for quota exhaustion.
-pub const QUOTA_EXCEEDED_TYPE: &str =
-    "https://iana.org/assignments/http-problem-types#quota-exceeded";
+pub const QUOTA_EXCEEDED_TYPE: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
 
 impl Problem {
     pub const ALL: [Problem; 12] = [
@@ -45,8 +44,9 @@ impl Problem {
     pub fn status(self) -> u32 {
         use Problem::*;
         match self {
-            MissingCredential | MalformedCredential | InvalidCredential | KeyDisabled
-            | KeyExpired | KeyNotYetValid => 401,
+            MissingCredential | MalformedCredential | InvalidCredential | KeyDisabled | KeyExpired | KeyNotYetValid => {
+                401
+            }
             OutOfScope | AddressNotAllowed => 403,
             KeySetUnavailable => 503,
             RateLimited | QuotaExceeded | CostExceedsBurst => 429,
@@ -94,7 +94,9 @@ impl Problem {
         use Problem::*;
         match self {
             MissingCredential => "Send your API key in the x-api-key header, as a Bearer token, or with Basic auth.",
-            MalformedCredential => "The credential sent is not a well-formed keymeter API key (check for typos or truncation).",
+            MalformedCredential => {
+                "The credential sent is not a well-formed keymeter API key (check for typos or truncation)."
+            }
             InvalidCredential => "The API key is not valid.",
             KeyDisabled => "The API key has been disabled by its issuer.",
             KeyExpired => "The API key has expired.",
@@ -103,7 +105,9 @@ impl Problem {
             AddressNotAllowed => "The API key may not be used from this client address.",
             KeySetUnavailable => "No key set is loaded yet; retry shortly.",
             RateLimited => "Too many requests for this API key; retry after the time given in Retry-After.",
-            QuotaExceeded => "The API key's quota for the current period is used up; retry after the time given in Retry-After.",
+            QuotaExceeded => {
+                "The API key's quota for the current period is used up; retry after the time given in Retry-After."
+            }
             CostExceedsBurst => "This request costs more than the API key's rate limit can ever allow.",
         }
     }

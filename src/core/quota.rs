@@ -39,11 +39,7 @@ pub fn period_bounds(period: Period, now_secs: i64) -> (i64, i64) {
         }
         Period::Month => {
             let (y, m, _) = civil_from_days(today);
-            let (ny, nm) = if m == 12 {
-                (y.saturating_add(1), 1)
-            } else {
-                (y, m + 1)
-            };
+            let (ny, nm) = if m == 12 { (y.saturating_add(1), 1) } else { (y, m + 1) };
             (days_from_civil(y, m, 1), days_from_civil(ny, nm, 1))
         }
     };
@@ -154,10 +150,7 @@ mod tests {
         assert_eq!(serde_json::to_string(&Period::Day).unwrap(), "\"day\"");
         assert_eq!(serde_json::to_string(&Period::Week).unwrap(), "\"week\"");
         assert_eq!(serde_json::to_string(&Period::Month).unwrap(), "\"month\"");
-        assert_eq!(
-            serde_json::from_str::<Period>("\"month\"").unwrap(),
-            Period::Month
-        );
+        assert_eq!(serde_json::from_str::<Period>("\"month\"").unwrap(), Period::Month);
         assert!(serde_json::from_str::<Period>("\"Month\"").is_err());
         assert!(serde_json::from_str::<Period>("\"year\"").is_err());
     }
@@ -266,10 +259,7 @@ mod tests {
             }
         );
         s = next;
-        assert_eq!(
-            consume(3, Period::Day, &s, d1 + 59, 2),
-            (qd(false, 1, 1), s)
-        );
+        assert_eq!(consume(3, Period::Day, &s, d1 + 59, 2), (qd(false, 1, 1), s));
         // Midnight: a fresh day.
         let (d, next) = consume(3, Period::Day, &s, d1 + 60, 2);
         assert_eq!(d, qd(true, 1, 86_400));
@@ -283,10 +273,7 @@ mod tests {
         let (_, s) = consume(10, Period::Week, &s, t("2020-12-31T12:00:00Z"), 9);
         // Sunday 2021-01-03 is still in the same ISO week.
         let sunday = t("2021-01-03T23:00:00Z");
-        assert_eq!(
-            consume(10, Period::Week, &s, sunday, 2),
-            (qd(false, 1, 3600), s)
-        );
+        assert_eq!(consume(10, Period::Week, &s, sunday, 2), (qd(false, 1, 3600), s));
         let (d, next) = consume(10, Period::Week, &s, sunday, 1);
         assert_eq!(d, qd(true, 0, 3600));
         // Monday 2021-01-04: reset.
@@ -312,11 +299,7 @@ mod tests {
 
         let s = QuotaState::default();
         let (_, s) = consume(5, Period::Month, &s, t("2023-12-31T23:59:59Z"), 5);
-        assert!(
-            !consume(5, Period::Month, &s, t("2023-12-31T23:59:59Z"), 1)
-                .0
-                .allowed
-        );
+        assert!(!consume(5, Period::Month, &s, t("2023-12-31T23:59:59Z"), 1).0.allowed);
         let (d, s) = consume(5, Period::Month, &s, t("2024-01-01T00:00:00Z"), 1);
         assert_eq!(d, qd(true, 4, 31 * 86_400));
         assert_eq!(s.period_start, t("2024-01-01T00:00:00Z"));
@@ -328,11 +311,7 @@ mod tests {
         // 2024-02-29 is its own day.
         let (d, s1) = consume(1, Period::Day, &s, t("2024-02-29T00:00:00Z"), 1);
         assert_eq!(d, qd(true, 0, 86_400));
-        assert!(
-            consume(1, Period::Day, &s1, t("2024-03-01T00:00:00Z"), 1)
-                .0
-                .allowed
-        );
+        assert!(consume(1, Period::Day, &s1, t("2024-03-01T00:00:00Z"), 1).0.allowed);
         // Feb 2100 has 28 days, Feb 2000 has 29.
         let (d, _) = consume(1, Period::Month, &s, t("2100-02-28T00:00:00Z"), 1);
         assert_eq!(d.reset_secs, 86_400);
@@ -350,29 +329,17 @@ mod tests {
             s = next;
         }
         assert_eq!(s.used, 5);
-        assert_eq!(
-            consume(5, Period::Day, &s, now, 1),
-            (qd(false, 0, 68_095), s)
-        );
+        assert_eq!(consume(5, Period::Day, &s, now, 1), (qd(false, 0, 68_095), s));
         // Cost 0 is still allowed at the limit and changes nothing.
-        assert_eq!(
-            consume(5, Period::Day, &s, now, 0),
-            (qd(true, 0, 68_095), s)
-        );
+        assert_eq!(consume(5, Period::Day, &s, now, 0), (qd(true, 0, 68_095), s));
     }
 
     #[test]
     fn cost_greater_than_remaining_is_denied_without_counting() {
         let now = t("2024-05-05T00:00:00Z");
         let (_, s) = consume(10, Period::Day, &QuotaState::default(), now, 7);
-        assert_eq!(
-            consume(10, Period::Day, &s, now, 4),
-            (qd(false, 3, 86_400), s)
-        );
-        assert_eq!(
-            consume(10, Period::Day, &s, now, u64::MAX),
-            (qd(false, 3, 86_400), s)
-        );
+        assert_eq!(consume(10, Period::Day, &s, now, 4), (qd(false, 3, 86_400), s));
+        assert_eq!(consume(10, Period::Day, &s, now, u64::MAX), (qd(false, 3, 86_400), s));
         let (d, s) = consume(10, Period::Day, &s, now, 3);
         assert_eq!(d, qd(true, 0, 86_400));
         assert_eq!(s.used, 10);
@@ -417,10 +384,7 @@ mod tests {
                 used: 5
             }
         );
-        assert_eq!(
-            consume(5, Period::Day, &next, now, 1),
-            (qd(false, 0, 86_410), next)
-        );
+        assert_eq!(consume(5, Period::Day, &next, now, 1), (qd(false, 0, 86_410), next));
         // Once the clock is back in that day, it behaves normally.
         let (d, _) = consume(5, Period::Day, &next, t("2024-05-06T00:00:10Z"), 1);
         assert_eq!(d, qd(false, 0, 86_390));

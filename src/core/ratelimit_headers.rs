@@ -129,10 +129,7 @@ mod tests {
     fn names_are_escaped_and_filtered() {
         assert_eq!(limit(&[(r#"say "hi""#, 1, 1)]), r#""say \"hi\"";r=1;t=1"#);
         assert_eq!(limit(&[(r"back\slash", 1, 1)]), r#""back\\slash";r=1;t=1"#);
-        assert_eq!(
-            limit(&[("tab\there\n\r\x7f\0", 1, 1)]),
-            r#""tabhere";r=1;t=1"#
-        );
+        assert_eq!(limit(&[("tab\there\n\r\x7f\0", 1, 1)]), r#""tabhere";r=1;t=1"#);
         assert_eq!(limit(&[("café ☕ plan", 1, 1)]), r#""caf  plan";r=1;t=1"#);
         assert_eq!(limit(&[("", 1, 1)]), r#""";r=1;t=1"#);
         assert_eq!(limit(&[(" ~!", 1, 1)]), r#"" ~!";r=1;t=1"#);
@@ -151,9 +148,6 @@ mod tests {
             policy(&[("big", u64::MAX, SF_INTEGER_MAX + 1)]),
             r#""big";q=999999999999999;w=999999999999999"#
         );
-        assert_eq!(
-            limit(&[("big", SF_INTEGER_MAX, 0)]),
-            r#""big";r=999999999999999;t=0"#
-        );
+        assert_eq!(limit(&[("big", SF_INTEGER_MAX, 0)]), r#""big";r=999999999999999;t=0"#);
     }
 }

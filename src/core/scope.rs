@@ -29,8 +29,7 @@ impl Scope {
         }
         let mut bits = 0u16;
         for m in methods {
-            bits |= method_bit(m)
-                .ok_or_else(|| format!("unknown HTTP method '{m}' (use upper case, e.g. GET)"))?;
+            bits |= method_bit(m).ok_or_else(|| format!("unknown HTTP method '{m}' (use upper case, e.g. GET)"))?;
         }
         Ok(Scope {
             methods: bits,
@@ -39,8 +38,7 @@ impl Scope {
     }
 
     pub fn allows(&self, method: &str, path: &str) -> bool {
-        let method_ok =
-            self.methods == 0 || method_bit(method).is_some_and(|b| self.methods & b != 0);
+        let method_ok = self.methods == 0 || method_bit(method).is_some_and(|b| self.methods & b != 0);
         method_ok && path_has_prefix(path, &self.path_prefix)
     }
 }

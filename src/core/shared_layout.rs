@@ -136,7 +136,10 @@ impl std::fmt::Display for ApplyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ApplyError::Stale { running, pushed } => {
-                write!(f, "version {pushed} is not newer than the running version {running} (force to override)")
+                write!(
+                    f,
+                    "version {pushed} is not newer than the running version {running} (force to override)"
+                )
             }
             ApplyError::NoKeySet => f.write_str("no key set is loaded: push a full snapshot first"),
             ApplyError::Busy => f.write_str("another key-set update is in progress; retry"),
@@ -205,9 +208,7 @@ impl<'a> Lock<'a> {
             store.set(LOCK, &0u64.to_le_bytes(), None)?;
         }
         let (v, cas) = store.get(LOCK);
-        let held_until = v
-            .and_then(|b| b.try_into().ok())
-            .map_or(0, u64::from_le_bytes);
+        let held_until = v.and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
         if held_until > now_ms {
             return Err(ApplyError::Busy);
         }
@@ -226,20 +227,13 @@ impl Drop for Lock<'_> {
 
 fn next_gen(store: &dyn Store) -> Result<u64, ApplyError> {
     let (v, cas) = store.get(GEN);
-    let g = v
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, u64::from_le_bytes)
-        + 1;
+    let g = v.and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes) + 1;
     store.set(GEN, &g.to_le_bytes(), Some(cas))?;
     Ok(g)
 }
 
 /// Read-modify-write of one key entry with CAS retries (bounded).
-fn update_entry(
-    store: &dyn Store,
-    id: &str,
-    mut f: impl FnMut(&mut KeyEntry),
-) -> Result<KeyEntry, ApplyError> {
+fn update_entry(store: &dyn Store, id: &str, mut f: impl FnMut(&mut KeyEntry)) -> Result<KeyEntry, ApplyError> {
     let mut buf = [0u8; 32];
     let name = key_entry_name(id, &mut buf);
     for _ in 0..CAS_RETRIES {
@@ -276,11 +270,7 @@ fn read_index(store: &dyn Store, slot: u8) -> Vec<String> {
 }
 
 /// Replaces a slot's index with `ids`, emptying chunks the old index had beyond it.
-fn write_index<'a>(
-    store: &dyn Store,
-    slot: u8,
-    ids: impl ExactSizeIterator<Item = &'a str>,
-) -> Result<(), ApplyError> {
+fn write_index<'a>(store: &dyn Store, slot: u8, ids: impl ExactSizeIterator<Item = &'a str>) -> Result<(), ApplyError> {
     let old_n = value(store, &index_len_name(slot))
         .0
         .and_then(|b| b.try_into().ok())
@@ -316,12 +306,7 @@ fn append_index(store: &dyn Store, slot: u8, new_ids: &[String]) -> Result<(), A
     write_index(store, slot, ids.iter().map(String::as_str))
 }
 
-fn write_plans(
-    store: &dyn Store,
-    slot: u8,
-    gen: u64,
-    plans: &BTreeMap<String, Plan>,
-) -> Result<(), ApplyError> {
+fn write_plans(store: &dyn Store, slot: u8, gen: u64, plans: &BTreeMap<String, Plan>) -> Result<(), ApplyError> {
     let bytes = bincode::serialize(&(gen, plans)).expect("plans encode");
     store.set(&plans_name(slot), &bytes, None)?;
     Ok(())
@@ -345,11 +330,7 @@ fn check_version(running: Option<&Meta>, pushed: u64, force: bool) -> Result<(),
 }
 
 /// Replaces the whole key set atomically (see the module doc for how).
-pub fn apply_full(
-    store: &dyn Store,
-    set: &KeySet,
-    opts: ApplyOptions,
-) -> Result<ApplyReport, ApplyError> {
+pub fn apply_full(store: &dyn Store, set: &KeySet, opts: ApplyOptions) -> Result<ApplyReport, ApplyError> {
     let _lock = Lock::acquire(store, opts.now_ms)?;
     let (meta_bytes, meta_cas) = value(store, META);
     let running = meta_bytes.as_deref().and_then(Meta::decode);
@@ -521,10 +502,7 @@ mod tests {
             r#"{{"version":{version},"plans":{{"p":{{}}}},"keys":[{}]}}"#,
             keys.join(",")
         );
-        parse_json::<KeySetDoc>(doc.as_bytes())
-            .unwrap()
-            .compile()
-            .unwrap()
+        parse_json::<KeySetDoc>(doc.as_bytes()).unwrap().compile().unwrap()
     }
     fn opts() -> ApplyOptions {
         ApplyOptions {
@@ -577,10 +555,7 @@ mod tests {
         }
         assert!(s.len() <= 50 + 10, "shared-data keys grew to {}", s.len());
         let max_bytes = sizes.iter().map(|x| x.1).max().unwrap();
-        assert!(
-            sizes[19].1 <= max_bytes && max_bytes < 25 * 400,
-            "{sizes:?}"
-        );
+        assert!(sizes[19].1 <= max_bytes && max_bytes < 25 * 400, "{sizes:?}");
     }
 
     #[test]
@@ -589,28 +564,14 @@ mod tests {
         apply_full(&s, &set(5, &["aaaaaaaaaaa1"]), opts()).unwrap();
         assert_eq!(
             apply_full(&s, &set(5, &[]), opts()).unwrap_err(),
-            ApplyError::Stale {
-                running: 5,
-                pushed: 5
-            }
+            ApplyError::Stale { running: 5, pushed: 5 }
         );
         assert_eq!(
             apply_full(&s, &set(4, &[]), opts()).unwrap_err(),
-            ApplyError::Stale {
-                running: 5,
-                pushed: 4
-            }
+            ApplyError::Stale { running: 5, pushed: 4 }
         );
         assert_eq!(active(&s), ["aaaaaaaaaaa1"]);
-        apply_full(
-            &s,
-            &set(4, &[]),
-            ApplyOptions {
-                force: true,
-                ..opts()
-            },
-        )
-        .unwrap();
+        apply_full(&s, &set(4, &[]), ApplyOptions { force: true, ..opts() }).unwrap();
         assert!(active(&s).is_empty());
     }
 
@@ -627,8 +588,7 @@ mod tests {
             // A "request" between two writes of the push.
             let s = s2.upgrade().unwrap();
             let m = read_meta(&*s).unwrap();
-            let a = ["aaaaaaaaaaa1", "aaaaaaaaaaa2", "aaaaaaaaaaa3"]
-                .map(|id| lookup(&*s, &m, id).is_some());
+            let a = ["aaaaaaaaaaa1", "aaaaaaaaaaa2", "aaaaaaaaaaa3"].map(|id| lookup(&*s, &m, id).is_some());
             seen2.borrow_mut().push(a);
         }));
         apply_full(&*s, &set(2, &["aaaaaaaaaaa3"]), opts()).unwrap();
@@ -638,14 +598,8 @@ mod tests {
         let new = [false, false, true];
         let flip = seen.iter().position(|a| *a == new).unwrap_or(seen.len());
         assert!(flip > 2, "{seen:?}");
-        assert!(
-            seen[..flip].iter().all(|a| *a == old),
-            "mixed view: {seen:?}"
-        );
-        assert!(
-            seen[flip..].iter().all(|a| *a == new),
-            "mixed view: {seen:?}"
-        );
+        assert!(seen[..flip].iter().all(|a| *a == old), "mixed view: {seen:?}");
+        assert!(seen[flip..].iter().all(|a| *a == new), "mixed view: {seen:?}");
         assert_eq!(active(&s), ["aaaaaaaaaaa3"]);
     }
 
@@ -703,18 +657,9 @@ mod tests {
         let m = read_meta(&s).unwrap();
         assert!(!lookup(&s, &m, "aaaaaaaaaaa2").unwrap().enabled);
         assert!(read_plans(&s, &m).contains_key("q"));
-        assert_eq!(
-            delta(&up, &s).unwrap_err(),
-            ApplyError::Stale {
-                running: 2,
-                pushed: 2
-            }
-        );
+        assert_eq!(delta(&up, &s).unwrap_err(), ApplyError::Stale { running: 2, pushed: 2 });
         let bad = r#"{"version":3,"ops":[{"op":"revoke","id":"aaaaaaaaaaa2"},{"op":"enable","id":"zzzzzzzzzzzz"}]}"#;
-        assert!(matches!(
-            delta(bad, &s).unwrap_err(),
-            ApplyError::UnknownKey { .. }
-        ));
+        assert!(matches!(delta(bad, &s).unwrap_err(), ApplyError::UnknownKey { .. }));
         assert_eq!(
             active(&s),
             ["aaaaaaaaaaa2", "aaaaaaaaaaa3"],

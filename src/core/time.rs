@@ -59,10 +59,7 @@ impl fmt::Display for TimeError {
             }
             TimeError::InvalidDate { year, month, day } => {
                 if !(1..=12).contains(month) {
-                    write!(
-                        f,
-                        "invalid date {year:04}-{month:02}-{day:02}: month must be 01 to 12"
-                    )
+                    write!(f, "invalid date {year:04}-{month:02}-{day:02}: month must be 01 to 12")
                 } else {
                     write!(
                         f,
@@ -71,11 +68,7 @@ impl fmt::Display for TimeError {
                     )
                 }
             }
-            TimeError::InvalidTime {
-                hour,
-                minute,
-                second,
-            } => write!(
+            TimeError::InvalidTime { hour, minute, second } => write!(
                 f,
                 "invalid time of day {hour:02}:{minute:02}:{second:02}: hour must be 00 to 23, \
                  minute and second 00 to 59 (leap seconds are not accepted)"
@@ -186,9 +179,7 @@ pub fn parse_rfc3339(s: &str) -> Result<i64, TimeError> {
             i += 1;
         }
         if i == start {
-            return Err(TimeError::Syntax(
-                "fractional seconds need at least one digit",
-            ));
+            return Err(TimeError::Syntax("fractional seconds need at least one digit"));
         }
     }
     let offset_secs: i64 = match b.get(i) {
@@ -206,10 +197,7 @@ pub fn parse_rfc3339(s: &str) -> Result<i64, TimeError> {
             expect(b, i + 3, b':', "expected ':' in the offset")?;
             let om = digits(b, i + 4, 2, "offset minutes must be two digits")?;
             if oh > 23 || om > 59 {
-                return Err(TimeError::InvalidOffset {
-                    hours: oh,
-                    minutes: om,
-                });
+                return Err(TimeError::InvalidOffset { hours: oh, minutes: om });
             }
             let magnitude = i64::from(oh) * 3600 + i64::from(om) * 60;
             if sign == b'+' {
@@ -227,11 +215,7 @@ pub fn parse_rfc3339(s: &str) -> Result<i64, TimeError> {
         return Err(TimeError::InvalidDate { year, month, day });
     }
     if hour > 23 || minute > 59 || second > 59 {
-        return Err(TimeError::InvalidTime {
-            hour,
-            minute,
-            second,
-        });
+        return Err(TimeError::InvalidTime { hour, minute, second });
     }
     let local = days_from_civil(year, month, day) * SECS_PER_DAY
         + i64::from(hour) * 3600
@@ -298,9 +282,7 @@ pub fn parse_duration(s: &str) -> Result<u64, TimeError> {
     if value == 0 {
         return Err(TimeError::Duration("must be greater than zero"));
     }
-    value
-        .checked_mul(unit_ms)
-        .ok_or(TimeError::Duration("too large"))
+    value.checked_mul(unit_ms).ok_or(TimeError::Duration("too large"))
 }
 
 /// Reads `len` ASCII digits at `at` as a number, or fails with `what`.
@@ -416,17 +398,11 @@ mod tests {
     #[test]
     fn parse_lowercase_and_fraction() {
         assert_eq!(parse_rfc3339("2024-02-29t12:34:56z"), Ok(1_709_210_096));
-        assert_eq!(
-            parse_rfc3339("2024-02-29T12:34:56.999999999Z"),
-            Ok(1_709_210_096)
-        );
+        assert_eq!(parse_rfc3339("2024-02-29T12:34:56.999999999Z"), Ok(1_709_210_096));
         assert_eq!(parse_rfc3339("2024-02-29T12:34:56.5z"), Ok(1_709_210_096));
         // Truncation also for times before the epoch (toward the earlier written second).
         assert_eq!(parse_rfc3339("1969-12-31T23:59:59.9Z"), Ok(-1));
-        assert_eq!(
-            parse_rfc3339("2024-02-29T12:34:56.123+01:00"),
-            Ok(1_709_210_096 - 3600)
-        );
+        assert_eq!(parse_rfc3339("2024-02-29T12:34:56.123+01:00"), Ok(1_709_210_096 - 3600));
     }
 
     #[test]
@@ -434,10 +410,7 @@ mod tests {
         // 12:00+02:00 is 10:00Z; 12:00-05:30 is 17:30Z.
         let noon = parse_rfc3339("2024-06-01T12:00:00Z").unwrap();
         assert_eq!(parse_rfc3339("2024-06-01T12:00:00+02:00"), Ok(noon - 7200));
-        assert_eq!(
-            parse_rfc3339("2024-06-01T12:00:00-05:30"),
-            Ok(noon + 19_800)
-        );
+        assert_eq!(parse_rfc3339("2024-06-01T12:00:00-05:30"), Ok(noon + 19_800));
         assert_eq!(parse_rfc3339("2024-06-01T12:00:00+00:00"), Ok(noon));
         assert_eq!(parse_rfc3339("2024-06-01T12:00:00-00:00"), Ok(noon));
         // Offsets can move the instant across a day, month and year boundary.
@@ -466,29 +439,17 @@ mod tests {
         assert_eq!(parse_rfc3339("2024-00-01T00:00:00Z"), date(2024, 0, 1));
         assert_eq!(parse_rfc3339("2024-04-31T00:00:00Z"), date(2024, 4, 31));
         assert_eq!(parse_rfc3339("2024-01-00T00:00:00Z"), date(2024, 1, 0));
-        let time = |hour, minute, second| {
-            Err(TimeError::InvalidTime {
-                hour,
-                minute,
-                second,
-            })
-        };
+        let time = |hour, minute, second| Err(TimeError::InvalidTime { hour, minute, second });
         assert_eq!(parse_rfc3339("2024-01-01T24:00:00Z"), time(24, 0, 0));
         assert_eq!(parse_rfc3339("2024-01-01T23:60:00Z"), time(23, 60, 0));
         assert_eq!(parse_rfc3339("2016-12-31T23:59:60Z"), time(23, 59, 60));
         assert_eq!(
             parse_rfc3339("2024-01-01T00:00:00+24:00"),
-            Err(TimeError::InvalidOffset {
-                hours: 24,
-                minutes: 0
-            })
+            Err(TimeError::InvalidOffset { hours: 24, minutes: 0 })
         );
         assert_eq!(
             parse_rfc3339("2024-01-01T00:00:00-01:60"),
-            Err(TimeError::InvalidOffset {
-                hours: 1,
-                minutes: 60
-            })
+            Err(TimeError::InvalidOffset { hours: 1, minutes: 60 })
         );
     }
 
@@ -527,35 +488,25 @@ mod tests {
     #[test]
     fn error_messages_are_specific() {
         assert_eq!(
-            parse_rfc3339("2023-02-29T00:00:00Z")
-                .unwrap_err()
-                .to_string(),
+            parse_rfc3339("2023-02-29T00:00:00Z").unwrap_err().to_string(),
             "invalid date 2023-02-29: 2023-02 has 28 days"
         );
         assert_eq!(
-            parse_rfc3339("2024-13-01T00:00:00Z")
-                .unwrap_err()
-                .to_string(),
+            parse_rfc3339("2024-13-01T00:00:00Z").unwrap_err().to_string(),
             "invalid date 2024-13-01: month must be 01 to 12"
         );
         assert_eq!(
-            parse_rfc3339("2024-01-01T24:00:00Z")
-                .unwrap_err()
-                .to_string(),
+            parse_rfc3339("2024-01-01T24:00:00Z").unwrap_err().to_string(),
             "invalid time of day 24:00:00: hour must be 00 to 23, minute and second 00 to 59 \
              (leap seconds are not accepted)"
         );
         assert_eq!(
-            parse_rfc3339("2024-01-01 00:00:00Z")
-                .unwrap_err()
-                .to_string(),
+            parse_rfc3339("2024-01-01 00:00:00Z").unwrap_err().to_string(),
             "invalid RFC 3339 timestamp: expected 'T' between date and time \
              (expected YYYY-MM-DDTHH:MM:SS[.fff](Z|+HH:MM|-HH:MM))"
         );
         assert_eq!(
-            parse_rfc3339("2024-01-01T00:00:00+25:00")
-                .unwrap_err()
-                .to_string(),
+            parse_rfc3339("2024-01-01T00:00:00+25:00").unwrap_err().to_string(),
             "invalid UTC offset 25:00: hours must be 00 to 23, minutes 00 to 59"
         );
         assert_eq!(
@@ -606,14 +557,8 @@ mod tests {
         assert_eq!(parse_duration("1d"), Ok(86_400_000));
         assert_eq!(parse_duration("7d"), Ok(604_800_000));
         assert_eq!(parse_duration("007s"), Ok(7_000));
-        assert_eq!(
-            parse_duration("18446744073709551615ms"),
-            Ok(18_446_744_073_709_551_615)
-        );
-        assert_eq!(
-            parse_duration("213503982334d"),
-            Ok(213_503_982_334 * 86_400_000)
-        );
+        assert_eq!(parse_duration("18446744073709551615ms"), Ok(18_446_744_073_709_551_615));
+        assert_eq!(parse_duration("213503982334d"), Ok(213_503_982_334 * 86_400_000));
     }
 
     #[test]

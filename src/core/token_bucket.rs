@@ -109,10 +109,7 @@ impl BucketLimit {
             .ok_or(LimitError::IntervalTooLong)?;
         let g = gcd(self.rate, interval_ns);
         let unit = interval_ns / g;
-        let cap = self
-            .burst
-            .checked_mul(unit)
-            .ok_or(LimitError::BurstTooLarge)?;
+        let cap = self.burst.checked_mul(unit).ok_or(LimitError::BurstTooLarge)?;
         Ok(Params {
             unit,
             per_ns: self.rate / g,
@@ -170,12 +167,7 @@ pub struct Decision {
 ///   from then on at the new rate. So an upgrade keeps past consumption (it does not hand
 ///   out a fresh full bucket) and a downgrade below the consumed amount leaves the bucket
 ///   empty rather than owing more than one new burst.
-pub fn try_take(
-    limit: &BucketLimit,
-    state: &BucketState,
-    now_ns: u64,
-    cost: u64,
-) -> (Decision, BucketState) {
+pub fn try_take(limit: &BucketLimit, state: &BucketState, now_ns: u64, cost: u64) -> (Decision, BucketState) {
     let Ok(p) = limit.params() else {
         let decision = Decision {
             allowed: false,
@@ -281,10 +273,7 @@ mod tests {
     fn take(limit: &BucketLimit, state: &mut BucketState, now_ns: u64, cost: u64) -> Decision {
         let (d, next) = try_take(limit, state, now_ns, cost);
         if !d.allowed || cost == 0 {
-            assert_eq!(
-                next, *state,
-                "denied or free requests must not change the state"
-            );
+            assert_eq!(next, *state, "denied or free requests must not change the state");
         }
         *state = next;
         d
@@ -303,10 +292,7 @@ mod tests {
         assert_eq!(lim(1, u64::MAX / MS, 1).validate(), Ok(()));
         // 1 token/day: unit = 86_400 * 10^9; a burst of 213_503 fits, 213_504 does not.
         assert_eq!(lim(1, 86_400_000, 213_503).validate(), Ok(()));
-        assert_eq!(
-            lim(1, 86_400_000, 213_504).validate(),
-            Err(LimitError::BurstTooLarge)
-        );
+        assert_eq!(lim(1, 86_400_000, 213_504).validate(), Err(LimitError::BurstTooLarge));
         // The gcd reduction makes "a million per day, burst a million" representable.
         assert_eq!(lim(1_000_000, 86_400_000, 1_000_000).validate(), Ok(()));
         // Largest rate per ms with a whole number of tokens per ns: unit 1, any burst.
@@ -323,12 +309,7 @@ mod tests {
     #[test]
     fn invalid_limit_denies_without_panicking() {
         let s = BucketState::default();
-        for l in [
-            lim(0, 1, 1),
-            lim(1, 0, 1),
-            lim(1, 1, 0),
-            lim(1, u64::MAX, 1),
-        ] {
+        for l in [lim(0, 1, 1), lim(1, 0, 1), lim(1, 1, 0), lim(1, u64::MAX, 1)] {
             assert_eq!(try_take(&l, &s, 5, 1), (dec(false, 0, None, 0), s));
         }
     }
@@ -361,17 +342,11 @@ mod tests {
         let mut s = BucketState::default();
         let t0 = 1_700_000_000 * SEC;
         for left in (0..5).rev() {
-            assert_eq!(
-                take(&l, &mut s, t0, 1),
-                dec(true, left, None, (5 - left) * 100)
-            );
+            assert_eq!(take(&l, &mut s, t0, 1), dec(true, left, None, (5 - left) * 100));
         }
         assert_eq!(take(&l, &mut s, t0, 1), dec(false, 0, Some(100), 500));
         // 1 ns before the next token: still denied, retry rounds up to 1 ms.
-        assert_eq!(
-            take(&l, &mut s, t0 + 100 * MS - 1, 1),
-            dec(false, 0, Some(1), 401)
-        );
+        assert_eq!(take(&l, &mut s, t0 + 100 * MS - 1, 1), dec(false, 0, Some(1), 401));
         assert_eq!(take(&l, &mut s, t0 + 100 * MS, 1), dec(true, 0, None, 500));
     }
 
@@ -399,10 +374,7 @@ mod tests {
             assert_eq!(take(&l, &mut s, at, 1).remaining, 0, "k={k}");
         }
         assert_eq!(take(&l, &mut s, 1000 * SEC, 0), dec(true, 0, None, 1000));
-        assert_eq!(
-            take(&l, &mut s, 1000 * SEC + 1, 0),
-            dec(true, 0, None, 1000)
-        );
+        assert_eq!(take(&l, &mut s, 1000 * SEC + 1, 0), dec(true, 0, None, 1000));
         assert_eq!(take(&l, &mut s, 1001 * SEC, 0), dec(true, 3, None, 0));
     }
 
@@ -427,15 +399,9 @@ mod tests {
         assert_eq!(take(&l, &mut s, 0, 4), dec(true, 6, None, 4000));
         assert_eq!(take(&l, &mut s, 0, 4), dec(true, 2, None, 8000));
         assert_eq!(take(&l, &mut s, 0, 4), dec(false, 2, Some(2000), 8000));
-        assert_eq!(
-            take(&l, &mut s, 1500 * MS, 4),
-            dec(false, 3, Some(500), 6500)
-        );
+        assert_eq!(take(&l, &mut s, 1500 * MS, 4), dec(false, 3, Some(500), 6500));
         assert_eq!(take(&l, &mut s, 2 * SEC, 4), dec(true, 0, None, 10_000));
-        assert_eq!(
-            take(&l, &mut s, 2 * SEC, 10),
-            dec(false, 0, Some(10_000), 10_000)
-        );
+        assert_eq!(take(&l, &mut s, 2 * SEC, 10), dec(false, 0, Some(10_000), 10_000));
         assert_eq!(take(&l, &mut s, 12 * SEC, 10), dec(true, 0, None, 10_000));
     }
 
@@ -484,18 +450,12 @@ mod tests {
         let t = 1_000 * SEC;
         assert_eq!(take(&l, &mut s, t, 2), dec(true, 0, None, 200));
         // Earlier than the state: no time elapsed, nothing refilled, durations from `t`.
-        assert_eq!(
-            take(&l, &mut s, t - 5 * SEC, 1),
-            dec(false, 0, Some(100), 200)
-        );
+        assert_eq!(take(&l, &mut s, t - 5 * SEC, 1), dec(false, 0, Some(100), 200));
         assert_eq!(take(&l, &mut s, 0, 1), dec(false, 0, Some(100), 200));
         // Half refilled; going back again does not undo or double-count that time.
         assert_eq!(take(&l, &mut s, t + 150 * MS, 1), dec(true, 0, None, 150));
         assert_eq!(s.last_ns, t + 150 * MS);
-        assert_eq!(
-            take(&l, &mut s, t + 100 * MS, 1),
-            dec(false, 0, Some(50), 150)
-        );
+        assert_eq!(take(&l, &mut s, t + 100 * MS, 1), dec(false, 0, Some(50), 150));
         // A free look later does not move the state's time...
         assert_eq!(take(&l, &mut s, t + 300 * MS, 0), dec(true, 2, None, 0));
         assert_eq!(s.last_ns, t + 150 * MS);
@@ -530,10 +490,7 @@ mod tests {
         let fast = lim(1_000_000, 1, 1_000_000);
         let mut s = BucketState::default();
         take(&fast, &mut s, 0, 1_000_000);
-        assert_eq!(
-            take(&fast, &mut s, u64::MAX, 0),
-            dec(true, 1_000_000, None, 0)
-        );
+        assert_eq!(take(&fast, &mut s, u64::MAX, 0), dec(true, 1_000_000, None, 0));
     }
 
     #[test]
@@ -608,10 +565,7 @@ mod tests {
         // Under 3/s the 3.6 owed tokens take 1200 ms to refill.
         assert_eq!(take(&three, &mut s, 100 * MS, 0), dec(true, 6, None, 1200));
         // 6.4 tokens are free: 7 need 0.6 more, i.e. exactly 200 ms at 3/s.
-        assert_eq!(
-            take(&three, &mut s, 100 * MS, 7),
-            dec(false, 6, Some(200), 1200)
-        );
+        assert_eq!(take(&three, &mut s, 100 * MS, 7), dec(false, 6, Some(200), 1200));
         assert!(!take(&three, &mut s, 300 * MS - 1, 7).allowed);
         assert_eq!(take(&three, &mut s, 300 * MS, 7), dec(true, 0, None, 3334));
     }
@@ -749,11 +703,7 @@ mod tests {
         let mut allowed_total = 0u64;
         for _ in 0..300 {
             let max_interval = if rng.below(2) == 0 { 5_000 } else { 60_000 };
-            let limit = lim(
-                1 + rng.below(20),
-                1 + rng.below(max_interval),
-                1 + rng.below(30),
-            );
+            let limit = lim(1 + rng.below(20), 1 + rng.below(max_interval), 1 + rng.below(30));
             let mut reference = Reference::new(limit);
             let mut state = BucketState::default();
             let mut now = rng.below(1 << 50);
@@ -774,17 +724,11 @@ mod tests {
                 };
                 let expected = reference.take(now, cost);
                 let got = take(&limit, &mut state, now, cost);
-                assert_eq!(
-                    got, expected,
-                    "limit {limit:?} step {step} now {now} cost {cost}"
-                );
+                assert_eq!(got, expected, "limit {limit:?} step {step} now {now} cost {cost}");
                 allowed_total += u64::from(got.allowed);
             }
         }
         // The sequences exercise both outcomes.
-        assert!(
-            allowed_total > 10_000 && allowed_total < 110_000,
-            "{allowed_total}"
-        );
+        assert!(allowed_total > 10_000 && allowed_total < 110_000, "{allowed_total}");
     }
 }

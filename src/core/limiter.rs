@@ -1,0 +1,282 @@
+//! Applying a plan's token buckets and quotas to one request, as a pure function of the
+//! stored state, so the adapter only does the shared-data CAS loop around it.
+//!
+//! State is one small shared-data entry per limited subject (a key's lineage, a
+//! consumer, or an anonymous client IP). Limits are matched to their state by a hash of
+//! their name, so a plan change that edits numbers keeps the consumed state, and one
+//! that renames a limit starts it fresh (documented rule).
+
+use super::plan::{NamedBucket, NamedQuota};
+use super::quota::{self, QuotaState};
+use super::token_bucket::{self, BucketState};
+use serde::{Deserialize, Serialize};
+
+/// Stored per subject.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitState {
+    pub buckets: Vec<(u32, BucketState)>,
+    pub quotas: Vec<(u32, QuotaState)>,
+}
+
+impl LimitState {
+    pub fn decode(bytes: &[u8]) -> LimitState {
+        bincode::deserialize(bytes).unwrap_or_default()
+    }
+    pub fn encode(&self) -> Vec<u8> {
+        bincode::serialize(self).expect("limit state encodes")
+    }
+}
+
+/// FNV-1a: stable across builds and platforms, unlike `DefaultHasher`.
+pub fn name_hash(name: &str) -> u32 {
+    name.bytes()
+        .fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193))
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    RateLimited,
+    QuotaExceeded,
+    /// The cost can never fit in a bucket: retrying will not help.
+    CostExceedsBurst,
+}
+
+/// One limit's view after this request, for the `RateLimit` headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitView {
+    pub name: String,
+    /// Quota units per window, for `RateLimit-Policy`.
+    pub quota: u64,
+    pub window_secs: u64,
+    pub remaining: u64,
+    /// Seconds until more is available (0 when something remains).
+    pub reset_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub denial: Option<Denial>,
+    /// Seconds to wait before retrying (denied requests only).
+    pub retry_after_secs: Option<u64>,
+    pub views: Vec<LimitView>,
+}
+
+fn ceil_div(a: u64, b: u64) -> u64 {
+    a.div_ceil(b.max(1))
+}
+
+/// Evaluates every limit; the request passes only if all of them pass. Returns the new
+/// state to store when it passes (`None` when denied: a denied request consumes
+/// nothing, so no write is needed).
+pub fn evaluate(
+    buckets: &[NamedBucket],
+    quotas: &[NamedQuota],
+    state: &LimitState,
+    now_ms: u64,
+    cost: u64,
+) -> (Verdict, Option<LimitState>) {
+    let now_ns = now_ms.saturating_mul(1_000_000);
+    let now_secs = (now_ms / 1000) as i64;
+    let mut next = LimitState {
+        buckets: Vec::with_capacity(buckets.len()),
+        quotas: Vec::with_capacity(quotas.len()),
+    };
+    let mut views = Vec::with_capacity(buckets.len() + quotas.len());
+    let mut denial = None;
+    let mut retry_ms: Option<u64> = None;
+
+    for b in buckets {
+        let h = name_hash(&b.name);
+        let old = state
+            .buckets
+            .iter()
+            .find(|(n, _)| *n == h)
+            .map(|(_, s)| *s)
+            .unwrap_or_default();
+        let (d, new) = token_bucket::try_take(&b.limit, &old, now_ns, cost);
+        if !d.allowed {
+            match d.retry_after_ms {
+                None => denial = Some(Denial::CostExceedsBurst),
+                Some(ms) => {
+                    if denial.is_none() {
+                        denial = Some(Denial::RateLimited);
+                    }
+                    retry_ms = Some(retry_ms.unwrap_or(0).max(ms));
+                }
+            }
+        }
+        next.buckets.push((h, new));
+        let refill_one_ms = ceil_div(b.limit.interval_ms, b.limit.rate);
+        views.push(LimitView {
+            name: b.name.clone(),
+            quota: b.limit.rate,
+            window_secs: ceil_div(b.limit.interval_ms, 1000),
+            remaining: d.remaining,
+            reset_secs: if d.remaining > 0 {
+                0
+            } else {
+                ceil_div(d.retry_after_ms.unwrap_or(refill_one_ms), 1000)
+            },
+        });
+    }
+    for q in quotas {
+        let h = name_hash(&q.name);
+        let old = state
+            .quotas
+            .iter()
+            .find(|(n, _)| *n == h)
+            .map(|(_, s)| *s)
+            .unwrap_or_default();
+        let (d, new) = quota::consume(q.limit, q.period, &old, now_secs, cost);
+        if !d.allowed {
+            if denial.is_none() || denial == Some(Denial::RateLimited) {
+                denial = Some(Denial::QuotaExceeded);
+            }
+            retry_ms = Some(retry_ms.unwrap_or(0).max(d.reset_secs.saturating_mul(1000)));
+        }
+        next.quotas.push((h, new));
+        let (start, end) = quota::period_bounds(q.period, now_secs);
+        views.push(LimitView {
+            name: q.name.clone(),
+            quota: q.limit,
+            window_secs: (end - start).max(0) as u64,
+            remaining: d.remaining,
+            reset_secs: d.reset_secs,
+        });
+    }
+    let retry_after_secs = match denial {
+        Some(Denial::CostExceedsBurst) | None => None,
+        Some(_) => Some(ceil_div(retry_ms.unwrap_or(1000), 1000).max(1)),
+    };
+    let verdict = Verdict {
+        denial,
+        retry_after_secs,
+        views,
+    };
+    if verdict.denial.is_some() {
+        (verdict, None)
+    } else {
+        (verdict, Some(next))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::quota::Period;
+    use super::super::token_bucket::BucketLimit;
+    use super::*;
+
+    fn bucket(rate: u64, interval_ms: u64, burst: u64) -> Vec<NamedBucket> {
+        vec![NamedBucket {
+            name: "b".into(),
+            limit: BucketLimit {
+                rate,
+                interval_ms,
+                burst,
+            },
+        }]
+    }
+    fn daily(limit: u64) -> Vec<NamedQuota> {
+        vec![NamedQuota {
+            name: "day".into(),
+            period: Period::Day,
+            limit,
+        }]
+    }
+    const T0: u64 = 1_700_000_000_000; // ms
+
+    fn run(b: &[NamedBucket], q: &[NamedQuota], st: &mut LimitState, now: u64, cost: u64) -> Verdict {
+        let (v, next) = evaluate(b, q, st, now, cost);
+        if let Some(n) = next {
+            *st = n;
+        }
+        v
+    }
+
+    #[test]
+    fn burst_then_throttle_then_refill() {
+        let b = bucket(2, 1000, 5);
+        let mut st = LimitState::default();
+        for i in 0..5 {
+            let v = run(&b, &[], &mut st, T0, 1);
+            assert_eq!(v.denial, None, "request {i}");
+            assert_eq!(v.views[0].remaining, 4 - i);
+        }
+        let v = run(&b, &[], &mut st, T0, 1);
+        assert_eq!(v.denial, Some(Denial::RateLimited));
+        assert_eq!(v.retry_after_secs, Some(1));
+        assert_eq!(v.views[0].reset_secs, 1);
+        assert_eq!(run(&b, &[], &mut st, T0 + 499, 1).denial, Some(Denial::RateLimited));
+        assert_eq!(run(&b, &[], &mut st, T0 + 500, 1).denial, None);
+        assert_eq!(run(&b, &[], &mut st, T0 + 500, 1).denial, Some(Denial::RateLimited));
+    }
+
+    #[test]
+    fn denied_requests_change_nothing() {
+        let b = bucket(1, 1000, 1);
+        let st = LimitState::default();
+        let (_, next) = evaluate(&b, &[], &st, T0, 1);
+        let st = next.unwrap();
+        let (v, next) = evaluate(&b, &[], &st, T0, 1);
+        assert!(v.denial.is_some() && next.is_none());
+    }
+
+    #[test]
+    fn quota_exhaustion_wins_over_rate_and_says_when() {
+        let b = bucket(100, 1000, 100);
+        let q = daily(3);
+        let mut st = LimitState::default();
+        // 2024-02-29T23:59:00Z, leap day: resets at midnight (60 s later)
+        let now = 1_709_251_140_000;
+        for _ in 0..3 {
+            assert_eq!(run(&b, &q, &mut st, now, 1).denial, None);
+        }
+        let v = run(&b, &q, &mut st, now, 1);
+        assert_eq!(v.denial, Some(Denial::QuotaExceeded));
+        assert_eq!(v.retry_after_secs, Some(60));
+        assert_eq!(run(&b, &q, &mut st, now + 60_000, 1).denial, None);
+    }
+
+    #[test]
+    fn cost_weights_and_cost_beyond_burst() {
+        let b = bucket(10, 1000, 10);
+        let mut st = LimitState::default();
+        assert_eq!(run(&b, &[], &mut st, T0, 7).views[0].remaining, 3);
+        assert_eq!(run(&b, &[], &mut st, T0, 4).denial, Some(Denial::RateLimited));
+        let v = run(&b, &[], &mut st, T0, 11);
+        assert_eq!(v.denial, Some(Denial::CostExceedsBurst));
+        assert_eq!(v.retry_after_secs, None);
+    }
+
+    #[test]
+    fn plan_change_keeps_consumed_state_by_name() {
+        let mut st = LimitState::default();
+        for _ in 0..10 {
+            run(&bucket(10, 60_000, 10), &[], &mut st, T0, 1);
+        }
+        // the plan grows to burst 20: the 10 consumed tokens stay consumed
+        let v = run(&bucket(10, 60_000, 20), &[], &mut st, T0, 1);
+        assert_eq!(v.denial, None);
+        assert_eq!(v.views[0].remaining, 9);
+        // a renamed limit is a new limit
+        let renamed = vec![NamedBucket {
+            name: "other".into(),
+            limit: BucketLimit {
+                rate: 1,
+                interval_ms: 1000,
+                burst: 1,
+            },
+        }];
+        assert_eq!(run(&renamed, &[], &mut st, T0, 1).denial, None);
+    }
+
+    #[test]
+    fn state_round_trips_and_garbage_decodes_to_fresh() {
+        let mut st = LimitState::default();
+        run(&bucket(1, 1000, 3), &daily(5), &mut st, T0, 1);
+        assert_eq!(LimitState::decode(&st.encode()), st);
+        assert_eq!(LimitState::decode(b"\xff"), LimitState::default());
+        assert_eq!(name_hash("a"), 0xe40c292c);
+    }
+}

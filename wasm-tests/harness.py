@@ -92,6 +92,14 @@ def _socket_address(port: int, host: str = LOCALHOST) -> dict:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
+def _vm_config(wasm_path: str | os.PathLike, vm_id: str, runtime: str) -> dict:
+    return {
+        "vm_id": vm_id,
+        "runtime": runtime,
+        "code": {"local": {"filename": str(wasm_path)}},
+    }
+
+
 def wasm_filter(
     conf: Mapping[str, Any],
     wasm_path: str | os.PathLike,
@@ -111,11 +119,7 @@ def wasm_filter(
             "config": {
                 "name": "keymeter",
                 "root_id": "keymeter",
-                "vm_config": {
-                    "vm_id": vm_id,
-                    "runtime": runtime,
-                    "code": {"local": {"filename": str(wasm_path)}},
-                },
+                "vm_config": _vm_config(wasm_path, vm_id, runtime),
                 "configuration": {
                     "@type": "type.googleapis.com/google.protobuf.StringValue",
                     "value": json.dumps(conf),
@@ -127,6 +131,64 @@ def wasm_filter(
             },
         },
     }
+
+
+PULL_CLUSTER = "keyset_source"
+PULL_AUTHORITY = "keys.internal"
+PULL_PATH = "/keyset.json"
+
+
+def pull_service(
+    source_port: int,
+    wasm_path: str | os.PathLike = DEFAULT_WASM,
+    *,
+    source_host: str = LOCALHOST,
+    cluster: str = PULL_CLUSTER,
+    path: str = PULL_PATH,
+    authority: str = PULL_AUTHORITY,
+    interval: str = "1s",
+    timeout: str = "2s",
+    headers: Mapping[str, str] | None = None,
+    vm_id: str = WASM_VM_ID,
+    runtime: str = "envoy.wasm.runtime.v8",
+) -> dict:
+    """The key-set pull service, as envoy_config() keyword arguments.
+
+    Returns {"bootstrap_extensions": [...], "extra_clusters": [...]}: keymeter with role
+    service as an `envoy.bootstrap.wasm` singleton (one per Envoy process, on the main
+    thread) in the filters' VM (same vm_id and code, hence the same shared data), and a
+    STATIC cluster `cluster` pointing at the key-set source. Use as
+    `start_envoy(**pull_service(source.port, wasm_path))`.
+    """
+    source = {"cluster": cluster, "path": path, "authority": authority, "interval": interval, "timeout": timeout}
+    if headers:
+        source["headers"] = dict(headers)
+    service = {
+        "name": "envoy.bootstrap.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.wasm.v3.WasmService",
+            "singleton": True,
+            "config": {
+                "name": "keymeter_pull",
+                "root_id": "keymeter",
+                "vm_config": _vm_config(wasm_path, vm_id, runtime),
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": json.dumps({"role": "service", "source": source}),
+                },
+            },
+        },
+    }
+    source_cluster = {
+        "name": cluster,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": cluster,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(source_port, source_host)}}]}],
+        },
+    }
+    return {"bootstrap_extensions": [service], "extra_clusters": [source_cluster]}
 
 
 ROUTER_FILTER = {
@@ -188,6 +250,18 @@ def _http_listener(
 
 def default_admin_conf(token: str = TEST_ADMIN_TOKEN) -> dict:
     return {"role": "admin", "admin_token_sha256": sha256hex(token)}
+
+
+# keymeter encodes metric labels in the stat name (`keymeter_requests_total.consumer.acme.
+# plan.pro...`); these extractors turn them into tags, i.e. Prometheus labels. Label
+# values never contain dots (the key-set validation guarantees it).
+KEYMETER_LABELS = ("consumer", "plan", "key_id", "outcome", "status_class", "reason")
+KEYMETER_STATS_CONFIG = {
+    "stats_tags": [
+        {"tag_name": label, "regex": rf"^wasmcustom\.keymeter_.*?(\.{label}\.([^.]+))"}
+        for label in KEYMETER_LABELS
+    ]
+}
 
 
 def envoy_config(
@@ -277,8 +351,7 @@ def envoy_config(
     }
     if bootstrap_extensions:
         bootstrap["bootstrap_extensions"] = copy.deepcopy(list(bootstrap_extensions))
-    if stats_config:
-        bootstrap["stats_config"] = copy.deepcopy(dict(stats_config))
+    bootstrap["stats_config"] = copy.deepcopy(dict(stats_config or KEYMETER_STATS_CONFIG))
     return bootstrap
 
 

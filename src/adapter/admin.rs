@@ -21,6 +21,7 @@ use std::rc::Rc;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Route {
+    Usage,
     Status,
     PutKeySet,
     PostDelta,
@@ -74,13 +75,18 @@ impl AdminRequest {
 
     fn status(&self) -> Action {
         let store = HostStore;
-        let last: serde_json::Value = store
-            .get(STATUS)
-            .0
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or(serde_json::Value::Null);
+        let json_at = |key: &str| -> serde_json::Value {
+            store
+                .get(key)
+                .0
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or(serde_json::Value::Null)
+        };
+        let last = json_at(STATUS);
+        // The pull service's health (null when no pull service runs in this Envoy).
+        let source = json_at(crate::core::pull::SOURCE);
         let body = match read_meta(&store) {
-            None => json!({"loaded": false, "last_update": last}),
+            None => json!({"loaded": false, "last_update": last, "source": source}),
             Some(m) => json!({
                 "loaded": true,
                 "version": m.version,
@@ -89,8 +95,58 @@ impl AdminRequest {
                 "generation": m.gen,
                 "updated_at": format_rfc3339(m.updated_at),
                 "last_update": last,
+                "source": source,
             }),
         };
+        self.reply(200, &body.to_string())
+    }
+
+    /// `GET /v1/usage?consumer=C&cursor=N&limit=L`: cumulative per-lineage usage since
+    /// this Envoy process started, paged through the usage index.
+    fn usage(&self, query: &str) -> Action {
+        let mut consumer = None;
+        let mut cursor = 0u64;
+        let mut limit = 1000usize;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let bad = |what: &str| self.problem(400, "invalid-query", "Invalid query parameter", what);
+            match k {
+                "consumer" => consumer = Some(v.to_string()),
+                "cursor" => match v.parse() {
+                    Ok(n) => cursor = n,
+                    Err(_) => return bad("cursor must be a number from a previous next_cursor"),
+                },
+                "limit" => match v.parse::<usize>() {
+                    Ok(n) if (1..=10_000).contains(&n) => limit = n,
+                    _ => return bad("limit must be 1..=10000"),
+                },
+                _ => return bad("known parameters: consumer, cursor, limit"),
+            }
+        }
+        let store = HostStore;
+        let (rows, next) = crate::core::usage::page(&store, consumer.as_deref(), cursor, limit);
+        let instance: serde_json::Value = store
+            .get(super::host::INSTANCE)
+            .0
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let items: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                let mut v = r.counters.to_json();
+                v["lineage"] = r.lineage.clone().into();
+                v["key_id"] = r.key_id.clone().into();
+                v["consumer"] = r.consumer.clone().into();
+                v["plan"] = r.plan.clone().into();
+                v
+            })
+            .collect();
+        let body = json!({
+            "instance_id": instance.get("instance_id"),
+            "started_at": instance.get("started_at"),
+            "items": items,
+            "next_cursor": next,
+        });
         self.reply(200, &body.to_string())
     }
 
@@ -116,7 +172,7 @@ impl AdminRequest {
                     }
                 }
             }
-            Route::Status => return self.status(),
+            Route::Status | Route::Usage => return self.status(),
         };
         match result {
             Err(action) => action,
@@ -161,6 +217,7 @@ impl HttpContext for AdminRequest {
         self.force = query.split('&').any(|p| p == "force=true" || p == "force=1");
         let (route, allow) = match path {
             "/v1/status" => (Route::Status, "GET"),
+            "/v1/usage" => (Route::Usage, "GET"),
             "/v1/keyset" => (Route::PutKeySet, "PUT"),
             "/v1/keyset/delta" => (Route::PostDelta, "POST"),
             _ => return self.problem(404, "not-found", "Not found", "Unknown admin API path."),
@@ -199,6 +256,9 @@ impl HttpContext for AdminRequest {
                 ),
             );
             return Action::Pause;
+        }
+        if route == Route::Usage {
+            return self.usage(query);
         }
         if route == Route::Status {
             return self.status();

@@ -1,6 +1,7 @@
 //! The public filter: authenticate, authorize, limit, forward identity.
 
 use super::host::{self, HostStore};
+use super::metering::Unauthenticated;
 use super::root::Shared;
 use crate::core::api_key::hashes_equal;
 use crate::core::config::{NoKeySet, OnContention};
@@ -12,6 +13,7 @@ use crate::core::problem::Problem;
 use crate::core::ratelimit_headers::{push_ratelimit, push_ratelimit_policy};
 use crate::core::shared_layout::{key_entry_name, read_meta, KeyEntry, Meta};
 use crate::core::store::{Store, StoreError};
+use crate::core::usage::{Outcome, Subject as UsageSubject};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::rc::Rc;
@@ -23,6 +25,10 @@ pub struct FilterRequest {
     shared: Rc<Shared>,
     /// `RateLimit-Policy` and `RateLimit` values for the response.
     ratelimit_headers: Option<(String, String)>,
+    /// What to count when the request ends (see `on_log`).
+    usage: Option<(UsageSubject, Outcome)>,
+    unauthenticated: Option<Unauthenticated>,
+    cost: u64,
 }
 
 /// Who a limit applies to and what it draws from.
@@ -43,6 +49,9 @@ impl FilterRequest {
         FilterRequest {
             shared,
             ratelimit_headers: None,
+            usage: None,
+            unauthenticated: None,
+            cost: 0,
         }
     }
 
@@ -164,6 +173,7 @@ impl FilterRequest {
     /// Applies limits; `None` means go on, `Some(action)` means the request was refused.
     fn enforce(&mut self, store: &HostStore, subject: &Subject<'_>, method: &str, path: &str) -> Option<Action> {
         let cost = subject.plan.cost(method, path);
+        self.cost = cost;
         match self.limit(store, subject, cost) {
             LimitResult::Allowed(v) => {
                 self.render_ratelimit_headers(&v);
@@ -171,6 +181,11 @@ impl FilterRequest {
             }
             LimitResult::Denied(v) => {
                 self.render_ratelimit_headers(&v);
+                self.set_outcome(if v.denial == Some(Denial::QuotaExceeded) {
+                    Outcome::QuotaExceeded
+                } else {
+                    Outcome::RateLimited
+                });
                 let problem = match v.denial {
                     Some(Denial::QuotaExceeded) => Problem::QuotaExceeded,
                     Some(Denial::CostExceedsBurst) => Problem::CostExceedsBurst,
@@ -189,12 +204,27 @@ impl FilterRequest {
             }
             LimitResult::Contended => {
                 log::warn!("keymeter: limit state contended for {}", subject.state_key);
+                self.shared.meter.borrow_mut().contention();
                 match self.shared.config.on_contention {
-                    OnContention::Deny => Some(self.refuse_with(Problem::RateLimited, &[("retry-after", "1")])),
+                    OnContention::Deny => {
+                        self.set_outcome(Outcome::RateLimited);
+                        Some(self.refuse_with(Problem::RateLimited, &[("retry-after", "1")]))
+                    }
                     OnContention::Allow => None,
                 }
             }
         }
+    }
+
+    fn set_outcome(&mut self, outcome: Outcome) {
+        if let Some(u) = &mut self.usage {
+            u.1 = outcome;
+        }
+    }
+
+    fn unauthenticated(&mut self, why: Unauthenticated, problem: Problem) -> Action {
+        self.unauthenticated = Some(why);
+        self.refuse(problem)
     }
 
     fn anonymous(&mut self, store: &HostStore, meta: &Meta, plan_name: &str) -> Action {
@@ -224,7 +254,7 @@ impl FilterRequest {
         let store = HostStore;
         let Some(meta) = read_meta(&store) else {
             return match self.shared.config.when_no_keyset {
-                NoKeySet::Deny => self.refuse(Problem::KeySetUnavailable),
+                NoKeySet::Deny => self.unauthenticated(Unauthenticated::KeySetUnavailable, Problem::KeySetUnavailable),
                 NoKeySet::Allow => {
                     log::warn!("keymeter: no key set loaded, letting a request through unauthenticated");
                     self.forward_identity(None, None, None, None);
@@ -248,11 +278,11 @@ impl FilterRequest {
             Err(CredentialError::Missing) => {
                 return match &cfg.anonymous_plan {
                     Some(plan) => self.anonymous(&store, &meta, plan),
-                    None => self.refuse(Problem::MissingCredential),
+                    None => self.unauthenticated(Unauthenticated::Missing, Problem::MissingCredential),
                 }
             }
             Err(CredentialError::Malformed(_) | CredentialError::BadChecksum(_)) => {
-                return self.refuse(Problem::MalformedCredential)
+                return self.unauthenticated(Unauthenticated::Malformed, Problem::MalformedCredential)
             }
         };
         let key = cred.key();
@@ -260,11 +290,21 @@ impl FilterRequest {
         let (bytes, _) = store.get(key_entry_name(key.id(), &mut name_buf));
         let entry = bytes.filter(|b| !b.is_empty()).and_then(|b| KeyEntry::decode(&b));
         let Some(rec) = entry.as_ref().and_then(|e| e.active(&meta)) else {
-            return self.refuse(Problem::InvalidCredential);
+            return self.unauthenticated(Unauthenticated::Invalid, Problem::InvalidCredential);
         };
         if !hashes_equal(&key.hash(), &rec.hash) {
-            return self.refuse(Problem::InvalidCredential);
+            return self.unauthenticated(Unauthenticated::Invalid, Problem::InvalidCredential);
         }
+        // From here on the key is authentic: everything is counted against it.
+        self.usage = Some((
+            UsageSubject {
+                lineage: rec.lineage().to_string(),
+                key_id: rec.id.clone(),
+                consumer: rec.consumer.clone(),
+                plan: rec.plan.clone(),
+            },
+            Outcome::Admitted,
+        ));
         let method = self.get_http_request_header(":method").unwrap_or_default();
         if path.is_none() {
             path = self.get_http_request_header(":path");
@@ -273,6 +313,10 @@ impl FilterRequest {
         let peer = if rec.cidrs.is_empty() { None } else { host::peer_ip() };
         let now_secs = (host::now_ms() / 1000) as i64;
         if let Err(r) = rec.admit(now_secs, &method, path_str, peer) {
+            self.set_outcome(match r {
+                Refusal::OutOfScope | Refusal::AddressNotAllowed => Outcome::Forbidden,
+                _ => Outcome::Unauthorized,
+            });
             return self.refuse(match r {
                 Refusal::Disabled => Problem::KeyDisabled,
                 Refusal::NotYetValid => Problem::KeyNotYetValid,
@@ -307,6 +351,29 @@ impl Context for FilterRequest {}
 impl HttpContext for FilterRequest {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         self.authenticate()
+    }
+
+    fn on_log(&mut self) {
+        let mut meter = self.shared.meter.borrow_mut();
+        if !meter.enabled() {
+            return;
+        }
+        if let Some(why) = self.unauthenticated {
+            meter.unauthenticated(why);
+        }
+        if let Some((subject, outcome)) = &self.usage {
+            let prop = |path: &[&str]| -> u64 {
+                proxy_wasm::hostcalls::get_property(path.to_vec())
+                    .ok()
+                    .flatten()
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0, u64::from_le_bytes)
+            };
+            let status = prop(&["response", "code"]) as u32;
+            let req = prop(&["request", "total_size"]);
+            let resp = prop(&["response", "total_size"]);
+            meter.record(subject, *outcome, status, req, resp, self.cost);
+        }
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {

@@ -39,3 +39,26 @@ pub fn peer_ip() -> Option<IpAddr> {
     let raw = hostcalls::get_property(vec!["source", "address"]).ok()??;
     crate::core::cidr::parse_peer(std::str::from_utf8(&raw).ok()?)
 }
+
+/// Where this Envoy process's identity for usage collectors lives: shared data is wiped
+/// with the process, so a new id here means "counters restarted from zero".
+pub const INSTANCE: &str = "km/instance";
+
+/// Creates the process's instance record (id and start time) if it does not exist yet.
+pub fn ensure_instance() {
+    let store = HostStore;
+    if store.get(INSTANCE).0.is_some_and(|v| !v.is_empty()) {
+        return;
+    }
+    let now = hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .unwrap_or_default();
+    let seed = format!("{}:{:p}", now.as_nanos(), &store);
+    let id = hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(seed.as_bytes())[..8]);
+    let rec = serde_json::json!({
+        "instance_id": id,
+        "started_at": crate::core::time::format_rfc3339(now.as_secs() as i64),
+    });
+    let _ = store.set(INSTANCE, rec.to_string().as_bytes(), None);
+}

@@ -4,7 +4,9 @@
 mod admin;
 mod filter;
 mod host;
+mod metering;
 mod root;
+mod service;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);

@@ -1,6 +1,8 @@
 //! The root context: parses the plugin configuration once and hands each request a
 //! context of the configured role.
 
+use super::metering::Meter;
+use super::service::{Misplaced, Service};
 use super::{admin::AdminRequest, filter::FilterRequest};
 use crate::core::config::{Config, Role};
 use crate::core::plan::Plan;
@@ -39,14 +41,40 @@ pub struct Shared {
     pub bodies: HashMap<Problem, String>,
     pub challenges: Vec<String>,
     pub plans: RefCell<PlansCache>,
+    /// This worker's usage counts (role filter).
+    pub meter: RefCell<Meter>,
 }
 
 #[derive(Default)]
 pub struct Root {
     shared: Option<Rc<Shared>>,
+    /// Role service only: the key-set pull (a root-only context, no HTTP contexts).
+    service: Option<Service>,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_done(&mut self) -> bool {
+        // A plugin reload or shutdown: hand this worker's counts over before the VM goes.
+        self.flush_usage();
+        true
+    }
+
+    fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+        if let Some(s) = &mut self.service {
+            s.on_http_call_response(token, num_headers, body_size);
+        }
+    }
+}
+
+impl Root {
+    fn flush_usage(&self) {
+        if let Some(shared) = &self.shared {
+            if shared.config.role == Role::Filter {
+                shared.meter.borrow_mut().flush();
+            }
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -55,12 +83,24 @@ impl RootContext for Root {
             Ok(config) => {
                 let bodies = Problem::ALL.iter().map(|p| (*p, p.body())).collect();
                 let challenges = config.challenges();
+                let metering = config.metering;
+                if config.role == Role::Filter && metering.enabled {
+                    super::host::ensure_instance();
+                    let _ = proxy_wasm::hostcalls::set_tick_period(std::time::Duration::from_millis(
+                        metering.flush_interval_ms,
+                    ));
+                }
                 log::info!("keymeter: configured as {:?}", config.role);
+                if let (Role::Service, Some(source)) = (config.role, &config.source) {
+                    let service = self.service.insert(Service::new(source.clone()));
+                    service.start();
+                }
                 self.shared = Some(Rc::new(Shared {
                     config,
                     bodies,
                     challenges,
                     plans: RefCell::default(),
+                    meter: RefCell::new(Meter::new(metering)),
                 }));
                 true
             }
@@ -77,7 +117,15 @@ impl RootContext for Root {
         Some(match shared.config.role {
             Role::Filter => Box::new(FilterRequest::new(shared)),
             Role::Admin => Box::new(AdminRequest::new(shared)),
+            Role::Service => Box::new(Misplaced),
         })
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(s) = &mut self.service {
+            s.on_tick();
+        }
+        self.flush_usage();
     }
 
     fn get_type(&self) -> Option<ContextType> {

@@ -113,6 +113,8 @@ struct ConfigDoc {
     on_contention: OnContention,
     #[serde(default)]
     anonymous: Option<AnonymousDoc>,
+    #[serde(default)]
+    metering: MeteringDoc,
 }
 
 /// What to do when a limit's shared state keeps changing under our CAS retries (many
@@ -125,6 +127,44 @@ pub enum OnContention {
     Deny,
     /// Let the request through without consuming.
     Allow,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MeteringDoc {
+    #[serde(default = "d_true")]
+    enabled: bool,
+    #[serde(default = "d_flush")]
+    flush_interval: String,
+    #[serde(default = "d_series")]
+    max_key_series: u64,
+}
+
+fn d_flush() -> String {
+    "1s".into()
+}
+fn d_series() -> u64 {
+    1000
+}
+
+impl Default for MeteringDoc {
+    fn default() -> Self {
+        MeteringDoc {
+            enabled: true,
+            flush_interval: d_flush(),
+            max_key_series: d_series(),
+        }
+    }
+}
+
+/// Usage counting: per-worker aggregation flushed on a timer (see `core::usage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Metering {
+    pub enabled: bool,
+    pub flush_interval_ms: u64,
+    /// Keys (lineages) that get their own labelled Prometheus series, process-wide;
+    /// beyond it only per-plan totals grow.
+    pub max_key_series: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -152,6 +192,7 @@ pub struct Config {
     /// Plan (from the key set) for requests without a key, limited per client IP;
     /// `None`: such requests get 401.
     pub anonymous_plan: Option<String>,
+    pub metering: Metering,
 }
 
 fn is_header_name(s: &str) -> bool {
@@ -202,6 +243,11 @@ impl Config {
                 return field("anonymous.plan", "must be a plan name (A-Z a-z 0-9 _ -)");
             }
         }
+        let flush_ms = match super::time::parse_duration(&doc.metering.flush_interval) {
+            Ok(ms) if (100..=60_000).contains(&ms) => ms,
+            Ok(_) => return field("metering.flush_interval", "must be between 100ms and 60s"),
+            Err(e) => return field("metering.flush_interval", &e.to_string()),
+        };
         let mut forward = Vec::new();
         for (i, m) in doc.forward_metadata.iter().enumerate() {
             if !is_header_name(m) || m.contains('_') {
@@ -247,6 +293,11 @@ impl Config {
             source,
             on_contention: doc.on_contention,
             anonymous_plan: doc.anonymous.map(|a| a.plan),
+            metering: Metering {
+                enabled: doc.metering.enabled,
+                flush_interval_ms: flush_ms,
+                max_key_series: doc.metering.max_key_series,
+            },
         })
     }
 
@@ -326,11 +377,7 @@ impl SourceDoc {
                 "must be an Envoy cluster name (printable ASCII, no spaces)",
             ));
         }
-        if !self.path.starts_with('/')
-            || self.path.len() > 2048
-            || !printable(&self.path)
-            || self.path.contains('#')
-        {
+        if !self.path.starts_with('/') || self.path.len() > 2048 || !printable(&self.path) || self.path.contains('#') {
             return Err(field(
                 "path",
                 "must be a request path starting with '/' (printable ASCII, no spaces or '#')",
@@ -367,14 +414,9 @@ impl SourceDoc {
                 return Err(field(&f, "is set by keymeter or not allowed"));
             }
             // The value is likely a secret: the message never repeats it.
-            if value.is_empty()
-                || value.len() > 8192
-                || !value.bytes().all(|b| (0x20..0x7f).contains(&b) || b == b'\t')
+            if value.is_empty() || value.len() > 8192 || !value.bytes().all(|b| (0x20..0x7f).contains(&b) || b == b'\t')
             {
-                return Err(field(
-                    &f,
-                    "value must be 1-8192 characters of printable ASCII",
-                ));
+                return Err(field(&f, "value must be 1-8192 characters of printable ASCII"));
             }
             headers.push((name.clone(), value.clone()));
         }
@@ -427,6 +469,8 @@ mod tests {
         assert!(e("not json").contains("invalid plugin configuration"));
         assert!(e(r#"{"role":"filter","anonymous":{"plan":"a b"}}"#).contains("anonymous.plan"));
         assert!(e(r#"{"role":"filter","on_contention":"maybe"}"#).contains("maybe"));
+        assert!(e(r#"{"role":"filter","metering":{"flush_interval":"5m"}}"#).contains("metering.flush_interval"));
+        assert!(e(r#"{"role":"filter","metering":{"flush_intervall":"1s"}}"#).contains("flush_intervall"));
     }
 
     #[test]
@@ -451,8 +495,7 @@ mod source_tests {
 
     #[test]
     fn service_source_parses_with_defaults() {
-        let c = service(r#"{"cluster":"keyset_source","path":"/keyset.json","authority":"keys.internal"}"#)
-            .unwrap();
+        let c = service(r#"{"cluster":"keyset_source","path":"/keyset.json","authority":"keys.internal"}"#).unwrap();
         assert_eq!(c.role, Role::Service);
         assert_eq!(
             c.source.unwrap(),
@@ -488,11 +531,11 @@ mod source_tests {
         assert!(Config::parse(br#"{"role":"service"}"#)
             .unwrap_err()
             .contains("source: is required for role service"));
-        assert!(Config::parse(
-            br#"{"role":"filter","source":{"cluster":"c","path":"/k","authority":"a"}}"#
-        )
-        .unwrap_err()
-        .contains("source: is only valid for role service"));
+        assert!(
+            Config::parse(br#"{"role":"filter","source":{"cluster":"c","path":"/k","authority":"a"}}"#)
+                .unwrap_err()
+                .contains("source: is only valid for role service")
+        );
         assert!(service(r#"{"path":"/k","authority":"a"}"#)
             .unwrap_err()
             .contains("missing field `cluster`"));
@@ -511,9 +554,9 @@ mod source_tests {
         assert!(e(r#","interval":"500ms""#).contains("source.interval: must be between 1s and 24h"));
         assert!(e(r#","timeout":"2m""#).contains("source.timeout: must be between"));
         assert!(e(r#","timeout":"0s""#).contains("source.timeout"));
-        assert!(e(r#","headers":{"Authorization":"x"}}"#).contains("source.headers.Authorization"));
-        assert!(e(r#","headers":{"if-none-match":"x"}}"#).contains("source.headers.if-none-match"));
-        let secret = e(r#","headers":{"authorization":"Bearer s3cr3t\n"}}"#);
+        assert!(e(r#","headers":{"Authorization":"x"}"#).contains("source.headers.Authorization"));
+        assert!(e(r#","headers":{"if-none-match":"x"}"#).contains("source.headers.if-none-match"));
+        let secret = e(r#","headers":{"authorization":"Bearer s3cr3t\n"}"#);
         assert!(secret.contains("source.headers.authorization"), "{secret}");
         assert!(!secret.contains("s3cr3t"), "the message repeats a secret: {secret}");
     }

@@ -1,0 +1,180 @@
+//! Per-worker usage aggregation and its flush into shared data and Envoy metrics.
+//!
+//! Requests only touch this worker's `Meter` (no host call, no lock). A timer flushes
+//! it: usage records in shared data (CAS-merged, see `core::usage`) and Envoy counters.
+//! Metrics are defined at flush time, never per request, and per-key series are capped
+//! process-wide through a shared counter.
+
+use super::host::HostStore;
+use crate::core::config::Metering;
+use crate::core::store::{Store, StoreError};
+use crate::core::usage::{self, Aggregator, Counters, Outcome, Subject, STATUS_CLASSES};
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+use std::collections::HashMap;
+
+/// Reasons a request had no authentic key; counted globally, not per key (anyone can
+/// send any key id, so these must not be charged to the id's owner).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unauthenticated {
+    Missing,
+    Malformed,
+    Invalid,
+    KeySetUnavailable,
+}
+
+impl Unauthenticated {
+    const ALL: [Unauthenticated; 4] = [Self::Missing, Self::Malformed, Self::Invalid, Self::KeySetUnavailable];
+    fn label(self) -> &'static str {
+        match self {
+            Self::Missing => "missing_credential",
+            Self::Malformed => "malformed_credential",
+            Self::Invalid => "invalid_credential",
+            Self::KeySetUnavailable => "keyset_unavailable",
+        }
+    }
+}
+
+const SERIES_COUNT: &str = "km/mseries";
+
+pub struct Meter {
+    config: Metering,
+    agg: Aggregator,
+    unauthenticated: [u64; 4],
+    contention: u64,
+    metric_ids: HashMap<String, u32>,
+    /// lineage -> whether it has its own labelled series (decided once per worker).
+    labelled: HashMap<String, bool>,
+}
+
+impl Meter {
+    pub fn new(config: Metering) -> Self {
+        Meter {
+            config,
+            agg: Aggregator::default(),
+            unauthenticated: [0; 4],
+            contention: 0,
+            metric_ids: HashMap::new(),
+            labelled: HashMap::new(),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.config.enabled
+    }
+
+    pub fn record(&mut self, subject: &Subject, outcome: Outcome, status: u32, req: u64, resp: u64, cost: u64) {
+        self.agg.counters(subject).record(outcome, status, req, resp, cost);
+    }
+
+    pub fn unauthenticated(&mut self, why: Unauthenticated) {
+        let i = Unauthenticated::ALL.iter().position(|u| *u == why).unwrap_or(0);
+        self.unauthenticated[i] += 1;
+    }
+
+    pub fn contention(&mut self) {
+        self.contention += 1;
+    }
+
+    fn counter(&mut self, name: String, delta: u64) {
+        if delta == 0 {
+            return;
+        }
+        let id = match self.metric_ids.get(&name) {
+            Some(id) => *id,
+            None => match hostcalls::define_metric(MetricType::Counter, &name) {
+                Ok(id) => {
+                    self.metric_ids.insert(name, id);
+                    id
+                }
+                Err(_) => return,
+            },
+        };
+        let _ = hostcalls::increment_metric(id, delta as i64);
+    }
+
+    /// Whether `lineage` gets per-key series: the first `max_key_series` lineages of
+    /// the process do (claimed through a shared CAS counter and a per-lineage marker).
+    fn is_labelled(&mut self, store: &HostStore, lineage: &str) -> bool {
+        if let Some(b) = self.labelled.get(lineage) {
+            return *b;
+        }
+        let marker = format!("km/ms/{lineage}");
+        let decided = match store.get(&marker).0.as_deref() {
+            Some([1]) => true,
+            Some([0]) => false,
+            _ => {
+                let won = claim_series(store, self.config.max_key_series);
+                let _ = store.set(&marker, &[won as u8], None);
+                won
+            }
+        };
+        self.labelled.insert(lineage.to_string(), decided);
+        decided
+    }
+
+    /// Moves this worker's counts into shared data and Envoy counters. Rows whose
+    /// shared-data merge fails stay in the aggregator for the next flush.
+    pub fn flush(&mut self) {
+        let store = HostStore;
+        for (subject, c) in self.agg.drain() {
+            if usage::merge(&store, &subject, &c).is_err() {
+                self.agg.restore(subject, c);
+                continue;
+            }
+            self.metrics_for(&store, &subject, &c);
+        }
+        for (i, why) in Unauthenticated::ALL.iter().enumerate() {
+            let n = std::mem::take(&mut self.unauthenticated[i]);
+            self.counter(format!("keymeter_unauthenticated_total.reason.{}", why.label()), n);
+        }
+        let n = std::mem::take(&mut self.contention);
+        self.counter("keymeter_limit_contention_total".into(), n);
+    }
+
+    fn metrics_for(&mut self, store: &HostStore, s: &Subject, c: &Counters) {
+        let plan = &s.plan;
+        for (o, n) in Outcome::ALL.iter().zip(c.requests) {
+            self.counter(
+                format!("keymeter_plan_requests_total.plan.{plan}.outcome.{}", o.label()),
+                n,
+            );
+        }
+        self.counter(format!("keymeter_plan_cost_units_total.plan.{plan}"), c.cost_units);
+        if !self.is_labelled(store, &s.lineage) {
+            return;
+        }
+        let labels = format!("consumer.{}.plan.{plan}.key_id.{}", s.consumer, s.lineage);
+        for (o, n) in Outcome::ALL.iter().zip(c.requests) {
+            self.counter(format!("keymeter_requests_total.{labels}.outcome.{}", o.label()), n);
+        }
+        for (class, n) in STATUS_CLASSES.iter().zip(c.responses) {
+            self.counter(format!("keymeter_responses_total.{labels}.status_class.{class}"), n);
+        }
+        self.counter(format!("keymeter_request_bytes_total.{labels}"), c.request_bytes);
+        self.counter(format!("keymeter_response_bytes_total.{labels}"), c.response_bytes);
+        self.counter(format!("keymeter_cost_units_total.{labels}"), c.cost_units);
+    }
+}
+
+fn claim_series(store: &HostStore, max: u64) -> bool {
+    for _ in 0..32 {
+        let (v, cas) = store.get(SERIES_COUNT);
+        if cas == 0 {
+            if store.set(SERIES_COUNT, &0u64.to_le_bytes(), None).is_err() {
+                return false;
+            }
+            continue;
+        }
+        let n = v.and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
+        if n >= max {
+            return false;
+        }
+        match store.set(SERIES_COUNT, &(n + 1).to_le_bytes(), Some(cas)) {
+            Ok(()) => return true,
+            Err(StoreError::CasMismatch) => continue,
+            Err(_) => return false,
+        }
+    }
+    false
+}

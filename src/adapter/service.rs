@@ -1,0 +1,209 @@
+//! The key-set pull service (role `service`): an Envoy bootstrap singleton
+//! (`envoy.bootstrap.wasm` with `singleton: true`, same `vm_id` as the filters, so it
+//! writes the shared data they read). One per Envoy process, on the main thread.
+//!
+//! Every tick it asks `core::pull::Poller` whether a poll is due, fetches the key-set
+//! document through an Envoy cluster, and applies what the poller accepts with the same
+//! atomic full-snapshot update as an admin push. The poll health goes to `km/source` for
+//! the admin status. All decisions are in `core::pull`; this file only talks to the host.
+
+use super::host::{self, HostStore};
+use crate::core::config::SourceConfig;
+use crate::core::problem::admin_body;
+use crate::core::pull::{Decision, Poller, Response, State, SOURCE};
+use crate::core::shared_layout::{self, read_meta, ApplyOptions, STATUS};
+use crate::core::store::Store;
+use crate::core::time::format_rfc3339;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, BufferType, MapType};
+use serde_json::json;
+use std::time::Duration;
+
+/// How often the service checks whether a poll is due. Well below the minimum interval
+/// (1s): Envoy's timer is not phase-locked to our clock, so with a 1s tick a poll due a
+/// few ms after a tick would wait for the next one and a 1s interval would become 2s.
+const TICK: Duration = Duration::from_millis(200);
+
+pub struct Service {
+    source: SourceConfig,
+    poller: Poller,
+}
+
+fn running_version() -> Option<u64> {
+    read_meta(&HostStore).map(|m| m.version)
+}
+
+impl Service {
+    pub fn new(source: SourceConfig) -> Self {
+        let poller = Poller::new(&source);
+        Service { source, poller }
+    }
+
+    /// Called from `on_configure`: start ticking and poll at once.
+    pub fn start(&mut self) {
+        if let Err(s) = hostcalls::set_tick_period(TICK) {
+            log::error!("keymeter pull: cannot set the tick period: {s:?}");
+        }
+        log::info!(
+            "keymeter pull: polling {} via cluster {} every {}ms",
+            self.poller.health.url,
+            self.source.cluster,
+            self.source.interval_ms
+        );
+        self.publish();
+        self.on_tick();
+    }
+
+    pub fn on_tick(&mut self) {
+        let now = host::now_ms();
+        let failures = self.poller.health.failures;
+        let due = self.poller.due(now);
+        if self.poller.health.failures != failures {
+            // a call in flight was given up
+            self.log_failure();
+            self.publish();
+        }
+        if due {
+            self.poll(now);
+        }
+    }
+
+    fn poll(&mut self, now: u64) {
+        let etag = self.poller.begin(now, running_version());
+        let s = &self.source;
+        let mut headers: Vec<(&str, &str)> = vec![
+            (":method", "GET"),
+            (":path", &s.path),
+            (":authority", &s.authority),
+            ("accept", "application/json"),
+        ];
+        if let Some(e) = &etag {
+            headers.push(("if-none-match", e));
+        }
+        headers.extend(s.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let timeout = Duration::from_millis(s.timeout_ms);
+        match hostcalls::dispatch_http_call(&s.cluster, headers, None, vec![], timeout) {
+            Ok(token) => self.poller.dispatched(token),
+            Err(status) => {
+                let message = format!(
+                    "cannot call cluster \"{}\": {status:?} (is it defined in the bootstrap?)",
+                    s.cluster
+                );
+                self.poller.dispatch_failed(now, message);
+                self.log_failure();
+                self.publish();
+            }
+        }
+    }
+
+    pub fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize) {
+        let now = host::now_ms();
+        let headers = if num_headers > 0 {
+            hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        };
+        let body = if body_size > 0 {
+            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let resp = Response {
+            status: header(":status").and_then(|s| s.parse().ok()),
+            etag: header("etag"),
+            body: &body,
+        };
+        let was = self.poller.health.state;
+        match self.poller.on_response(now, token, resp, running_version()) {
+            Decision::Ignored => return,
+            Decision::Unchanged => {
+                if was == State::Error {
+                    log::info!("keymeter pull: source reachable again, key set unchanged");
+                }
+            }
+            Decision::Failed => self.log_failure(),
+            Decision::Apply(set) => {
+                let opts = ApplyOptions {
+                    force: false,
+                    now_ms: now,
+                };
+                match shared_layout::apply_full(&HostStore, &set, opts) {
+                    Ok(report) => {
+                        self.poller.applied(now, &report);
+                        let record = json!({
+                            "source": "pull",
+                            "at": format_rfc3339((now / 1000) as i64),
+                            "result": &report,
+                        });
+                        let _ = HostStore.set(STATUS, record.to_string().as_bytes(), None);
+                        log::info!(
+                            "keymeter: key set pull applied: version {} keys {} removed {}",
+                            report.version,
+                            report.keys,
+                            report.removed
+                        );
+                    }
+                    Err(e) => {
+                        self.poller.apply_failed(now, &e);
+                        self.log_failure();
+                    }
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn log_failure(&self) {
+        let h = &self.poller.health;
+        if let Some(e) = &h.last_error {
+            log::warn!(
+                "keymeter pull: {} failed ({} in a row), keeping the running key set: {}",
+                h.url,
+                h.consecutive_failures,
+                e.message
+            );
+        }
+    }
+
+    /// Writes the poll health to `km/source` for the admin status.
+    fn publish(&self) {
+        let bytes = serde_json::to_vec(&self.poller.health).unwrap_or_default();
+        if HostStore.set(SOURCE, &bytes, None).is_err() {
+            log::warn!("keymeter pull: cannot write {SOURCE}");
+        }
+    }
+}
+
+/// What an HTTP filter configured with role `service` does: refuse, loudly. The pull
+/// service belongs in `bootstrap_extensions`, not in a filter chain.
+pub struct Misplaced;
+
+impl Context for Misplaced {}
+
+impl HttpContext for Misplaced {
+    fn on_http_request_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
+        log::error!("keymeter: role service is a bootstrap extension (envoy.bootstrap.wasm), not an HTTP filter");
+        let body = admin_body(
+            500,
+            "misconfigured",
+            "keymeter is misconfigured",
+            "Role service runs as an Envoy bootstrap extension, not as an HTTP filter.",
+        );
+        self.send_http_response(
+            500,
+            vec![("content-type", "application/problem+json")],
+            Some(body.as_bytes()),
+        );
+        Action::Pause
+    }
+}

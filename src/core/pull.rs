@@ -1,0 +1,720 @@
+//! The key-set pull: a poll state machine, independent of the host.
+//!
+//! The pull service (role `service`, one per Envoy process) asks this module whether a
+//! poll is due, which `If-None-Match` to send, and what a response means; it performs the
+//! HTTP call and the shared-data update itself. Every call takes the current time, so
+//! the logic is tested with an injected clock.
+//!
+//! Policy:
+//! - A healthy source is polled every `interval`. The first poll is due at once.
+//! - After a failure the next poll comes after `min(interval, 1s * 2^(failures-1))`:
+//!   1s, 2s, 4s, ... capped at the interval. A blip is retried quickly, and a source
+//!   that stays down is never asked more often than a healthy one (one call per
+//!   interval per Envoy), so the fleet does not add load to a struggling source.
+//! - Only one poll is in flight. A call the host never answers is given up after the
+//!   timeout plus a grace period, counted as a failure.
+//! - `If-None-Match` carries the ETag of the document that produced the running set, and
+//!   only while the running version is still the one pulled (after an admin push the
+//!   source's answer is read again in full, and its version compared).
+//! - 304 -> unchanged. 200 -> the document is validated completely: the running version
+//!   -> unchanged; older than running -> refused (error `stale`), newer -> apply. Any
+//!   failure keeps the running set; the ETag of a refused document is not remembered,
+//!   so the source is read again in full next time.
+
+use super::config::SourceConfig;
+use super::keyset::{parse_json, KeySet, KeySetDoc};
+use super::shared_layout::{ApplyError, ApplyReport};
+use super::time::format_rfc3339;
+use serde::{Deserialize, Serialize};
+
+/// Shared-data key holding the pull health (JSON of `Health`) for the admin status.
+pub const SOURCE: &str = "km/source";
+/// First retry delay after a failure; doubles per consecutive failure up to the interval.
+pub const MIN_BACKOFF_MS: u64 = 1_000;
+/// How long after its timeout an unanswered call is given up.
+pub const LOST_CALL_GRACE_MS: u64 = 5_000;
+/// At most this much of an error response body goes into the status message.
+const SNIPPET_CHARS: usize = 160;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The call could not be made (unknown cluster, host refused it).
+    Dispatch,
+    /// No response: timeout, connection failure, reset.
+    Unreachable,
+    /// An HTTP status other than 200 and 304.
+    Http,
+    /// The body is not a valid key-set document.
+    Invalid,
+    /// The document's version is older than the running one.
+    Stale,
+    /// The document was valid but writing it to shared data failed.
+    Apply,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceError {
+    pub kind: ErrorKind,
+    pub message: String,
+    /// RFC 3339.
+    pub at: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// No poll has finished yet.
+    #[default]
+    Pending,
+    /// The last poll succeeded (applied or unchanged).
+    Ok,
+    /// The last poll failed; the running set (if any) is kept.
+    Error,
+}
+
+/// What the admin status shows under `source` (stored in `km/source`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub cluster: String,
+    /// `http://<authority><path>`, for humans: the request goes through `cluster`.
+    pub url: String,
+    pub interval_ms: u64,
+    pub state: State,
+    pub consecutive_failures: u32,
+    /// Version and ETag of the last document applied (or found equal to the running set).
+    pub applied_version: Option<u64>,
+    pub etag: Option<String>,
+    pub last_poll_at: Option<String>,
+    pub last_success_at: Option<String>,
+    /// When a pulled document last changed the running set.
+    pub last_change_at: Option<String>,
+    /// The most recent error, kept after recovery (see `state`).
+    pub last_error: Option<SourceError>,
+    pub next_poll_at: Option<String>,
+    pub polls: u64,
+    pub applied: u64,
+    pub unchanged: u64,
+    pub failures: u64,
+}
+
+/// The HTTP answer to a poll, as the host reported it.
+#[derive(Debug, Clone, Copy)]
+pub struct Response<'a> {
+    /// `None`: no response at all (timeout, connection failure, reset).
+    pub status: Option<u32>,
+    pub etag: Option<&'a str>,
+    pub body: &'a [u8],
+}
+
+/// What the caller must do with a response.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing changed (304, or the running version); health already updated.
+    Unchanged,
+    /// Apply this set, then report with `applied` or `apply_failed`.
+    Apply(Box<KeySet>),
+    /// The poll failed; the running set stays. Health already updated.
+    Failed,
+    /// Not the call in flight (a late answer to a call already given up).
+    Ignored,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct InFlight {
+    token: Option<u32>,
+    since_ms: u64,
+    sent_etag: bool,
+}
+
+/// The poll state machine of one pull service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Poller {
+    interval_ms: u64,
+    timeout_ms: u64,
+    next_poll_ms: u64,
+    in_flight: Option<InFlight>,
+    /// ETag of the document being applied, remembered once the apply succeeds.
+    pending_etag: Option<Option<String>>,
+    pub health: Health,
+}
+
+fn ts(now_ms: u64) -> String {
+    format_rfc3339((now_ms / 1000) as i64)
+}
+
+/// Printable ASCII of the start of a body, for error messages.
+fn snippet(body: &[u8]) -> String {
+    let s: String = String::from_utf8_lossy(body)
+        .chars()
+        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { ' ' })
+        .take(SNIPPET_CHARS)
+        .collect();
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+impl Poller {
+    pub fn new(source: &SourceConfig) -> Self {
+        Poller {
+            interval_ms: source.interval_ms,
+            timeout_ms: source.timeout_ms,
+            next_poll_ms: 0,
+            in_flight: None,
+            pending_etag: None,
+            health: Health {
+                cluster: source.cluster.clone(),
+                url: format!("http://{}{}", source.authority, source.path),
+                interval_ms: source.interval_ms,
+                ..Health::default()
+            },
+        }
+    }
+
+    /// Whether a poll should start now. Gives up a call in flight for too long (counted
+    /// as a failure), so a lost callback cannot stop the polling for good.
+    pub fn due(&mut self, now_ms: u64) -> bool {
+        if let Some(f) = &self.in_flight {
+            if now_ms < f.since_ms + self.timeout_ms + LOST_CALL_GRACE_MS {
+                return false;
+            }
+            self.in_flight = None;
+            self.pending_etag = None;
+            self.fail(
+                now_ms,
+                ErrorKind::Unreachable,
+                "no answer from the source (call lost)".into(),
+            );
+        }
+        now_ms >= self.next_poll_ms
+    }
+
+    /// Starts a poll; returns the `If-None-Match` value to send, if any. `running` is the
+    /// version of the set running now (`None`: nothing loaded).
+    pub fn begin(&mut self, now_ms: u64, running: Option<u64>) -> Option<String> {
+        let etag = match (&self.health.etag, running) {
+            (Some(e), Some(r)) if self.health.applied_version == Some(r) => Some(e.clone()),
+            _ => None,
+        };
+        self.in_flight = Some(InFlight {
+            token: None,
+            since_ms: now_ms,
+            sent_etag: etag.is_some(),
+        });
+        self.health.polls += 1;
+        self.health.last_poll_at = Some(ts(now_ms));
+        etag
+    }
+
+    /// The host accepted the call under `token`.
+    pub fn dispatched(&mut self, token: u32) {
+        if let Some(f) = &mut self.in_flight {
+            f.token = Some(token);
+        }
+    }
+
+    /// The host refused to make the call.
+    pub fn dispatch_failed(&mut self, now_ms: u64, message: String) {
+        self.in_flight = None;
+        self.fail(now_ms, ErrorKind::Dispatch, message);
+    }
+
+    /// Interprets the answer to the call `token`. `running` as in `begin`, read now.
+    pub fn on_response(&mut self, now_ms: u64, token: u32, resp: Response<'_>, running: Option<u64>) -> Decision {
+        match &self.in_flight {
+            Some(f) if f.token == Some(token) => {}
+            _ => return Decision::Ignored,
+        }
+        let sent_etag = self.in_flight.take().is_some_and(|f| f.sent_etag);
+        let status = match resp.status {
+            None => {
+                self.fail(
+                    now_ms,
+                    ErrorKind::Unreachable,
+                    "no response from the source (timeout or connection failure)".into(),
+                );
+                return Decision::Failed;
+            }
+            Some(s) => s,
+        };
+        match status {
+            304 if sent_etag => {
+                self.succeed(now_ms);
+                self.health.unchanged += 1;
+                Decision::Unchanged
+            }
+            304 => {
+                self.fail(
+                    now_ms,
+                    ErrorKind::Http,
+                    "source answered 304 Not Modified to a request without If-None-Match".into(),
+                );
+                Decision::Failed
+            }
+            200 => match parse_json::<KeySetDoc>(resp.body).and_then(|d| d.compile()) {
+                Err(e) => {
+                    self.fail(now_ms, ErrorKind::Invalid, format!("invalid key-set document: {e}"));
+                    Decision::Failed
+                }
+                Ok(set) => match running {
+                    Some(r) if set.version == r => {
+                        // In sync: remember the ETag so the next polls can be 304s.
+                        self.health.applied_version = Some(r);
+                        self.health.etag = resp.etag.map(str::to_string);
+                        self.succeed(now_ms);
+                        self.health.unchanged += 1;
+                        Decision::Unchanged
+                    }
+                    Some(r) if set.version < r => {
+                        self.fail(
+                            now_ms,
+                            ErrorKind::Stale,
+                            format!(
+                                "source serves version {}, older than the running version {r}; keeping {r}",
+                                set.version
+                            ),
+                        );
+                        Decision::Failed
+                    }
+                    _ => {
+                        self.pending_etag = Some(resp.etag.map(str::to_string));
+                        Decision::Apply(Box::new(set))
+                    }
+                },
+            },
+            s => {
+                let body = snippet(resp.body);
+                let message = if body.is_empty() {
+                    format!("source answered HTTP {s}")
+                } else {
+                    format!("source answered HTTP {s}: {body}")
+                };
+                self.fail(now_ms, ErrorKind::Http, message);
+                Decision::Failed
+            }
+        }
+    }
+
+    /// The set from `Decision::Apply` is running now.
+    pub fn applied(&mut self, now_ms: u64, report: &ApplyReport) {
+        self.health.etag = self.pending_etag.take().flatten();
+        self.health.applied_version = Some(report.version);
+        self.health.last_change_at = Some(ts(now_ms));
+        self.health.applied += 1;
+        self.succeed(now_ms);
+    }
+
+    /// Writing the set from `Decision::Apply` failed; the running set stays.
+    pub fn apply_failed(&mut self, now_ms: u64, e: &ApplyError) {
+        self.pending_etag = None;
+        let kind = match e {
+            ApplyError::Stale { .. } => ErrorKind::Stale,
+            _ => ErrorKind::Apply,
+        };
+        self.fail(now_ms, kind, format!("applying the pulled key set failed: {e}"));
+    }
+
+    /// When the next poll is due (unix ms).
+    pub fn next_poll_ms(&self) -> u64 {
+        self.next_poll_ms
+    }
+
+    pub fn in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// Delay before the next poll after `failures` consecutive failures (0: healthy).
+    pub fn delay_ms(&self, failures: u32) -> u64 {
+        if failures == 0 {
+            return self.interval_ms;
+        }
+        let exp = (failures - 1).min(32);
+        MIN_BACKOFF_MS.saturating_mul(1u64 << exp).min(self.interval_ms)
+    }
+
+    fn schedule(&mut self, now_ms: u64) {
+        self.next_poll_ms = now_ms + self.delay_ms(self.health.consecutive_failures);
+        self.health.next_poll_at = Some(ts(self.next_poll_ms));
+    }
+
+    fn succeed(&mut self, now_ms: u64) {
+        self.health.state = State::Ok;
+        self.health.consecutive_failures = 0;
+        self.health.last_success_at = Some(ts(now_ms));
+        self.schedule(now_ms);
+    }
+
+    fn fail(&mut self, now_ms: u64, kind: ErrorKind, message: String) {
+        self.health.state = State::Error;
+        self.health.consecutive_failures = self.health.consecutive_failures.saturating_add(1);
+        self.health.failures += 1;
+        self.health.last_error = Some(SourceError {
+            kind,
+            message,
+            at: ts(now_ms),
+        });
+        self.schedule(now_ms);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::shared_layout::{apply_full, read_meta, ApplyOptions};
+    use crate::core::store::{MemStore, Store};
+
+    const H: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+    const T0: u64 = 1_700_000_000_000;
+
+    fn source(interval_ms: u64) -> SourceConfig {
+        SourceConfig {
+            cluster: "keyset_source".into(),
+            path: "/keyset.json".into(),
+            authority: "keys.internal".into(),
+            interval_ms,
+            timeout_ms: 2_000,
+            headers: vec![],
+        }
+    }
+
+    fn doc(version: u64, ids: &[&str]) -> String {
+        let keys: Vec<String> = ids
+            .iter()
+            .map(|id| format!(r#"{{"id":"{id}","hash":"{H}","consumer":"c","plan":"p"}}"#))
+            .collect();
+        format!(
+            r#"{{"version":{version},"plans":{{"p":{{}}}},"keys":[{}]}}"#,
+            keys.join(",")
+        )
+    }
+
+    fn ok<'a>(etag: &'a str, body: &'a str) -> Response<'a> {
+        Response {
+            status: Some(200),
+            etag: Some(etag),
+            body: body.as_bytes(),
+        }
+    }
+
+    /// A poller driven against a fake shared-data store, the way the adapter drives it.
+    struct Rig {
+        p: Poller,
+        store: MemStore,
+        now: u64,
+        token: u32,
+        /// `If-None-Match` of the last request.
+        sent: Option<String>,
+    }
+
+    impl Rig {
+        fn new(interval_ms: u64) -> Self {
+            Rig {
+                p: Poller::new(&source(interval_ms)),
+                store: MemStore::default(),
+                now: T0,
+                token: 0,
+                sent: None,
+            }
+        }
+        fn running(&self) -> Option<u64> {
+            read_meta(&self.store).map(|m| m.version)
+        }
+        /// Starts a poll (which must be due) and answers it with `resp`.
+        fn poll(&mut self, resp: Response<'_>) -> &'static str {
+            assert!(self.p.due(self.now), "poll not due at +{}ms", self.now - T0);
+            self.sent = self.p.begin(self.now, self.running());
+            self.token += 1;
+            self.p.dispatched(self.token);
+            let running = self.running();
+            match self.p.on_response(self.now, self.token, resp, running) {
+                Decision::Unchanged => "unchanged",
+                Decision::Failed => "failed",
+                Decision::Ignored => "ignored",
+                Decision::Apply(set) => {
+                    let opts = ApplyOptions {
+                        force: false,
+                        now_ms: self.now,
+                    };
+                    match apply_full(&self.store, &set, opts) {
+                        Ok(r) => {
+                            self.p.applied(self.now, &r);
+                            "applied"
+                        }
+                        Err(e) => {
+                            self.p.apply_failed(self.now, &e);
+                            "apply failed"
+                        }
+                    }
+                }
+            }
+        }
+        fn advance(&mut self, ms: u64) {
+            self.now += ms;
+        }
+        /// Advances to the next due poll.
+        fn to_next_poll(&mut self) -> u64 {
+            let d = self.p.next_poll_ms() - self.now;
+            assert!(!self.p.due(self.now + d - 1));
+            self.now += d;
+            d
+        }
+        fn error(&self) -> (ErrorKind, String) {
+            let e = self.p.health.last_error.clone().unwrap();
+            (e.kind, e.message)
+        }
+    }
+
+    #[test]
+    fn first_poll_is_immediate_and_applies() {
+        let mut r = Rig::new(10_000);
+        assert_eq!(r.p.health.state, State::Pending);
+        assert_eq!(r.poll(ok("\"v1\"", &doc(1, &["aaaaaaaaaaa1"]))), "applied");
+        assert_eq!(r.sent, None, "nothing to revalidate on the first poll");
+        assert_eq!(r.running(), Some(1));
+        let h = &r.p.health;
+        assert_eq!(h.state, State::Ok);
+        assert_eq!((h.applied_version, h.etag.as_deref()), (Some(1), Some("\"v1\"")));
+        assert_eq!((h.polls, h.applied, h.failures), (1, 1, 0));
+        assert!(h.last_change_at.is_some() && h.last_success_at.is_some());
+        assert_eq!(r.to_next_poll(), 10_000);
+    }
+
+    #[test]
+    fn etag_revalidation_and_304() {
+        let mut r = Rig::new(10_000);
+        r.poll(ok("\"v1\"", &doc(1, &["aaaaaaaaaaa1"])));
+        r.to_next_poll();
+        let not_modified = Response {
+            status: Some(304),
+            etag: Some("\"v1\""),
+            body: b"",
+        };
+        assert_eq!(r.poll(not_modified), "unchanged");
+        assert_eq!(r.sent.as_deref(), Some("\"v1\""));
+        assert_eq!((r.p.health.unchanged, r.p.health.applied), (1, 1));
+        // a new version replaces the ETag
+        r.to_next_poll();
+        assert_eq!(r.poll(ok("\"v2\"", &doc(2, &["aaaaaaaaaaa2"]))), "applied");
+        r.to_next_poll();
+        r.poll(not_modified);
+        assert_eq!(r.sent.as_deref(), Some("\"v2\""));
+    }
+
+    #[test]
+    fn no_etag_is_sent_when_the_running_set_came_from_elsewhere() {
+        let mut r = Rig::new(10_000);
+        r.poll(ok("\"v1\"", &doc(1, &["aaaaaaaaaaa1"])));
+        // an admin push of version 5 meanwhile
+        let pushed = parse_json::<KeySetDoc>(doc(5, &[]).as_bytes())
+            .unwrap()
+            .compile()
+            .unwrap();
+        apply_full(
+            &r.store,
+            &pushed,
+            ApplyOptions {
+                force: false,
+                now_ms: T0,
+            },
+        )
+        .unwrap();
+        r.to_next_poll();
+        assert_eq!(r.poll(ok("\"v1\"", &doc(1, &["aaaaaaaaaaa1"]))), "failed");
+        assert_eq!(r.sent, None);
+        assert_eq!(r.error().0, ErrorKind::Stale);
+        // a 304 to a request without If-None-Match is not "unchanged"
+        r.to_next_poll();
+        let resp = Response {
+            status: Some(304),
+            etag: None,
+            body: b"",
+        };
+        assert_eq!(r.poll(resp), "failed");
+        assert_eq!(r.error().0, ErrorKind::Http);
+    }
+
+    #[test]
+    fn the_running_version_is_unchanged_and_adopts_the_etag() {
+        let mut r = Rig::new(10_000);
+        let set = parse_json::<KeySetDoc>(doc(3, &[]).as_bytes())
+            .unwrap()
+            .compile()
+            .unwrap();
+        apply_full(
+            &r.store,
+            &set,
+            ApplyOptions {
+                force: false,
+                now_ms: T0,
+            },
+        )
+        .unwrap();
+        assert_eq!(r.poll(ok("\"v3\"", &doc(3, &[]))), "unchanged");
+        assert_eq!(r.p.health.etag.as_deref(), Some("\"v3\""));
+        assert_eq!(r.p.health.applied, 0);
+        r.to_next_poll();
+        r.poll(Response {
+            status: Some(304),
+            etag: None,
+            body: b"",
+        });
+        assert_eq!(r.sent.as_deref(), Some("\"v3\""));
+        assert_eq!(r.p.health.state, State::Ok);
+    }
+
+    #[test]
+    fn older_version_is_refused_as_stale_and_keeps_the_set() {
+        let mut r = Rig::new(10_000);
+        r.poll(ok("\"v5\"", &doc(5, &["aaaaaaaaaaa1"])));
+        r.to_next_poll();
+        assert_eq!(r.poll(ok("\"v4\"", &doc(4, &["aaaaaaaaaaa2"]))), "failed");
+        let (kind, msg) = r.error();
+        assert_eq!(kind, ErrorKind::Stale);
+        assert!(msg.contains("version 4") && msg.contains("running version 5"), "{msg}");
+        assert_eq!(r.running(), Some(5));
+        assert_eq!(
+            r.p.health.etag.as_deref(),
+            Some("\"v5\""),
+            "the refused ETag is not kept"
+        );
+        assert_eq!(r.p.health.consecutive_failures, 1);
+        // serialized form names the kind
+        let j = serde_json::to_value(&r.p.health).unwrap();
+        assert_eq!(j["last_error"]["kind"], "stale");
+        assert_eq!(j["state"], "error");
+    }
+
+    #[test]
+    fn garbage_and_invalid_documents_keep_the_last_good_set() {
+        let mut r = Rig::new(10_000);
+        r.poll(ok("\"v1\"", &doc(1, &["aaaaaaaaaaa1"])));
+        r.to_next_poll();
+        assert_eq!(r.poll(ok("\"g\"", "<html>oops</html>")), "failed");
+        let (kind, msg) = r.error();
+        assert_eq!(kind, ErrorKind::Invalid);
+        assert!(msg.starts_with("invalid key-set document: invalid document:"), "{msg}");
+        r.to_next_poll();
+        let bad = doc(2, &["aaaaaaaaaaa2"]).replace(r#""plan":"p""#, r#""plan":"nope""#);
+        assert_eq!(r.poll(ok("\"v2\"", &bad)), "failed");
+        let (kind, msg) = r.error();
+        assert_eq!(kind, ErrorKind::Invalid);
+        assert!(msg.contains("keys[0]") && msg.contains("unknown plan 'nope'"), "{msg}");
+        assert_eq!(r.running(), Some(1));
+        assert_eq!(r.p.health.consecutive_failures, 2);
+        // still revalidating against the good document
+        r.to_next_poll();
+        assert_eq!(r.poll(ok("\"v2\"", &doc(2, &["aaaaaaaaaaa2"]))), "applied");
+        assert_eq!(r.sent.as_deref(), Some("\"v1\""));
+        assert_eq!(r.p.health.consecutive_failures, 0);
+        assert_eq!(r.p.health.last_error.as_ref().unwrap().kind, ErrorKind::Invalid, "kept");
+    }
+
+    #[test]
+    fn failures_back_off_exponentially_capped_at_the_interval() {
+        let mut r = Rig::new(10_000);
+        let down = Response {
+            status: Some(503),
+            etag: None,
+            body: b"upstream connect error or disconnect/reset before headers.\n reset reason: connection failure",
+        };
+        let mut delays = vec![];
+        for _ in 0..6 {
+            assert_eq!(r.poll(down), "failed");
+            delays.push(r.to_next_poll());
+        }
+        assert_eq!(delays, [1_000, 2_000, 4_000, 8_000, 10_000, 10_000]);
+        let h = &r.p.health;
+        assert_eq!((h.consecutive_failures, h.failures, h.state), (6, 6, State::Error));
+        let (kind, msg) = r.error();
+        assert_eq!(kind, ErrorKind::Http);
+        assert_eq!(
+            msg,
+            "source answered HTTP 503: upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+        );
+        assert_eq!(r.poll(ok("\"v1\"", &doc(1, &[]))), "applied");
+        assert_eq!(r.p.health.consecutive_failures, 0);
+        assert_eq!(r.to_next_poll(), 10_000);
+        // an interval shorter than the first backoff step caps it
+        let r = Rig::new(1_000);
+        assert_eq!(r.p.delay_ms(1), 1_000);
+        assert_eq!(r.p.delay_ms(40), 1_000);
+    }
+
+    #[test]
+    fn no_response_and_dispatch_failures_are_errors() {
+        let mut r = Rig::new(10_000);
+        let none = Response {
+            status: None,
+            etag: None,
+            body: b"",
+        };
+        assert_eq!(r.poll(none), "failed");
+        assert_eq!(r.error().0, ErrorKind::Unreachable);
+        r.to_next_poll();
+        assert!(r.p.due(r.now));
+        r.p.begin(r.now, None);
+        r.p.dispatch_failed(r.now, "dispatch_http_call failed: BadArgument".into());
+        assert_eq!(r.error().0, ErrorKind::Dispatch);
+        assert!(!r.p.in_flight());
+        assert_eq!(r.p.health.consecutive_failures, 2);
+    }
+
+    #[test]
+    fn only_one_call_in_flight_and_a_lost_call_is_given_up() {
+        let mut r = Rig::new(10_000);
+        assert!(r.p.due(r.now));
+        r.p.begin(r.now, None);
+        r.p.dispatched(7);
+        // within timeout + grace: still waiting
+        r.now = T0 + 2_000 + LOST_CALL_GRACE_MS - 1;
+        assert!(!r.p.due(r.now));
+        r.advance(1);
+        assert!(!r.p.due(r.now), "given up, then backing off");
+        assert_eq!(r.error().0, ErrorKind::Unreachable);
+        // the late answer is ignored
+        let late = r.p.on_response(r.now, 7, ok("\"v1\"", &doc(1, &[])), None);
+        assert_eq!(late, Decision::Ignored);
+        assert_eq!(
+            r.p.on_response(r.now, 99, ok("\"v1\"", &doc(1, &[])), None),
+            Decision::Ignored
+        );
+        r.to_next_poll();
+        assert_eq!(r.poll(ok("\"v1\"", &doc(1, &[]))), "applied");
+    }
+
+    #[test]
+    fn apply_errors_are_reported_and_retried() {
+        let mut r = Rig::new(10_000);
+        // another writer holds the lock
+        r.store
+            .set(crate::core::shared_layout::LOCK, &(T0 + 60_000).to_le_bytes(), None)
+            .unwrap();
+        assert_eq!(r.poll(ok("\"v1\"", &doc(1, &[]))), "apply failed");
+        let (kind, msg) = r.error();
+        assert_eq!(kind, ErrorKind::Apply);
+        assert!(msg.contains("another key-set update is in progress"), "{msg}");
+        assert_eq!(r.p.health.etag, None, "not applied: no ETag");
+        assert_eq!(r.to_next_poll(), 1_000);
+        r.store
+            .set(crate::core::shared_layout::LOCK, &0u64.to_le_bytes(), None)
+            .unwrap();
+        assert_eq!(r.poll(ok("\"v1\"", &doc(1, &[]))), "applied");
+        assert_eq!(r.p.health.etag.as_deref(), Some("\"v1\""));
+    }
+
+    #[test]
+    fn health_serializes_round_trip() {
+        let mut r = Rig::new(10_000);
+        r.poll(ok("\"v1\"", &doc(1, &[])));
+        let j = serde_json::to_value(&r.p.health).unwrap();
+        assert_eq!(j["url"], "http://keys.internal/keyset.json");
+        assert_eq!(j["cluster"], "keyset_source");
+        assert_eq!(j["state"], "ok");
+        assert_eq!(j["applied_version"], 1);
+        assert_eq!(j["last_error"], serde_json::Value::Null);
+        assert_eq!(j["last_success_at"], "2023-11-14T22:13:20Z");
+        let back: Health = serde_json::from_value(j).unwrap();
+        assert_eq!(back, r.p.health);
+        let p: Poller = serde_json::from_str(&serde_json::to_string(&r.p).unwrap()).unwrap();
+        assert_eq!(p, r.p);
+    }
+}

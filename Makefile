@@ -32,7 +32,7 @@ SHELL       := /bin/bash
 
 .DEFAULT_GOAL := test
 
-.PHONY: tools wasm cli check test run bench-tools bench demo-config clean distclean
+.PHONY: tools wasm cli check test run bench-tools bench bench-quick demo-config clean distclean
 
 # --------------------------------------------------------------------------- tools
 
@@ -98,13 +98,30 @@ demo-config:
 
 # --------------------------------------------------------------------------- bench
 
+# wrk (load) and h2load (nghttp2-client) from apt; `apt-get update` only when the install
+# fails on stale or missing package lists. sudo when not root.
 bench-tools:
-	if ! command -v wrk >/dev/null || ! command -v h2load >/dev/null; then apt-get update; fi
-	DEBIAN_FRONTEND=noninteractive apt-get install -y wrk nghttp2-client
+	@if command -v wrk >/dev/null && command -v h2load >/dev/null; then \
+		echo "bench-tools: wrk and h2load already installed"; \
+	else \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$$sudo apt-get install -y wrk nghttp2-client \
+			|| { $$sudo apt-get update && $$sudo apt-get install -y wrk nghttp2-client; }; \
+	fi
 
-bench:
-	@echo "bench: not yet implemented" >&2
-	@exit 1
+# bench/run.py (methodology in its docstring): `bench` is 5 alternating rounds of 10 s
+# per scenario (~10-20 min), `bench-quick` 1 round of 3 s (< 1 min). Results go to
+# stdout and .bench/results.json. Extra runner options: `make bench BENCH_ARGS='--connections 32'`.
+BENCH_ARGS ?=
+TRIVIAL_DIR := $(ROOT)/target/trivial-filter
+
+bench bench-quick: tools wasm bench-tools
+	cargo build --release --target $(WASM_TARGET) \
+		--manifest-path $(ROOT)/bench/trivial-filter/Cargo.toml --target-dir $(TRIVIAL_DIR)
+	cd $(ROOT) && ENVOY_BIN=$(ENVOY_BIN) KEYMETER_WASM=$(WASM) \
+		TRIVIAL_WASM=$(TRIVIAL_DIR)/$(WASM_TARGET)/release/trivial_filter.wasm \
+		$(PY) bench/run.py $(if $(filter bench-quick,$@),--quick) $(BENCH_ARGS)
 
 # --------------------------------------------------------------------------- clean
 

@@ -10,7 +10,7 @@ What is measured
     4  km-1k     Envoy + keymeter, 1k keys, plan with a bucket that never throttles,
                  wrk sends one valid key
     4r km-1k-rot same, wrk lua script rotating over 100 valid keys
-    5  km-1M     keymeter with 1M keys (quick mode: fewer, see --large-keys), one key
+    5  km-1M     keymeter with 1M keys (--large-keys), one key
     5r km-1M-rot same, rotating over 100 keys
     -  km-nometer keymeter with "metering": {"enabled": false}: TODO hook, runs only once
                  the filter config accepts that field (probed at start-up), skipped otherwise
@@ -60,6 +60,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -76,7 +77,16 @@ import harness  # noqa: E402
 import keys as km_keys  # noqa: E402
 
 BENCH_DIR = ROOT / ".bench"
-TRIVIAL_WASM = ROOT / "target" / "trivial-filter" / "wasm32-wasip1" / "release" / "trivial_filter.wasm"
+# Paths from the environment (`make bench` sets them) with repo-relative defaults.
+ENVOY_BIN = Path(os.environ.get("ENVOY_BIN") or harness.DEFAULT_ENVOY)
+KEYMETER_WASM = Path(os.environ.get("KEYMETER_WASM") or harness.DEFAULT_WASM)
+TRIVIAL_WASM = Path(os.environ.get("TRIVIAL_WASM")
+                    or ROOT / "target" / "trivial-filter" / "wasm32-wasip1" / "release" / "trivial_filter.wasm")
+# Envoys load snapshots copied here at start, so a `make wasm` by someone else during a
+# run cannot change the code under test half-way.
+WASM_DIR = BENCH_DIR / "wasm"
+KM_WASM = WASM_DIR / "keymeter.wasm"
+TRIVIAL_SNAPSHOT = WASM_DIR / "trivial_filter.wasm"
 TOKEN = harness.TEST_ADMIN_TOKEN
 BENCH_PATH = "/v1/bench"
 HUGE_BUCKET = {"name": "huge", "rate": 100_000_000, "per": "1s", "burst": 100_000_000}
@@ -127,6 +137,33 @@ class PinnedEnvoy(harness.Envoy):
     def command(self) -> list[str]:
         cmd = super().command()
         return ["taskset", "-c", self.cpus, *cmd] if self.cpus else cmd
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    """utime + stime of a process (all threads), in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def cpu_times() -> dict[str, tuple[float, float, float]]:
+    """Per-CPU (busy, steal, irq+softirq) seconds from /proc/stat ("cpu" is the total)."""
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        if not line.startswith("cpu"):
+            break
+        name, *vals = line.split()
+        v = [int(x) for x in vals] + [0] * 8
+        idle = v[3] + v[4]
+        steal = v[7]
+        busy = sum(v[:8]) - idle - steal
+        out[name] = (busy / _CLK_TCK, steal / _CLK_TCK, (v[5] + v[6]) / _CLK_TCK)
+    return out
 
 
 def rss_kib(pid: int) -> int | None:
@@ -181,9 +218,12 @@ class Wrk:
         self.connections = connections
 
     def run(self, url: str, duration: float, headers: dict | None = None, script: Path | None = None,
-            threads: int | None = None, connections: int | None = None, pin: bool = True) -> dict:
+            threads: int | None = None, connections: int | None = None, pin: bool = True,
+            watch: PinnedEnvoy | None = None) -> dict:
+        """One wrk run; with `watch`, also that Envoy's CPU use over the run."""
+        self.watch = watch
         cmd = ["wrk", "-t", str(threads or self.threads), "-c", str(connections or self.connections),
-               "-d", f"{duration:g}s", "--latency", "--timeout", "5s"]
+               "-d", f"{max(1, round(duration))}s", "--latency", "--timeout", "5s"]  # whole seconds only
         for k, v in (headers or {}).items():
             cmd += ["-H", f"{k}: {v}"]
         if script:
@@ -191,6 +231,9 @@ class Wrk:
         cmd.append(url)
         if pin and self.cpu is not None:
             cmd = ["taskset", "-c", self.cpu, *cmd]
+        watch = self.watch
+        e0 = proc_cpu_s(watch.pid) if watch else None
+        c0, ru0, t0 = cpu_times(), resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         _wrk_procs.add(proc)
@@ -203,8 +246,28 @@ class Wrk:
             _wrk_procs.discard(proc)
         if proc.returncode != 0:
             raise RuntimeError(f"wrk failed ({proc.returncode}): {' '.join(cmd)}\n{out}")
+        wall = time.monotonic() - t0
+        c1, ru1 = cpu_times(), resource.getrusage(resource.RUSAGE_CHILDREN)
         res = parse_wrk(out)
         res["raw"] = out
+        wrk_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+        res["wrk_cpu_pct"] = round(100 * wrk_cpu / wall, 1)
+        res["steal_pct"] = round(100 * (c1["cpu"][1] - c0["cpu"][1]) / wall, 1)
+        if watch and e0 is not None:
+            e1 = proc_cpu_s(watch.pid)
+            if e1 is not None:
+                envoy_cpu = e1 - e0
+                res["envoy_cpu_pct"] = round(100 * envoy_cpu / wall, 1)
+                if res.get("requests"):
+                    res["cpu_us_per_req"] = round(envoy_cpu * 1e6 / res["requests"], 2)
+                # Envoy's CPU: interrupt/softirq time (mostly loopback TCP of this very
+                # load) and the rest that is not Envoy (other processes: noise).
+                if watch.cpus and watch.cpus.isdigit() and f"cpu{watch.cpus}" in c1:
+                    cpu = f"cpu{watch.cpus}"
+                    busy = c1[cpu][0] - c0[cpu][0]
+                    irq = c1[cpu][2] - c0[cpu][2]
+                    res["irq_pct_on_envoy_cpu"] = round(100 * irq / wall, 1)
+                    res["foreign_cpu_pct_on_envoy_cpu"] = round(max(0.0, 100 * (busy - irq - envoy_cpu) / wall), 1)
         return res
 
 
@@ -322,12 +385,12 @@ def native_config(key_list: list[str]) -> dict:
 
 def trivial_config() -> dict:
     cfg = base_config()
-    public_filters(cfg)[:0] = [harness.wasm_filter({}, TRIVIAL_WASM, vm_id="trivial")]
+    public_filters(cfg)[:0] = [harness.wasm_filter({}, TRIVIAL_SNAPSHOT, vm_id="trivial")]
     return cfg
 
 
 def keymeter_config(filter_conf=None) -> dict:
-    return base_config(wasm=True, admin=True, filter_conf=filter_conf or {"role": "filter"})
+    return base_config(wasm=True, admin=True, filter_conf=filter_conf or {"role": "filter"}, wasm_path=KM_WASM)
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -344,7 +407,8 @@ class Scenario:
         if self.skip:
             out["skipped"] = self.skip
             return out
-        for k in ("rps", "p50_us", "p99_us"):
+        for k in ("rps", "p50_us", "p99_us", "cpu_us_per_req", "envoy_cpu_pct", "wrk_cpu_pct",
+                  "irq_pct_on_envoy_cpu", "foreign_cpu_pct_on_envoy_cpu", "steal_pct"):
             vals = [r[k] for r in self.runs if k in r]
             if vals:
                 out[k] = {"min": min(vals), "median": statistics.median(vals), "max": max(vals)}
@@ -381,13 +445,13 @@ def metering_off_supported(mk_envoy) -> tuple[bool, str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="1 round of 3 s, smaller large key set")
+    ap.add_argument("--quick", action="store_true", help="1 round of 3 s, short warm-up, no re-push")
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--duration", type=float, help="seconds per wrk run")
     ap.add_argument("--warmup", type=float)
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--keys", type=int, default=1000, help="key-set size of scenarios 2 and 4")
-    ap.add_argument("--large-keys", type=int, help="key-set size of scenario 5 (full: 1000000)")
+    ap.add_argument("--large-keys", type=int, help="key-set size of scenario 5 (default 1000000)")
     ap.add_argument("--rotate", type=int, default=100, help="keys in the rotating-key variants")
     ap.add_argument("--rl-duration", type=float)
     ap.add_argument("--no-pin", action="store_true")
@@ -397,10 +461,10 @@ def main() -> int:
     rounds = args.rounds or (1 if args.quick else 5)
     duration = args.duration or (3.0 if args.quick else 10.0)
     warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 3.0)
-    large = args.large_keys or (200_000 if args.quick else 1_000_000)
+    large = args.large_keys or 1_000_000
     rl_duration = args.rl_duration or (3.0 if args.quick else 10.0)
 
-    for what, path in (("envoy", harness.DEFAULT_ENVOY), ("keymeter.wasm", harness.DEFAULT_WASM),
+    for what, path in (("envoy", ENVOY_BIN), ("keymeter.wasm", KEYMETER_WASM),
                        ("trivial_filter.wasm", TRIVIAL_WASM)):
         if not Path(path).exists():
             sys.exit(f"{what} missing at {path}: run `make bench` / `make bench-quick`")
@@ -411,15 +475,20 @@ def main() -> int:
     pin = not args.no_pin and ncpu >= 2 and shutil.which("taskset") is not None
     envoy_cpus, wrk_cpu = ("0", "1") if pin else (None, None)
     BENCH_DIR.mkdir(exist_ok=True)
+    WASM_DIR.mkdir(exist_ok=True)
+    shutil.copyfile(KEYMETER_WASM, KM_WASM)
+    shutil.copyfile(TRIVIAL_WASM, TRIVIAL_SNAPSHOT)
+    git = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                         text=True).stdout.strip()
     workroot = BENCH_DIR / "envoy"
     shutil.rmtree(workroot, ignore_errors=True)
 
     def mk_envoy(cfg, name="probe", concurrency=1, cpus=envoy_cpus, **kw):
-        return PinnedEnvoy(cfg, cpus=cpus, concurrency=concurrency, workdir=workroot / name,
+        return PinnedEnvoy(cfg, cpus=cpus, concurrency=concurrency, workdir=workroot / name, envoy_bin=ENVOY_BIN,
                            component_log_level="wasm:warn", **kw)
 
     wrk = Wrk(wrk_cpu, threads=1, connections=args.connections)
-    envoy_version = subprocess.run([str(harness.DEFAULT_ENVOY), "--version"], capture_output=True,
+    envoy_version = subprocess.run([str(ENVOY_BIN), "--version"], capture_output=True,
                                    text=True).stdout.strip()
     cpu_model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                       if ln.startswith("model name")), platform.processor())
@@ -429,7 +498,9 @@ def main() -> int:
         "envoy_version": envoy_version,
         "machine": {"nproc": ncpu, "cpu_model": cpu_model, "kernel": platform.release(),
                     "mem_total_kib": int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())[1])},
-        "wasm_bytes": {"keymeter": harness.DEFAULT_WASM.stat().st_size, "trivial": TRIVIAL_WASM.stat().st_size},
+        "git": git,
+        "wasm": {name: {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+                 for name, p in (("keymeter", KM_WASM), ("trivial", TRIVIAL_SNAPSHOT))},
         "method": {"rounds": rounds, "duration_s": duration, "warmup_s": warmup, "wrk_threads": 1,
                    "wrk_connections": args.connections, "envoy_concurrency": 1,
                    "pinning": {"envoy_cpus": envoy_cpus, "wrk_cpu": wrk_cpu} if pin else None,
@@ -481,6 +552,17 @@ def main() -> int:
         push_info["rss_after_kib"] = rss1
         if rss0 and rss1 and not large_skip:
             push_info["bytes_per_key"] = round((rss1 - rss0) * 1024 / large, 1)
+        if not large_skip and not args.quick:
+            # A second full push of the same keys (version 2): what a whole-set rotation
+            # costs once the set is loaded (writes the other slot, then sweeps the old one).
+            try:
+                r, push2_s = timed(lambda: admin_call(e_big, "PUT", "/v1/keyset", large_doc.replace(
+                    b'{"version":1,', b'{"version":2,', 1)))
+                push_info.update(repush_status=r.status, repush_s=round(push2_s, 2), repush_response=r.text[:300])
+                time.sleep(1)
+                push_info["rss_after_repush_kib"] = rss_kib(e_big.pid)
+            except Exception as e:  # noqa: BLE001
+                push_info.update(repush_error=repr(e))
         results["large_push"] = push_info
         log(f"large push: {push_info.get('status', push_info.get('error'))} in {push_info.get('push_s', '?')}s, "
             f"RSS {rss0} -> {rss1} KiB" + (f", {push_info['bytes_per_key']} B/key" if 'bytes_per_key' in push_info else ""))
@@ -490,7 +572,9 @@ def main() -> int:
         e_nometer = None
         if ok_nometer:
             e_nometer = mk_envoy(keymeter_config({"role": "filter", "metering": {"enabled": False}}), "nometer")
-            admin_call(e_nometer, "PUT", "/v1/keyset", small_doc)
+            r = admin_call(e_nometer, "PUT", "/v1/keyset", small_doc)
+            if r.status != 200:
+                raise RuntimeError(f"1k key-set push (metering off) failed: {r}")
 
         big = "1M" if large == 1_000_000 else f"{large // 1000}k"
         scenarios = [
@@ -501,7 +585,7 @@ def main() -> int:
             Scenario("km_rot", f"4r keymeter {args.keys // 1000}k, {args.rotate} rot.", e_km, script=script),
             Scenario("km_large", f"5  keymeter {big} keys", e_big, hdr, skip=large_skip),
             Scenario("km_large_rot", f"5r keymeter {big}, {args.rotate} rot.", e_big, script=script, skip=large_skip),
-            Scenario("km_nometer", "-  keymeter metering off", e_nometer, hdr,
+            Scenario("km_nometer", f"4m keymeter {args.keys // 1000}k, metering off", e_nometer, hdr,
                      skip=None if ok_nometer else
                      "TODO(metering): skipped until the filter config accepts "
                      f'"metering": {{"enabled": false}} ({why})'),
@@ -524,21 +608,25 @@ def main() -> int:
         for rnd in range(rounds):
             order = active[rnd % len(active):] + active[:rnd % len(active)]
             for s in order:
-                res = wrk.run(s.envoy.url(BENCH_PATH), duration, s.headers, s.script)
+                res = wrk.run(s.envoy.url(BENCH_PATH), duration, s.headers, s.script, watch=s.envoy)
                 res["round"] = rnd
                 res["rss_kib"] = rss_kib(s.envoy.pid)
                 s.runs.append(res)
                 bad = "" if res["non_2xx"] == 0 and res["socket_errors"] == 0 else \
                     f"  INVALID non2xx={res['non_2xx']} sockerr={res['socket_errors']}"
-                log(f"  round {rnd + 1}/{rounds} {s.label:34s} {res['rps']:10.0f} rps  "
-                    f"p50 {res.get('p50_us', 0):7.0f}us  p99 {res.get('p99_us', 0):7.0f}us{bad}")
+                log(f"  round {rnd + 1}/{rounds} {s.label:34s} {res['rps']:8.0f} rps  "
+                    f"p50 {res.get('p50_us', 0):6.0f}us  p99 {res.get('p99_us', 0):6.0f}us  "
+                    f"envoy {res.get('envoy_cpu_pct', 0):5.1f}% cpu {res.get('cpu_us_per_req', 0):6.2f}us/req  "
+                    f"wrk {res['wrk_cpu_pct']:5.1f}%  irq {res.get('irq_pct_on_envoy_cpu', 0):4.1f}%  "
+                    f"other {res.get('foreign_cpu_pct_on_envoy_cpu', 0):5.1f}%{bad}")
 
         # ---- delta revoke: time to apply, then the key must be refused at once.
         deltas = {}
         for name, env, n in (("km", e_km, args.keys), ("km_large", e_big, large)):
             if name == "km_large" and large_skip:
                 continue
-            doc = {"version": 2, "ops": [{"op": "revoke", "id": revoke_key.id}]}
+            version = 3 if name == "km_large" and "repush_s" in results["large_push"] else 2
+            doc = {"version": version, "ops": [{"op": "revoke", "id": revoke_key.id}]}
             before = harness.http("GET", env.url(BENCH_PATH), {"x-api-key": revoke_key.key}).status
             r, dt = timed(lambda: admin_call(env, "POST", "/v1/keyset/delta", doc))
             after = harness.http("GET", env.url(BENCH_PATH), {"x-api-key": revoke_key.key}).status
@@ -594,27 +682,34 @@ def main() -> int:
         "5/4 rps": per_round("km_large", "km", "rps", lambda a, b: a / b),
         "3/1 rps": per_round("trivial", "bare", "rps", lambda a, b: a / b),
         "4r/4 rps": per_round("km_rot", "km", "rps", lambda a, b: a / b),
+        "4/4m rps": per_round("km", "km_nometer", "rps", lambda a, b: a / b),
+        "4/3 cpu/req": per_round("km", "trivial", "cpu_us_per_req", lambda a, b: a / b),
+        "4-3 cpu us/req": per_round("km", "trivial", "cpu_us_per_req", lambda a, b: a - b),
+        "5/4 cpu/req": per_round("km_large", "km", "cpu_us_per_req", lambda a, b: a / b),
         "p99 4-3 us": per_round("km", "trivial", "p99_us", lambda a, b: a - b),
         "p50 4-3 us": per_round("km", "trivial", "p50_us", lambda a, b: a - b),
     }
     results["ratios"] = ratios
 
     print()
-    print(f"{'scenario':36s} {'req/s med':>10s} {'(min-max)':>17s} {'p50 us':>7s} {'p99 us':>7s} {'RSS MiB':>8s}")
+    print("medians over rounds; CPU = Envoy CPU time per request; other = load on Envoy's CPU not from Envoy")
+    print(f"{'scenario':36s} {'req/s':>8s} {'(min-max)':>17s} {'p50 us':>7s} {'p99 us':>7s} {'CPU us':>7s} "
+          f"{'other%':>6s} {'RSS MiB':>8s}")
     for s in scenarios:
         sm = s.summary()
         if s.skip:
             print(f"{s.label:36s} skipped: {s.skip.splitlines()[0][:100]}")
             continue
         flag = "  INVALID (non-2xx)" if sm["non_2xx"] or sm["socket_errors"] else ""
-        print(f"{s.label:36s} {sm['rps']['median']:10.0f} {sm['rps']['min']:8.0f}-{sm['rps']['max']:<8.0f} "
-              f"{sm['p50_us']['median']:7.0f} {sm['p99_us']['median']:7.0f} "
-              f"{(sm['rss_kib'] or 0) / 1024:8.1f}{flag}")
+        med = lambda k: sm.get(k, {}).get("median", float("nan"))  # noqa: E731
+        print(f"{s.label:36s} {med('rps'):8.0f} {sm['rps']['min']:8.0f}-{sm['rps']['max']:<8.0f} "
+              f"{med('p50_us'):7.0f} {med('p99_us'):7.0f} {med('cpu_us_per_req'):7.2f} "
+              f"{med('foreign_cpu_pct_on_envoy_cpu'):6.1f} {(sm['rss_kib'] or 0) / 1024:8.1f}{flag}")
     print()
     for name, v in ratios.items():
         if v:
-            fmt = "{:.3f}" if "rps" in name else "{:+.0f}"
-            print(f"{name:12s} median {fmt.format(v['median'])}  min {fmt.format(v['min'])}  "
+            fmt = "{:+.2f}" if name.startswith("4-3 cpu") else "{:.3f}" if "/" in name else "{:+.0f}"
+            print(f"{name:14s} median {fmt.format(v['median'])}  min {fmt.format(v['min'])}  "
                   f"max {fmt.format(v['max'])}  ({v['n']} rounds)")
     lp = results.get("large_push", {})
     print(f"\nfull push of {lp.get('keys')} keys ({lp.get('doc_bytes', 0) / 2**20:.0f} MiB JSON, generated in "

@@ -6,6 +6,7 @@ bytes, and stopped and started again on the same port (connection refused meanwh
 Every request is recorded (path, headers, status answered).
 
     src = KeysetSource(doc); src.port; src.set_doc(doc2); src.fail(500); src.serve_raw(b"<html>")
+    src.delay_s = 3  (answer late)
     src.stop(); src.start(); src.requests(); src.count
 """
 
@@ -15,6 +16,7 @@ import hashlib
 import json
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -36,6 +38,9 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        delay = self.server.owner.delay_s
+        if delay:
+            time.sleep(delay)
         status, body, etag = self.server.owner._answer(self.headers.get("If-None-Match"))
         self.server.owner._record(self.path, {k.lower(): v for k, v in self.headers.items()}, status)
         self.send_response(status)
@@ -92,6 +97,8 @@ class KeysetSource:
         self._etag: str | None = None
         self._fail: int | None = None
         self._requests: list[dict] = []
+        # Seconds to wait before answering (to make the caller time out).
+        self.delay_s: float = 0
         if doc is not None:
             self.set_doc(doc)
         else:

@@ -140,27 +140,36 @@ def test_etag_revalidation_does_not_reapply(pulled, source):
 def test_source_down_keeps_the_last_good_set(pulled, source):
     k = Key()
     source.set_doc(keyset(1, [k]))
-    envoy = pulled()
+    envoy = pulled(timeout="1s")
     wait_calls(envoy, k, 200)
 
-    source.fail(500)
-    s = wait_status(envoy, lambda s: s["source"]["consecutive_failures"] >= 2, "500s not reported")
-    assert s["source"]["state"] == "error"
-    assert s["source"]["last_error"]["kind"] == "http"
-    assert s["source"]["last_error"]["message"].startswith("source answered HTTP 500")
-    assert call(envoy, k) == 200 and s["version"] == 1
+    def failing(kind: str, text: str):
+        """Waits for two more failures in a row of `kind` whose message has `text`."""
+        before = status(envoy)["source"]["consecutive_failures"]
+        s = wait_status(
+            envoy,
+            lambda s: s["source"]["consecutive_failures"] >= before + 2
+            and s["source"]["last_error"]["kind"] == kind
+            and text in s["source"]["last_error"]["message"],
+            f"{kind} failures ({text}) not reported",
+        )
+        assert s["source"]["state"] == "error"
+        assert s["loaded"] is True and s["version"] == 1, "the last good set is kept"
+        assert call(envoy, k) == 200
+        return s
 
+    source.fail(500)
+    s = failing("http", "source answered HTTP 500")
     source.stop()  # connection refused
-    before = s["source"]["consecutive_failures"]
-    s = wait_status(envoy, lambda s: s["source"]["consecutive_failures"] >= before + 2
-                    and "500" not in s["source"]["last_error"]["message"], "connection failures not reported")
-    assert s["source"]["state"] == "error"
-    assert s["loaded"] is True and s["version"] == 1
-    assert call(envoy, k) == 200
+    s = failing("unreachable", "upstream connect error")
+    assert s["source"]["last_error"]["message"].startswith("source unreachable: Envoy answered 503")
+    source.start()
+    source.delay_s = 3  # answers after the 1s timeout
+    s = failing("unreachable", "upstream request timeout")
     assert "keeping the running key set" in envoy.log_text()
 
-    source.start()
-    source.set_doc(keyset(1, [k]))  # the same document: 304, nothing to apply
+    source.delay_s = 0
+    source.set_doc(keyset(1, [k]))  # the same document: revalidated, nothing to apply
     s = wait_status(envoy, lambda s: s["source"]["state"] == "ok", "never recovered")
     assert s["source"]["consecutive_failures"] == 0
     assert s["source"]["applied"] == 1 and s["generation"] == 1
@@ -180,7 +189,7 @@ def test_garbage_invalid_and_stale_documents_keep_the_last_good_set(pulled, sour
 
     other = Key()
     bad = keyset(6, [k, other])
-    bad["keys"][1]["plan"] = "nope"
+    bad["keys"][1] = {**other.doc, "plan": "nope"}
     source.set_doc(bad)
     s = wait_status(envoy, lambda s: "unknown plan" in s["source"]["last_error"]["message"], "invalid doc accepted")
     msg = s["source"]["last_error"]["message"]
@@ -215,3 +224,22 @@ def test_a_restarted_envoy_gets_the_key_set_back_from_the_source(pulled, source)
     assert s["version"] == 3 and s["last_update"]["source"] == "pull"
     assert s["source"]["applied"] == 1, "this process pulled it once"
     assert any(r["status"] == 200 for r in source.requests()[1:]), "fetched again in full"
+
+
+def test_an_invalid_service_config_stops_envoy_from_starting(start_envoy, source, wasm_path):
+    kw = harness.pull_service(source.port, wasm_path)
+    conf = kw["bootstrap_extensions"][0]["typed_config"]["config"]["configuration"]
+    conf["value"] = conf["value"].replace('"interval": "1s"', '"interval": "1 s"')
+    with pytest.raises(harness.EnvoyError) as e:
+        start_envoy(ready_timeout=10, **kw)
+    assert "source.interval" in str(e.value)
+
+
+def test_an_unknown_cluster_is_reported(start_envoy, source, wasm_path):
+    kw = harness.pull_service(source.port, wasm_path, cluster="no_such_cluster")
+    del kw["extra_clusters"]
+    envoy = start_envoy(**kw)
+    s = wait_status(envoy, lambda s: s["source"]["consecutive_failures"] >= 1, "dispatch failure not reported")
+    assert s["source"]["last_error"]["kind"] == "dispatch"
+    assert "no_such_cluster" in s["source"]["last_error"]["message"]
+    assert s["loaded"] is False

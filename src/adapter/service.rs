@@ -40,7 +40,10 @@ impl Service {
         Service { source, poller }
     }
 
-    /// Called from `on_configure`: start ticking and poll at once.
+    /// Called from `on_configure`: start ticking; the first tick (200ms on) polls.
+    ///
+    /// Not polling from `on_configure` itself: Envoy configures a singleton twice on the
+    /// main thread, first in a base VM it then destroys, and a call made there is wasted.
     pub fn start(&mut self) {
         if let Err(s) = hostcalls::set_tick_period(TICK) {
             log::error!("keymeter pull: cannot set the tick period: {s:?}");
@@ -52,7 +55,6 @@ impl Service {
             self.source.interval_ms
         );
         self.publish();
-        self.on_tick();
     }
 
     pub fn on_tick(&mut self) {

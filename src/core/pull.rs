@@ -153,6 +153,17 @@ fn snippet(body: &[u8]) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// Envoy reports a connection failure or a timeout of the call as a local reply (503
+/// `upstream connect error ...` / `no healthy upstream`, 504 `upstream request timeout`),
+/// not as a missing response; those are `Unreachable`, not an answer of the source.
+fn is_envoy_upstream_failure(status: u32, body: &str) -> bool {
+    match status {
+        503 => body.starts_with("upstream connect error") || body == "no healthy upstream",
+        504 => body == "upstream request timeout",
+        _ => false,
+    }
+}
+
 impl Poller {
     pub fn new(source: &SourceConfig) -> Self {
         Poller {
@@ -283,12 +294,17 @@ impl Poller {
             },
             s => {
                 let body = snippet(resp.body);
-                let message = if body.is_empty() {
-                    format!("source answered HTTP {s}")
+                let (kind, message) = if is_envoy_upstream_failure(s, &body) {
+                    (
+                        ErrorKind::Unreachable,
+                        format!("source unreachable: Envoy answered {s}: {body}"),
+                    )
+                } else if body.is_empty() {
+                    (ErrorKind::Http, format!("source answered HTTP {s}"))
                 } else {
-                    format!("source answered HTTP {s}: {body}")
+                    (ErrorKind::Http, format!("source answered HTTP {s}: {body}"))
                 };
-                self.fail(now_ms, ErrorKind::Http, message);
+                self.fail(now_ms, kind, message);
                 Decision::Failed
             }
         }
@@ -451,7 +467,7 @@ mod tests {
             self.now += ms;
         }
         /// Advances to the next due poll.
-        fn to_next_poll(&mut self) -> u64 {
+        fn skip_to_next_poll(&mut self) -> u64 {
             let d = self.p.next_poll_ms() - self.now;
             assert!(!self.p.due(self.now + d - 1));
             self.now += d;
@@ -475,14 +491,14 @@ mod tests {
         assert_eq!((h.applied_version, h.etag.as_deref()), (Some(1), Some("\"v1\"")));
         assert_eq!((h.polls, h.applied, h.failures), (1, 1, 0));
         assert!(h.last_change_at.is_some() && h.last_success_at.is_some());
-        assert_eq!(r.to_next_poll(), 10_000);
+        assert_eq!(r.skip_to_next_poll(), 10_000);
     }
 
     #[test]
     fn etag_revalidation_and_304() {
         let mut r = Rig::new(10_000);
         r.poll(ok("\"v1\"", &doc(1, &["aaaaaaaaaaa1"])));
-        r.to_next_poll();
+        r.skip_to_next_poll();
         let not_modified = Response {
             status: Some(304),
             etag: Some("\"v1\""),
@@ -492,9 +508,9 @@ mod tests {
         assert_eq!(r.sent.as_deref(), Some("\"v1\""));
         assert_eq!((r.p.health.unchanged, r.p.health.applied), (1, 1));
         // a new version replaces the ETag
-        r.to_next_poll();
+        r.skip_to_next_poll();
         assert_eq!(r.poll(ok("\"v2\"", &doc(2, &["aaaaaaaaaaa2"]))), "applied");
-        r.to_next_poll();
+        r.skip_to_next_poll();
         r.poll(not_modified);
         assert_eq!(r.sent.as_deref(), Some("\"v2\""));
     }
@@ -517,12 +533,12 @@ mod tests {
             },
         )
         .unwrap();
-        r.to_next_poll();
+        r.skip_to_next_poll();
         assert_eq!(r.poll(ok("\"v1\"", &doc(1, &["aaaaaaaaaaa1"]))), "failed");
         assert_eq!(r.sent, None);
         assert_eq!(r.error().0, ErrorKind::Stale);
         // a 304 to a request without If-None-Match is not "unchanged"
-        r.to_next_poll();
+        r.skip_to_next_poll();
         let resp = Response {
             status: Some(304),
             etag: None,
@@ -551,7 +567,7 @@ mod tests {
         assert_eq!(r.poll(ok("\"v3\"", &doc(3, &[]))), "unchanged");
         assert_eq!(r.p.health.etag.as_deref(), Some("\"v3\""));
         assert_eq!(r.p.health.applied, 0);
-        r.to_next_poll();
+        r.skip_to_next_poll();
         r.poll(Response {
             status: Some(304),
             etag: None,
@@ -565,7 +581,7 @@ mod tests {
     fn older_version_is_refused_as_stale_and_keeps_the_set() {
         let mut r = Rig::new(10_000);
         r.poll(ok("\"v5\"", &doc(5, &["aaaaaaaaaaa1"])));
-        r.to_next_poll();
+        r.skip_to_next_poll();
         assert_eq!(r.poll(ok("\"v4\"", &doc(4, &["aaaaaaaaaaa2"]))), "failed");
         let (kind, msg) = r.error();
         assert_eq!(kind, ErrorKind::Stale);
@@ -587,12 +603,12 @@ mod tests {
     fn garbage_and_invalid_documents_keep_the_last_good_set() {
         let mut r = Rig::new(10_000);
         r.poll(ok("\"v1\"", &doc(1, &["aaaaaaaaaaa1"])));
-        r.to_next_poll();
+        r.skip_to_next_poll();
         assert_eq!(r.poll(ok("\"g\"", "<html>oops</html>")), "failed");
         let (kind, msg) = r.error();
         assert_eq!(kind, ErrorKind::Invalid);
         assert!(msg.starts_with("invalid key-set document: invalid document:"), "{msg}");
-        r.to_next_poll();
+        r.skip_to_next_poll();
         let bad = doc(2, &["aaaaaaaaaaa2"]).replace(r#""plan":"p""#, r#""plan":"nope""#);
         assert_eq!(r.poll(ok("\"v2\"", &bad)), "failed");
         let (kind, msg) = r.error();
@@ -601,7 +617,7 @@ mod tests {
         assert_eq!(r.running(), Some(1));
         assert_eq!(r.p.health.consecutive_failures, 2);
         // still revalidating against the good document
-        r.to_next_poll();
+        r.skip_to_next_poll();
         assert_eq!(r.poll(ok("\"v2\"", &doc(2, &["aaaaaaaaaaa2"]))), "applied");
         assert_eq!(r.sent.as_deref(), Some("\"v1\""));
         assert_eq!(r.p.health.consecutive_failures, 0);
@@ -612,27 +628,24 @@ mod tests {
     fn failures_back_off_exponentially_capped_at_the_interval() {
         let mut r = Rig::new(10_000);
         let down = Response {
-            status: Some(503),
+            status: Some(500),
             etag: None,
-            body: b"upstream connect error or disconnect/reset before headers.\n reset reason: connection failure",
+            body: b"<h1>Internal\n Server Error</h1>",
         };
         let mut delays = vec![];
         for _ in 0..6 {
             assert_eq!(r.poll(down), "failed");
-            delays.push(r.to_next_poll());
+            delays.push(r.skip_to_next_poll());
         }
         assert_eq!(delays, [1_000, 2_000, 4_000, 8_000, 10_000, 10_000]);
         let h = &r.p.health;
         assert_eq!((h.consecutive_failures, h.failures, h.state), (6, 6, State::Error));
         let (kind, msg) = r.error();
         assert_eq!(kind, ErrorKind::Http);
-        assert_eq!(
-            msg,
-            "source answered HTTP 503: upstream connect error or disconnect/reset before headers. reset reason: connection failure"
-        );
+        assert_eq!(msg, "source answered HTTP 500: <h1>Internal Server Error</h1>");
         assert_eq!(r.poll(ok("\"v1\"", &doc(1, &[]))), "applied");
         assert_eq!(r.p.health.consecutive_failures, 0);
-        assert_eq!(r.to_next_poll(), 10_000);
+        assert_eq!(r.skip_to_next_poll(), 10_000);
         // an interval shorter than the first backoff step caps it
         let r = Rig::new(1_000);
         assert_eq!(r.p.delay_ms(1), 1_000);
@@ -649,13 +662,46 @@ mod tests {
         };
         assert_eq!(r.poll(none), "failed");
         assert_eq!(r.error().0, ErrorKind::Unreachable);
-        r.to_next_poll();
+        // Envoy's local replies for a refused connection and a timeout
+        for (status, body) in [
+            (
+                503,
+                &b"upstream connect error or disconnect/reset before headers. reset reason: remote connection failure"
+                    [..],
+            ),
+            (504, b"upstream request timeout"),
+            (503, b"no healthy upstream"),
+        ] {
+            r.skip_to_next_poll();
+            assert_eq!(
+                r.poll(Response {
+                    status: Some(status),
+                    etag: None,
+                    body
+                }),
+                "failed"
+            );
+            let (kind, msg) = r.error();
+            assert_eq!(kind, ErrorKind::Unreachable, "{msg}");
+            assert!(
+                msg.starts_with(&format!("source unreachable: Envoy answered {status}: ")),
+                "{msg}"
+            );
+        }
+        r.skip_to_next_poll();
+        r.poll(Response {
+            status: Some(503),
+            etag: None,
+            body: b"maintenance",
+        });
+        assert_eq!(r.error().0, ErrorKind::Http);
+        r.skip_to_next_poll();
         assert!(r.p.due(r.now));
         r.p.begin(r.now, None);
         r.p.dispatch_failed(r.now, "dispatch_http_call failed: BadArgument".into());
         assert_eq!(r.error().0, ErrorKind::Dispatch);
         assert!(!r.p.in_flight());
-        assert_eq!(r.p.health.consecutive_failures, 2);
+        assert_eq!(r.p.health.consecutive_failures, 6);
     }
 
     #[test]
@@ -677,7 +723,7 @@ mod tests {
             r.p.on_response(r.now, 99, ok("\"v1\"", &doc(1, &[])), None),
             Decision::Ignored
         );
-        r.to_next_poll();
+        r.skip_to_next_poll();
         assert_eq!(r.poll(ok("\"v1\"", &doc(1, &[]))), "applied");
     }
 
@@ -693,7 +739,7 @@ mod tests {
         assert_eq!(kind, ErrorKind::Apply);
         assert!(msg.contains("another key-set update is in progress"), "{msg}");
         assert_eq!(r.p.health.etag, None, "not applied: no ETag");
-        assert_eq!(r.to_next_poll(), 1_000);
+        assert_eq!(r.skip_to_next_poll(), 1_000);
         r.store
             .set(crate::core::shared_layout::LOCK, &0u64.to_le_bytes(), None)
             .unwrap();

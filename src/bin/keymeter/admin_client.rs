@@ -71,6 +71,9 @@ impl Response {
                 }
             }
         }
+        if self.status == 401 {
+            msg.push_str(" (wrong or missing admin token: check --token / KEYMETER_ADMIN_TOKEN)");
+        }
         msg
     }
 }
@@ -442,7 +445,10 @@ mod tests {
             headers: vec![],
             body: br#"{"title":"unauthorized"}"#.to_vec(),
         };
-        assert_eq!(r.problem(), "HTTP 401 Unauthorized: unauthorized");
+        assert_eq!(
+            r.problem(),
+            "HTTP 401 Unauthorized: unauthorized (wrong or missing admin token: check --token / KEYMETER_ADMIN_TOKEN)"
+        );
         let r = Response {
             status: 502,
             reason: String::new(),

@@ -110,7 +110,8 @@ impl KeyFile {
     }
 }
 
-fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+/// Writes `data` to `path` atomically (temp file next to it, fsync, rename).
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),

@@ -8,6 +8,7 @@ mod admin_client;
 mod args;
 mod cmd_key;
 mod cmd_keyset;
+mod cmd_usage;
 mod error;
 mod keyfile;
 mod output;
@@ -47,9 +48,9 @@ struct Global {
     /// Machine-readable JSON on stdout
     #[arg(long, global = true, display_order = 900)]
     json: bool,
-    /// Admin API base URL, http://host:port[/prefix] [env: KEYMETER_ADMIN]
+    /// Admin API base URL, http://host:port[/prefix]; `usage` takes one per Envoy [env: KEYMETER_ADMIN]
     #[arg(long, global = true, value_name = "URL", display_order = 901)]
-    admin: Option<String>,
+    admin: Vec<String>,
     /// Admin API token, sent as `Authorization: Bearer TOKEN` [env: KEYMETER_ADMIN_TOKEN]
     #[arg(long, global = true, value_name = "TOKEN", display_order = 902)]
     token: Option<String>,
@@ -65,6 +66,45 @@ enum Command {
     Key(KeyCmd),
     /// Show the running filter's status (GET {admin}/v1/status)
     Status,
+    /// Sum per-key usage across Envoys, for billing (GET {admin}/v1/usage)
+    #[command(long_about = USAGE_ABOUT)]
+    Usage(UsageArgs),
+}
+
+const USAGE_ABOUT: &str = "Sum per-key usage across Envoys, for billing: the example billing job.
+
+Pages through GET {admin}/v1/usage on every --admin (one per Envoy; the same token is sent \
+to each), adds the counters up and prints, per consumer (default), per key or per plan: \
+admitted requests, denied requests (unauthorized + forbidden + rate_limited + quota_exceeded; \
+each also in csv and json), cost units, and request/response bytes.
+
+Each Envoy counts from the moment its process started. Its instance_id (in the json output, \
+with started_at) changes when it restarts: its counters then start again from zero.
+
+--since-file FILE prints only the change since the last run that used FILE, and updates FILE \
+(the totals last seen per instance_id and key lineage). An instance or key FILE does not know \
+(first run, a restarted Envoy = a new instance_id) counts from zero. What a restarted Envoy \
+counted after the previous run and before its restart is lost: run often (e.g. every few \
+minutes) to keep that small. FILE is written before the report is printed; a missing FILE is \
+created.
+
+Per key means per lineage: a key and its rotated successors are one row. Per plan uses the \
+plan each Envoy last saw the key on.";
+
+#[derive(Args, Debug)]
+struct UsageArgs {
+    /// Only this consumer's keys
+    #[arg(long)]
+    consumer: Option<String>,
+    /// Output format (--json means --format json)
+    #[arg(long, value_enum)]
+    format: Option<cmd_usage::Format>,
+    /// One row per consumer, per key (lineage) or per plan
+    #[arg(long, value_enum, default_value = "consumer")]
+    by: cmd_usage::By,
+    /// Print only the change since the last run with this file, and update it
+    #[arg(long, value_name = "FILE")]
+    since_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -205,18 +245,30 @@ enum KeyCmd {
 /// What every command gets: output mode and the admin API settings.
 pub struct Ctx {
     pub out: Output,
-    admin_url: Option<String>,
+    admin_urls: Vec<String>,
     token: Option<String>,
 }
 
 impl Ctx {
-    /// The admin API client; a usage error when no URL was given.
+    /// The admin API client; a usage error when no URL (or several) was given.
     pub fn admin(&self, what: &str) -> Result<Admin> {
-        let url = self
-            .admin_url
-            .as_deref()
-            .ok_or_else(|| usage(format!("{what} needs the admin API URL: --admin URL or {ADMIN_ENV}")))?;
-        Admin::new(url, self.token.clone()).map_err(usage)
+        match self.admins(what)?.as_slice() {
+            [one] => Ok(one.clone()),
+            _ => Err(usage(format!("{what} takes one --admin URL"))),
+        }
+    }
+
+    /// One admin API client per --admin URL (or KEYMETER_ADMIN); at least one.
+    pub fn admins(&self, what: &str) -> Result<Vec<Admin>> {
+        if self.admin_urls.is_empty() {
+            return Err(usage(format!(
+                "{what} needs the admin API URL: --admin URL or {ADMIN_ENV}"
+            )));
+        }
+        self.admin_urls
+            .iter()
+            .map(|u| Admin::new(u, self.token.clone()).map_err(usage))
+            .collect()
     }
 }
 
@@ -227,7 +279,11 @@ fn env_nonempty(name: &str) -> Option<String> {
 fn run(cli: Cli) -> Result<()> {
     let ctx = Ctx {
         out: Output { json: cli.global.json },
-        admin_url: cli.global.admin.or_else(|| env_nonempty(ADMIN_ENV)),
+        admin_urls: if cli.global.admin.is_empty() {
+            env_nonempty(ADMIN_ENV).into_iter().collect()
+        } else {
+            cli.global.admin
+        },
         token: cli.global.token.or_else(|| env_nonempty(TOKEN_ENV)),
     };
     match cli.command {
@@ -270,6 +326,28 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Key(KeyCmd::List { file }) => cmd_key::list(&ctx, &file.file),
         Command::Status => cmd_keyset::status(&ctx),
+        Command::Usage(a) => {
+            let format = match (ctx.out.json, a.format) {
+                (true, None | Some(cmd_usage::Format::Json)) => cmd_usage::Format::Json,
+                (true, Some(_)) => return Err(usage("--json conflicts with --format csv/table")),
+                (false, f) => f.unwrap_or(cmd_usage::Format::Table),
+            };
+            let ctx = Ctx {
+                out: Output {
+                    json: format == cmd_usage::Format::Json,
+                },
+                ..ctx
+            };
+            cmd_usage::run(
+                &ctx,
+                cmd_usage::Options {
+                    consumer: a.consumer.as_deref(),
+                    format,
+                    by: a.by,
+                    since_file: a.since_file.as_deref(),
+                },
+            )
+        }
     }
 }
 
@@ -389,5 +467,39 @@ mod tests {
         );
         assert!(parse(&["--admin", "http://h:1", "status"]).is_ok());
         assert!(parse(&["status", "--token", "t"]).is_ok());
+        assert_eq!(
+            kind(&["usage", "--format", "xml", "--admin", "http://h:1"]),
+            Some(ErrorKind::InvalidValue)
+        );
+        assert_eq!(kind(&["usage", "--by", "lineage"]), Some(ErrorKind::InvalidValue));
+    }
+
+    #[test]
+    fn usage_takes_several_admins() {
+        let cli = parse(&[
+            "--admin",
+            "http://a:1",
+            "usage",
+            "--admin",
+            "http://b:2",
+            "--by",
+            "plan",
+            "--format",
+            "csv",
+            "--since-file",
+            "s.json",
+        ])
+        .unwrap();
+        assert_eq!(cli.global.admin, ["http://a:1", "http://b:2"]);
+        let Command::Usage(a) = cli.command else { panic!() };
+        assert_eq!((a.by, a.format), (cmd_usage::By::Plan, Some(cmd_usage::Format::Csv)));
+        assert_eq!(a.since_file, Some(PathBuf::from("s.json")));
+        let ctx = Ctx {
+            out: Output { json: false },
+            admin_urls: cli.global.admin,
+            token: None,
+        };
+        assert_eq!(ctx.admins("usage").unwrap().len(), 2);
+        assert!(matches!(ctx.admin("status"), Err(error::Fail::Usage(m)) if m.contains("one --admin")));
     }
 }

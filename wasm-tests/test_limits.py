@@ -132,6 +132,18 @@ def test_anonymous_plan_is_limited_per_client_ip(envoy, backend):
     # a malformed key is still a 401, not anonymous
     assert_problem(get(envoy, headers={"x-api-key": "junk"}), 401, "malformed-credential")
 
+    # anonymous traffic is metered under the plan, as consumer "anonymous"
+    def anonymous_row():
+        r = harness.http("GET", envoy.admin_api_url("/v1/usage"), {"authorization": f"Bearer {harness.TEST_ADMIN_TOKEN}"})
+        rows = [i for i in r.json()["items"] if i["lineage"] == "anonymous"]
+        return rows[0] if rows else None
+
+    harness.wait_until(
+        lambda: (anonymous_row() or {}).get("requests", {}).get("admitted") == 3, timeout=10, message="anonymous usage"
+    )
+    row = anonymous_row()
+    assert row["requests"]["rate_limited"] == 1 and row["consumer"] == "anonymous" and row["plan"] == "anon"
+
 
 def test_headers_can_be_switched_off(start_envoy):
     envoy = start_envoy(filter_conf={"role": "filter", "rate_limit_headers": False})

@@ -2,6 +2,7 @@
 
 use super::host::{self, HostStore};
 use super::metering::Unauthenticated;
+use super::metering::Who;
 use super::root::Shared;
 use crate::core::api_key::hashes_equal;
 use crate::core::config::{NoKeySet, OnContention};
@@ -13,7 +14,7 @@ use crate::core::problem::Problem;
 use crate::core::ratelimit_headers::{push_ratelimit, push_ratelimit_policy};
 use crate::core::shared_layout::{key_entry_name, read_meta, KeyEntry, Meta};
 use crate::core::store::{Store, StoreError};
-use crate::core::usage::{Outcome, Subject as UsageSubject};
+use crate::core::usage::Outcome;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::rc::Rc;
@@ -26,9 +27,14 @@ pub struct FilterRequest {
     /// `RateLimit-Policy` and `RateLimit` values for the response.
     ratelimit_headers: Option<(String, String)>,
     /// What to count when the request ends (see `on_log`).
-    usage: Option<(UsageSubject, Outcome)>,
+    /// The authentic key of this request (or the anonymous plan's name), and how the
+    /// request ended for it.
+    record: Option<Rc<KeyRecord>>,
+    anonymous_plan: Option<String>,
+    outcome: Outcome,
     unauthenticated: Option<Unauthenticated>,
     cost: u64,
+    now_ms: std::cell::Cell<u64>,
 }
 
 /// Who a limit applies to and what it draws from.
@@ -49,9 +55,12 @@ impl FilterRequest {
         FilterRequest {
             shared,
             ratelimit_headers: None,
-            usage: None,
+            record: None,
+            anonymous_plan: None,
+            outcome: Outcome::Admitted,
             unauthenticated: None,
             cost: 0,
+            now_ms: Default::default(),
         }
     }
 
@@ -137,7 +146,7 @@ impl FilterRequest {
                 .filter(|b| !b.is_empty())
                 .map(|b| LimitState::decode(&b))
                 .unwrap_or_default();
-            let (verdict, next) = limiter::evaluate(buckets, quotas, &state, host::now_ms(), cost);
+            let (verdict, next) = limiter::evaluate(buckets, quotas, &state, self.now_ms(), cost);
             let Some(next) = next else {
                 return LimitResult::Denied(verdict);
             };
@@ -216,10 +225,16 @@ impl FilterRequest {
         }
     }
 
-    fn set_outcome(&mut self, outcome: Outcome) {
-        if let Some(u) = &mut self.usage {
-            u.1 = outcome;
+    /// The host clock, read once per request (each read is a host call).
+    fn now_ms(&self) -> u64 {
+        if self.now_ms.get() == 0 {
+            self.now_ms.set(host::now_ms());
         }
+        self.now_ms.get()
+    }
+
+    fn set_outcome(&mut self, outcome: Outcome) {
+        self.outcome = outcome;
     }
 
     fn unauthenticated(&mut self, why: Unauthenticated, problem: Problem) -> Action {
@@ -247,6 +262,7 @@ impl FilterRequest {
             return refused;
         }
         self.forward_identity(None, Some("anonymous"), Some(plan_name), None);
+        self.anonymous_plan = Some(plan_name.to_string());
         Action::Continue
     }
 
@@ -289,29 +305,22 @@ impl FilterRequest {
         let mut name_buf = [0u8; 32];
         let (bytes, _) = store.get(key_entry_name(key.id(), &mut name_buf));
         let entry = bytes.filter(|b| !b.is_empty()).and_then(|b| KeyEntry::decode(&b));
-        let Some(rec) = entry.as_ref().and_then(|e| e.active(&meta)) else {
+        let Some(rec) = entry.and_then(|e| e.into_active(&meta)) else {
             return self.unauthenticated(Unauthenticated::Invalid, Problem::InvalidCredential);
         };
         if !hashes_equal(&key.hash(), &rec.hash) {
             return self.unauthenticated(Unauthenticated::Invalid, Problem::InvalidCredential);
         }
         // From here on the key is authentic: everything is counted against it.
-        self.usage = Some((
-            UsageSubject {
-                lineage: rec.lineage().to_string(),
-                key_id: rec.id.clone(),
-                consumer: rec.consumer.clone(),
-                plan: rec.plan.clone(),
-            },
-            Outcome::Admitted,
-        ));
+        let rec = Rc::new(rec);
+        self.record = Some(rec.clone());
         let method = self.get_http_request_header(":method").unwrap_or_default();
         if path.is_none() {
             path = self.get_http_request_header(":path");
         }
         let path_str = path.as_deref().unwrap_or("/");
         let peer = if rec.cidrs.is_empty() { None } else { host::peer_ip() };
-        let now_secs = (host::now_ms() / 1000) as i64;
+        let now_secs = (self.now_ms() / 1000) as i64;
         if let Err(r) = rec.admit(now_secs, &method, path_str, peer) {
             self.set_outcome(match r {
                 Refusal::OutOfScope | Refusal::AddressNotAllowed => Outcome::Forbidden,
@@ -334,13 +343,13 @@ impl FilterRequest {
             let subject = Subject {
                 state_key,
                 plan,
-                override_rec: Some(rec),
+                override_rec: Some(&rec),
             };
             if let Some(refused) = self.enforce(&store, &subject, &method, path_str) {
                 return refused;
             }
         }
-        self.forward_identity(Some(&rec.id), Some(&rec.consumer), Some(&rec.plan), Some(rec));
+        self.forward_identity(Some(&rec.id), Some(&rec.consumer), Some(&rec.plan), Some(&rec));
         self.strip_credential(cred.source, path.as_deref());
         Action::Continue
     }
@@ -361,7 +370,22 @@ impl HttpContext for FilterRequest {
         if let Some(why) = self.unauthenticated {
             meter.unauthenticated(why);
         }
-        if let Some((subject, outcome)) = &self.usage {
+        let who = match (&self.record, &self.anonymous_plan) {
+            (Some(r), _) => Some(Who {
+                lineage: r.lineage(),
+                key_id: &r.id,
+                consumer: &r.consumer,
+                plan: &r.plan,
+            }),
+            (None, Some(plan)) => Some(Who {
+                lineage: "anonymous",
+                key_id: "anonymous",
+                consumer: "anonymous",
+                plan,
+            }),
+            _ => None,
+        };
+        if let Some(who) = who {
             let prop = |path: &[&str]| -> u64 {
                 proxy_wasm::hostcalls::get_property(path.to_vec())
                     .ok()
@@ -372,7 +396,7 @@ impl HttpContext for FilterRequest {
             let status = prop(&["response", "code"]) as u32;
             let req = prop(&["request", "total_size"]);
             let resp = prop(&["response", "total_size"]);
-            meter.record(subject, *outcome, status, req, resp, self.cost);
+            meter.record(&who, self.outcome, status, req, resp, self.cost);
         }
     }
 

@@ -37,6 +37,14 @@ impl Unauthenticated {
 
 const SERIES_COUNT: &str = "km/mseries";
 
+/// Borrowed identity of a counted request.
+pub struct Who<'a> {
+    pub lineage: &'a str,
+    pub key_id: &'a str,
+    pub consumer: &'a str,
+    pub plan: &'a str,
+}
+
 pub struct Meter {
     config: Metering,
     agg: Aggregator,
@@ -63,8 +71,11 @@ impl Meter {
         self.config.enabled
     }
 
-    pub fn record(&mut self, subject: &Subject, outcome: Outcome, status: u32, req: u64, resp: u64, cost: u64) {
-        self.agg.counters(subject).record(outcome, status, req, resp, cost);
+    /// Counts one finished request of an authentic key (or the anonymous plan).
+    pub fn record(&mut self, who: &Who<'_>, outcome: Outcome, status: u32, req: u64, resp: u64, cost: u64) {
+        self.agg
+            .counters(who.lineage, who.key_id, who.consumer, who.plan)
+            .record(outcome, status, req, resp, cost);
     }
 
     pub fn unauthenticated(&mut self, why: Unauthenticated) {

@@ -87,6 +87,15 @@ impl KeyEntry {
             _ => None,
         }
     }
+    /// Takes the record visible under `meta` out of the entry (no clone).
+    pub fn into_active(self, meta: &Meta) -> Option<KeyRecord> {
+        let [a, b] = self.slots;
+        match if meta.slot & 1 == 0 { a } else { b } {
+            Some(s) if s.gen == meta.gen => Some(s.record),
+            _ => None,
+        }
+    }
+
     fn active_mut(&mut self, meta: &Meta) -> Option<&mut KeyRecord> {
         match &mut self.slots[meta.slot as usize & 1] {
             Some(s) if s.gen == meta.gen => Some(&mut s.record),

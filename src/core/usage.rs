@@ -127,28 +127,49 @@ pub struct Subject {
     pub plan: String,
 }
 
-/// A worker's not-yet-flushed counts.
+/// A worker's not-yet-flushed counts, keyed by lineage so counting a request for a
+/// lineage already seen this interval allocates nothing.
 #[derive(Debug, Default)]
 pub struct Aggregator {
-    rows: HashMap<Subject, Counters>,
+    rows: HashMap<String, (Subject, Counters)>,
 }
 
 impl Aggregator {
-    pub fn counters(&mut self, subject: &Subject) -> &mut Counters {
-        if !self.rows.contains_key(subject) {
-            self.rows.insert(subject.clone(), Counters::default());
+    /// The counters of `lineage`, created with `subject()` on first use. The subject's
+    /// key id, consumer and plan are refreshed when they changed (rotation, plan change).
+    pub fn counters(&mut self, lineage: &str, key_id: &str, consumer: &str, plan: &str) -> &mut Counters {
+        if !self.rows.contains_key(lineage) {
+            let subject = Subject {
+                lineage: lineage.to_string(),
+                key_id: key_id.to_string(),
+                consumer: consumer.to_string(),
+                plan: plan.to_string(),
+            };
+            self.rows.insert(lineage.to_string(), (subject, Counters::default()));
         }
-        self.rows.get_mut(subject).expect("just inserted")
+        let (subject, counters) = self.rows.get_mut(lineage).expect("just inserted");
+        if subject.key_id != key_id || subject.consumer != consumer || subject.plan != plan {
+            subject.key_id = key_id.to_string();
+            subject.consumer = consumer.to_string();
+            subject.plan = plan.to_string();
+        }
+        counters
     }
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
     }
     pub fn drain(&mut self) -> Vec<(Subject, Counters)> {
-        self.rows.drain().collect()
+        self.rows.drain().map(|(_, v)| v).collect()
     }
     /// Puts back rows whose flush failed, so nothing is lost.
     pub fn restore(&mut self, subject: Subject, c: Counters) {
-        self.counters(&subject).add(&c);
+        let Subject {
+            lineage,
+            key_id,
+            consumer,
+            plan,
+        } = &subject;
+        self.counters(lineage, key_id, consumer, plan).add(&c);
     }
 }
 
@@ -242,6 +263,17 @@ fn append_index(store: &dyn Store, lineage: &str) -> Result<(), StoreError> {
 
 /// One page of cumulative usage, in index order. `cursor` is an index position.
 pub fn page(store: &dyn Store, consumer: Option<&str>, cursor: u64, limit: usize) -> (Vec<UsageRecord>, Option<u64>) {
+    let (rows, next) = entries(store, consumer, cursor, limit);
+    (rows.into_iter().map(|(_, r)| r).collect(), next)
+}
+
+/// Like `page`, with each record's index position (the usage export resumes from one).
+pub fn entries(
+    store: &dyn Store,
+    consumer: Option<&str>,
+    cursor: u64,
+    limit: usize,
+) -> (Vec<(u64, UsageRecord)>, Option<u64>) {
     let (n, _) = read_u64(store, INDEX_LEN);
     let mut out = Vec::new();
     let mut pos = cursor;
@@ -265,7 +297,7 @@ pub fn page(store: &dyn Store, consumer: Option<&str>, cursor: u64, limit: usize
                 .filter(|b| !b.is_empty())
                 .and_then(|b| bincode::deserialize(&b).ok());
             if let Some(r) = rec.filter(|r| consumer.is_none_or(|c| r.consumer == c)) {
-                out.push(r);
+                out.push((pos, r));
             }
         }
         pos += 1;
@@ -344,7 +376,7 @@ mod tests {
     #[test]
     fn aggregator_drain_and_restore() {
         let mut a = Aggregator::default();
-        a.counters(&subj("x", "c")).record(Outcome::Forbidden, 403, 0, 0, 0);
+        a.counters("x", "x", "c", "p").record(Outcome::Forbidden, 403, 0, 0, 0);
         let rows = a.drain();
         assert!(a.is_empty());
         for (s, c) in rows {

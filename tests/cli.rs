@@ -762,3 +762,342 @@ fn status_human_and_json() {
     assert_eq!(reqs[0].header("authorization"), Some("Bearer t0k"));
     assert!(reqs[0].body.is_empty() && reqs[0].header("content-length").is_none());
 }
+
+// ----------------------------------------------------------------- usage
+
+/// One usage item as the admin API reports it.
+fn uitem(lineage: &str, key_id: &str, consumer: &str, plan: &str, admitted: u64, denied: [u64; 4], cost: u64) -> Value {
+    json!({
+        "lineage": lineage, "key_id": key_id, "consumer": consumer, "plan": plan,
+        "requests": {"admitted": admitted, "unauthorized": denied[0], "forbidden": denied[1],
+                     "rate_limited": denied[2], "quota_exceeded": denied[3]},
+        "responses": {"1xx": 0, "2xx": admitted, "3xx": 0, "4xx": denied.iter().sum::<u64>(), "5xx": 0},
+        "request_bytes": 10 * admitted, "response_bytes": 100 * admitted, "cost_units": cost,
+    })
+}
+
+fn upage(instance: &str, items: Vec<Value>, next: Option<u64>) -> Reply {
+    Reply {
+        status: 200,
+        body:
+            json!({"instance_id": instance, "started_at": "2030-01-01T00:00:00Z", "items": items, "next_cursor": next})
+                .to_string(),
+        chunked: next.is_some(),
+    }
+}
+
+fn row<'a>(v: &'a Value, field: &str, name: &str) -> &'a Value {
+    v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r[field] == name)
+        .unwrap_or_else(|| panic!("no row {field}={name}: {v}"))
+}
+
+#[test]
+fn usage_pages_and_sums_two_envoys() {
+    let d = TempDir::new("usage-sum");
+    // Envoy 1 answers in two pages; Envoy 2 in one. Three runs: json, csv by key, table by plan.
+    let e1_pages = || {
+        [
+            upage(
+                "aaaa000000000001",
+                vec![
+                    uitem("L1", "L1", "acme", "free", 5, [0, 0, 1, 0], 5),
+                    uitem("L2", "L2", "zeta", "pro", 1, [1, 2, 0, 3], 2),
+                ],
+                Some(1000),
+            ),
+            upage(
+                "aaaa000000000001",
+                vec![uitem("L3", "K3", "acme", "pro", 4, [0, 0, 0, 0], 8)],
+                None,
+            ),
+        ]
+    };
+    let e2_page = || {
+        upage(
+            "bbbb000000000002",
+            vec![uitem("L1", "L1", "acme", "free", 2, [1, 0, 0, 0], 2)],
+            None,
+        )
+    };
+    let (e1, s1) = fake_server(e1_pages().into_iter().chain(e1_pages()).chain(e1_pages()).collect());
+    let (e2, s2) = fake_server(vec![e2_page(), e2_page(), e2_page()]);
+
+    let v = km(
+        &d,
+        &["usage", "--json", "--admin", &e1, "--admin", &e2, "--token", "tok"],
+    )
+    .ok()
+    .json();
+    assert_eq!(v["by"], "consumer");
+    assert_eq!(v["mode"], "cumulative");
+    let acme = row(&v, "consumer", "acme");
+    assert_eq!(
+        (
+            &acme["admitted"],
+            &acme["denied"],
+            &acme["unauthorized"],
+            &acme["rate_limited"]
+        ),
+        (&json!(11), &json!(2), &json!(1), &json!(1))
+    );
+    assert_eq!((&acme["cost_units"], &acme["request_bytes"]), (&json!(15), &json!(110)));
+    assert_eq!(acme["response_bytes"], 1100);
+    assert_eq!(acme["responses"]["2xx"], 11);
+    let zeta = row(&v, "consumer", "zeta");
+    assert_eq!(
+        (&zeta["denied"], &zeta["forbidden"], &zeta["quota_exceeded"]),
+        (&json!(6), &json!(2), &json!(3))
+    );
+    assert_eq!(v["rows"].as_array().unwrap().len(), 2);
+    assert_eq!(v["totals"]["admitted"], 12);
+    assert_eq!(
+        v["instances"],
+        json!([
+            {"admin": e1, "instance_id": "aaaa000000000001", "started_at": "2030-01-01T00:00:00Z", "lineages": 3},
+            {"admin": e2, "instance_id": "bbbb000000000002", "started_at": "2030-01-01T00:00:00Z", "lineages": 1},
+        ])
+    );
+
+    let r = km(
+        &d,
+        &[
+            "usage",
+            "--format",
+            "csv",
+            "--by",
+            "key",
+            "--admin",
+            &e1,
+            "--admin",
+            &e2,
+            "--consumer",
+            "acme",
+        ],
+    )
+    .ok();
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("lineage,key_ids,consumer,plan,admitted,denied,unauthorized,forbidden,rate_limited,"),
+        "{r:?}"
+    );
+    assert_eq!(lines.len(), 4, "{r:?}");
+    assert!(lines[1].starts_with("L1,L1,acme,free,7,2,1,0,1,0,7,70,700,"), "{r:?}");
+    assert!(lines[3].starts_with("L3,K3,acme,pro,4,0,"), "{r:?}");
+
+    let r = km_env(
+        &d,
+        &["usage", "--by", "plan", "--admin", &e1, "--admin", &e2],
+        &[("KEYMETER_ADMIN_TOKEN", "envtok")],
+    )
+    .ok();
+    let cells = |first: &str| -> Vec<String> {
+        let line = r
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(first))
+            .unwrap_or_else(|| panic!("{first}: {r:?}"));
+        line.split_whitespace().map(str::to_string).collect()
+    };
+    assert_eq!(
+        cells("PLAN"),
+        [
+            "PLAN",
+            "ADMITTED",
+            "DENIED",
+            "COST_UNITS",
+            "REQUEST_BYTES",
+            "RESPONSE_BYTES"
+        ]
+    );
+    assert_eq!(cells("free"), ["free", "7", "2", "7", "70", "700"]);
+    assert_eq!(cells("pro"), ["pro", "5", "6", "10", "50", "500"]);
+    assert_eq!(cells("(total)"), ["(total)", "12", "8", "17", "120", "1200"]);
+    assert!(
+        r.stdout.contains("aaaa000000000001") && r.stdout.contains("from 2 Envoy(s)"),
+        "{r:?}"
+    );
+
+    let reqs = s1.join().unwrap();
+    let paths: Vec<&str> = reqs.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/usage?cursor=0&limit=1000",
+            "/v1/usage?cursor=1000&limit=1000",
+            "/v1/usage?cursor=0&limit=1000&consumer=acme",
+            "/v1/usage?cursor=1000&limit=1000&consumer=acme",
+            "/v1/usage?cursor=0&limit=1000",
+            "/v1/usage?cursor=1000&limit=1000",
+        ]
+    );
+    assert!(reqs.iter().all(|r| r.method == "GET"));
+    assert_eq!(reqs[0].header("authorization"), Some("Bearer tok"));
+    assert_eq!(reqs[1].header("authorization"), Some("Bearer tok"));
+    assert!(reqs[2].header("authorization").is_none());
+    assert_eq!(reqs[4].header("authorization"), Some("Bearer envtok"));
+    let reqs = s2.join().unwrap();
+    assert_eq!(reqs[0].header("authorization"), Some("Bearer tok"));
+    assert_eq!(reqs[1].path, "/v1/usage?cursor=0&limit=1000&consumer=acme");
+}
+
+#[test]
+fn usage_since_file_prints_only_the_change() {
+    let d = TempDir::new("usage-since");
+    let (e1, s1) = fake_server(vec![
+        upage(
+            "aaaa000000000001",
+            vec![uitem("L1", "L1", "acme", "free", 5, [0, 0, 1, 0], 5)],
+            None,
+        ),
+        upage(
+            "aaaa000000000001",
+            vec![
+                uitem("L1", "L1", "acme", "free", 8, [0, 0, 1, 0], 9),
+                uitem("L2", "L2", "zeta", "free", 1, [0; 4], 1),
+            ],
+            None,
+        ),
+        upage(
+            "aaaa000000000001",
+            vec![
+                uitem("L1", "L1", "acme", "free", 8, [0, 0, 1, 0], 9),
+                uitem("L2", "L2", "zeta", "free", 1, [0; 4], 1),
+            ],
+            None,
+        ),
+    ]);
+    let (e2, s2) = fake_server(vec![
+        upage(
+            "bbbb000000000002",
+            vec![uitem("L1", "L1", "acme", "free", 3, [0; 4], 3)],
+            None,
+        ),
+        // restarted: a new instance id, counting from zero again
+        upage(
+            "cccc000000000003",
+            vec![uitem("L1", "L1", "acme", "free", 2, [0; 4], 2)],
+            None,
+        ),
+        upage(
+            "cccc000000000003",
+            vec![uitem("L1", "L1", "acme", "free", 2, [0; 4], 2)],
+            None,
+        ),
+    ]);
+    let run = || {
+        km(
+            &d,
+            &[
+                "usage",
+                "--json",
+                "--since-file",
+                "billing.json",
+                "--admin",
+                &e1,
+                "--admin",
+                &e2,
+            ],
+        )
+    };
+    // first run: no file yet, everything counts
+    let r = run().ok();
+    let v = r.json();
+    assert_eq!(v["mode"], "since");
+    assert_eq!(row(&v, "consumer", "acme")["admitted"], 8);
+    assert_eq!(v["instances"][0]["new_instance"], true);
+    let state: Value = serde_json::from_str(&std::fs::read_to_string(d.0.join("billing.json")).unwrap()).unwrap();
+    assert_eq!(state["instances"]["aaaa000000000001"]["admin"], e1.as_str());
+    assert_eq!(
+        state["instances"]["aaaa000000000001"]["lineages"]["L1"]["requests"]["admitted"],
+        5
+    );
+
+    // second run: e1 grew, e2 restarted
+    let r = run().ok();
+    let v = r.json();
+    let acme = row(&v, "consumer", "acme");
+    assert_eq!((&acme["admitted"], &acme["cost_units"]), (&json!(3 + 2), &json!(4 + 2)));
+    assert_eq!(acme["rate_limited"], 0);
+    assert_eq!(row(&v, "consumer", "zeta")["admitted"], 1);
+    assert_eq!(v["instances"][0]["new_instance"], false);
+    assert_eq!(v["instances"][1]["restarted"], true);
+    assert_eq!(v["instances"][1]["previous_instance_ids"], json!(["bbbb000000000002"]));
+    assert!(
+        r.stderr.contains("restarted") && r.stderr.contains("cccc000000000003"),
+        "{r:?}"
+    );
+    let state: Value = serde_json::from_str(&std::fs::read_to_string(d.0.join("billing.json")).unwrap()).unwrap();
+    assert!(state["instances"].get("bbbb000000000002").is_none());
+
+    // third run: nothing new
+    let v = run().ok().json();
+    assert_eq!(v["rows"], json!([]));
+    assert_eq!(v["totals"]["admitted"], 0);
+    s1.join().unwrap();
+    s2.join().unwrap();
+
+    // a broken state file fails before any request, and is left alone
+    std::fs::write(d.0.join("billing.json"), "{\"format\": 1, \"instances\": 3}").unwrap();
+    let r = km(
+        &d,
+        &["usage", "--since-file", "billing.json", "--admin", "http://127.0.0.1:9"],
+    );
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.contains("billing.json") && r.stderr.contains("usage state"),
+        "{r:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.0.join("billing.json")).unwrap(),
+        "{\"format\": 1, \"instances\": 3}"
+    );
+}
+
+#[test]
+fn usage_errors() {
+    let d = TempDir::new("usage-errors");
+    let same = || upage("aaaa000000000001", vec![], None);
+    let (a, sa) = fake_server(vec![
+        same(),
+        reply(
+            401,
+            json!({"title": "Admin token required", "detail": "Send Authorization: Bearer <admin token>."}),
+        ),
+    ]);
+    let (b, sb) = fake_server(vec![same()]);
+    let r = km(&d, &["usage", "--admin", &a, "--admin", &b]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.contains("same Envoy") && r.stderr.contains("counted twice"),
+        "{r:?}"
+    );
+    assert!(r.stdout.is_empty());
+    let r = km(&d, &["usage", "--admin", &a, "--token", "wrong"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.contains("401") && r.stderr.contains("Admin token required") && r.stderr.contains("--token"),
+        "{r:?}"
+    );
+    sa.join().unwrap();
+    sb.join().unwrap();
+    for args in [
+        &["usage"][..],
+        &["usage", "--admin", "http://h:1", "--json", "--format", "csv"],
+        &["usage", "--admin", "http://h:1", "--by", "lineage"],
+        &["--admin", "http://h:1", "usage", "--admin", "http://h:2"],
+        &["status", "--admin", "http://h:1", "--admin", "http://h:2"],
+    ] {
+        let r = km(&d, args);
+        assert_eq!(r.code, 2, "{args:?}: {r:?}");
+        assert!(r.stderr.starts_with("keymeter: "), "{r:?}");
+    }
+    let r = km(&d, &["usage", "--help"]).ok();
+    assert!(
+        r.stdout.contains("--since-file") && r.stdout.contains("restart"),
+        "{r:?}"
+    );
+}

@@ -191,6 +191,80 @@ def pull_service(
     return {"bootstrap_extensions": [service], "extra_clusters": [source_cluster]}
 
 
+EXPORT_CLUSTER = "usage_collector"
+EXPORT_AUTHORITY = "collector.internal"
+EXPORT_PATH = "/api/v1/events"
+
+
+def export_service(
+    collector_port: int,
+    wasm_path: str | os.PathLike = DEFAULT_WASM,
+    *,
+    collector_host: str = LOCALHOST,
+    cluster: str = EXPORT_CLUSTER,
+    path: str = EXPORT_PATH,
+    authority: str = EXPORT_AUTHORITY,
+    interval: str = "1s",
+    timeout: str = "2s",
+    max_events: int | None = None,
+    headers: Mapping[str, str] | None = None,
+    source_port: int | None = None,
+    vm_id: str = WASM_VM_ID,
+    runtime: str = "envoy.wasm.runtime.v8",
+) -> dict:
+    """The usage export service (CloudEvents to a collector), as envoy_config() kwargs.
+
+    Like pull_service(): keymeter with role service as an `envoy.bootstrap.wasm`
+    singleton, plus a STATIC cluster `cluster` pointing at the collector. With
+    `source_port` the same singleton also runs the key-set pull (pull_service()'s
+    defaults, interval 1s): `start_envoy(**export_service(col.port, wasm, source_port=p))`.
+    """
+    export: dict[str, Any] = {
+        "cluster": cluster, "path": path, "authority": authority, "interval": interval, "timeout": timeout,
+    }  # fmt: skip
+    if max_events is not None:
+        export["max_events"] = max_events
+    if headers:
+        export["headers"] = dict(headers)
+    clusters = [_static_cluster(cluster, collector_port, collector_host)]
+    conf: dict[str, Any] = {"role": "service", "export": export}
+    if source_port is not None:
+        pulled = pull_service(source_port, wasm_path, vm_id=vm_id, runtime=runtime)
+        conf["source"] = json.loads(
+            pulled["bootstrap_extensions"][0]["typed_config"]["config"]["configuration"]["value"]
+        )["source"]
+        clusters += pulled["extra_clusters"]
+    service = {
+        "name": "envoy.bootstrap.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.wasm.v3.WasmService",
+            "singleton": True,
+            "config": {
+                "name": "keymeter_service",
+                "root_id": "keymeter",
+                "vm_config": _vm_config(wasm_path, vm_id, runtime),
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": json.dumps(conf),
+                },
+            },
+        },
+    }
+    return {"bootstrap_extensions": [service], "extra_clusters": clusters}
+
+
+def _static_cluster(name: str, port: int, host: str = LOCALHOST) -> dict:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(port, host)}}]}],
+        },
+    }
+
+
 ROUTER_FILTER = {
     "name": "envoy.filters.http.router",
     "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
@@ -281,6 +355,7 @@ def envoy_config(
     bootstrap_extensions: Iterable[dict] | None = None,
     stats_config: Mapping[str, Any] | None = None,
     vm_id: str = WASM_VM_ID,
+    lds_dir: str | os.PathLike | None = None,
 ) -> dict:
     """The Envoy bootstrap (as a dict, to be written as JSON).
 
@@ -289,6 +364,13 @@ def envoy_config(
     - `admin_listener=False` (or no `admin_api_port`) omits the keymeter admin listener.
     - `extra_routes` go on the public listener before the default `/public/` and `/`
       routes, so they win.
+    - `lds_dir`: the public listener is delivered by file-based LDS instead of being
+      static: it is written (now) to `<lds_dir>/lds.json`, which Envoy watches, so
+      `update_public_listener()` can change the plugin configuration of a running Envoy
+      (a new plugin root context; the old one is torn down when its filter chain has
+      drained). Its HCM gets a short `drain_timeout`; start Envoy with
+      `extra_args=LDS_ENVOY_ARGS` for a short server drain time. The keymeter admin
+      listener stays static.
     """
     if filter_conf is None:
         filter_conf = {"role": "filter"}
@@ -349,6 +431,21 @@ def envoy_config(
         "admin": {"address": _socket_address(envoy_admin_port)},
         "static_resources": {"listeners": listeners, "clusters": clusters},
     }
+    if lds_dir is not None:
+        public = listeners.pop(0)
+        hcm = public["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["drain_timeout"] = LDS_HCM_DRAIN_TIMEOUT
+        lds_file = write_lds(lds_dir, [public])
+        bootstrap["node"] = {"id": "keymeter-test", "cluster": "keymeter-test"}
+        bootstrap["dynamic_resources"] = {
+            "lds_config": {
+                "resource_api_version": "V3",
+                "path_config_source": {
+                    "path": str(lds_file),
+                    "watched_directory": {"path": str(lds_file.parent)},
+                },
+            }
+        }
     if bootstrap_extensions:
         bootstrap["bootstrap_extensions"] = copy.deepcopy(list(bootstrap_extensions))
     bootstrap["stats_config"] = copy.deepcopy(dict(stats_config or KEYMETER_STATS_CONFIG))
@@ -368,7 +465,122 @@ def listener_port(config: Mapping[str, Any], name: str) -> int | None:
     for listener in config.get("static_resources", {}).get("listeners", []):
         if listener.get("name") == name:
             return int(listener["address"]["socket_address"]["port_value"])
+    # Not static: maybe delivered by file-based LDS (envoy_config(lds_dir=...)).
+    for listener in lds_listeners(config):
+        if listener.get("name") == name:
+            return int(listener["address"]["socket_address"]["port_value"])
     return None
+
+
+# --------------------------------------------------------------------------- file-based LDS
+
+LDS_FILE = "lds.json"
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+LDS_HCM_DRAIN_TIMEOUT = "0.5s"
+# Envoy arguments for LDS tests: a replaced filter chain (and with it the old plugin
+# root context) is gone about a second after an update instead of the default 600s.
+LDS_ENVOY_ARGS = ("--drain-time-s", "1", "--drain-strategy", "immediate")
+
+
+def write_lds(lds_dir: str | os.PathLike, listeners: Iterable[Mapping[str, Any]], version: int = 1) -> Path:
+    """Atomically (temp file + rename) writes `<lds_dir>/lds.json`; returns its path.
+
+    Envoy watches the directory for renames, so an update is picked up whole.
+    """
+    lds_dir = Path(lds_dir).resolve()
+    lds_dir.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "version_info": str(version),
+        "resources": [{"@type": LISTENER_TYPE, **copy.deepcopy(dict(l))} for l in listeners],
+    }
+    path = lds_dir / LDS_FILE
+    fd, tmp = tempfile.mkstemp(prefix=".lds-", suffix=".tmp", dir=lds_dir)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=2)
+    os.rename(tmp, path)
+    return path
+
+
+def lds_path(config: Mapping[str, Any]) -> Path | None:
+    """The LDS file of a bootstrap from envoy_config(lds_dir=...), else None."""
+    source = config.get("dynamic_resources", {}).get("lds_config", {}).get("path_config_source")
+    return Path(source["path"]) if source else None
+
+
+def read_lds(config: Mapping[str, Any]) -> tuple[int, list[dict]]:
+    """(version, listeners) currently in the LDS file; (0, []) without LDS."""
+    path = lds_path(config)
+    if path is None or not path.exists():
+        return 0, []
+    doc = json.loads(path.read_text())
+    listeners = [{k: v for k, v in r.items() if k != "@type"} for r in doc.get("resources", [])]
+    return int(doc.get("version_info") or 0), listeners
+
+
+def lds_listeners(config: Mapping[str, Any]) -> list[dict]:
+    return read_lds(config)[1]
+
+
+def filter_conf_of(listener: Mapping[str, Any]) -> dict | None:
+    """The keymeter plugin configuration (parsed) in a listener's HCM, or None."""
+    for f in listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]:
+        if f["name"] == WASM_FILTER_NAME:
+            return json.loads(f["typed_config"]["config"]["configuration"]["value"])
+    return None
+
+
+def update_public_listener(
+    envoy: "Envoy",
+    filter_conf: Mapping[str, Any],
+    *,
+    listener: str = "public",
+    timeout: float = 10.0,
+) -> int:
+    """Rewrites `listener` in the LDS file with `filter_conf` as keymeter's plugin
+    configuration and waits until Envoy accepted it (`listener_manager.lds.update_success`
+    went up); EnvoyError if Envoy rejected it. Returns the new LDS version.
+
+    Envoy builds a new filter config for the listener, hence a new plugin root context
+    in each worker's VM; the old filter chain drains (see wait_listeners_drained) and
+    its root contexts get on_done. Requests arriving right after this returns may still
+    land on the old filter chain until the workers have switched; check for behaviour of
+    the new configuration if that matters.
+    """
+    if lds_path(envoy.config) is None:
+        raise ValueError("this Envoy has no file-based LDS (envoy_config(lds_dir=...))")
+    version, listeners = read_lds(envoy.config)
+    for lst in listeners:
+        if lst["name"] == listener:
+            hcm = lst["filter_chains"][0]["filters"][0]["typed_config"]
+            wasm = [f for f in hcm["http_filters"] if f["name"] == WASM_FILTER_NAME]
+            if not wasm:
+                raise ValueError(f"listener {listener!r} has no keymeter filter")
+            wasm[0]["typed_config"]["config"]["configuration"]["value"] = json.dumps(filter_conf)
+            break
+    else:
+        raise KeyError(listener)
+    success = envoy.stat("listener_manager.lds.update_success")
+    rejected = envoy.stat("listener_manager.lds.update_rejected")
+    write_lds(lds_path(envoy.config).parent, listeners, version + 1)
+
+    def done():
+        if envoy.stat("listener_manager.lds.update_rejected") > rejected:
+            raise EnvoyError(f"Envoy rejected LDS version {version + 1}\n{envoy.log_tail()}")
+        return envoy.stat("listener_manager.lds.update_success") > success
+
+    wait_until(done, timeout=timeout, message=f"Envoy did not take LDS version {version + 1}\n{envoy.log_tail()}")
+    return version + 1
+
+
+def wait_listeners_drained(envoy: "Envoy", timeout: float = 15.0) -> None:
+    """Waits until no listener or filter chain is draining (after an LDS update: the old
+    filter chain, and with it the old plugin configuration, is gone from all workers)."""
+
+    def drained():
+        s = envoy.stats(filter=r"^listener_manager\.total_(listeners|filter_chains)_draining$")
+        return all(v == 0 for v in s.values())
+
+    wait_until(drained, timeout=timeout, interval=0.1, message=f"listeners still draining\n{envoy.log_tail()}")
 
 
 # --------------------------------------------------------------------------- http client

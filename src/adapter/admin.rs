@@ -85,8 +85,10 @@ impl AdminRequest {
         let last = json_at(STATUS);
         // The pull service's health (null when no pull service runs in this Envoy).
         let source = json_at(crate::core::pull::SOURCE);
+        // The usage export's health (null when no export runs in this Envoy).
+        let export = json_at(crate::core::export::HEALTH);
         let body = match read_meta(&store) {
-            None => json!({"loaded": false, "last_update": last, "source": source}),
+            None => json!({"loaded": false, "last_update": last, "source": source, "export": export}),
             Some(m) => json!({
                 "loaded": true,
                 "version": m.version,
@@ -96,6 +98,7 @@ impl AdminRequest {
                 "updated_at": format_rfc3339(m.updated_at),
                 "last_update": last,
                 "source": source,
+                "export": export,
             }),
         };
         self.reply(200, &body.to_string())

@@ -258,11 +258,11 @@ impl FilterRequest {
         };
         let method = self.get_http_request_header(":method").unwrap_or_default();
         let path = self.get_http_request_header(":path").unwrap_or_default();
+        self.anonymous_plan = Some(plan_name.to_string());
         if let Some(refused) = self.enforce(store, &subject, &method, &path) {
             return refused;
         }
         self.forward_identity(None, Some("anonymous"), Some(plan_name), None);
-        self.anonymous_plan = Some(plan_name.to_string());
         Action::Continue
     }
 

@@ -2,6 +2,7 @@
 //! time, metrics); every decision is delegated to `crate::core`.
 
 mod admin;
+mod export;
 mod filter;
 mod host;
 mod metering;

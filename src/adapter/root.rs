@@ -1,6 +1,7 @@
 //! The root context: parses the plugin configuration once and hands each request a
 //! context of the configured role.
 
+use super::export::ExportService;
 use super::metering::Meter;
 use super::service::{Misplaced, Service};
 use super::{admin::AdminRequest, filter::FilterRequest};
@@ -50,6 +51,8 @@ pub struct Root {
     shared: Option<Rc<Shared>>,
     /// Role service only: the key-set pull (a root-only context, no HTTP contexts).
     service: Option<Service>,
+    /// Role service with `export`: the usage export (independent of the pull).
+    export: Option<ExportService>,
 }
 
 impl Context for Root {
@@ -60,7 +63,9 @@ impl Context for Root {
     }
 
     fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
-        if let Some(s) = &mut self.service {
+        if let Some(e) = self.export.as_mut().filter(|e| e.owns(token)) {
+            e.on_http_call_response(token, num_headers, body_size);
+        } else if let Some(s) = &mut self.service {
             s.on_http_call_response(token, num_headers, body_size);
         }
     }
@@ -95,6 +100,10 @@ impl RootContext for Root {
                     let service = self.service.insert(Service::new(source.clone()));
                     service.start();
                 }
+                if let (Role::Service, Some(export)) = (config.role, &config.export) {
+                    let _ = proxy_wasm::hostcalls::set_tick_period(super::service::TICK);
+                    self.export.insert(ExportService::new(export.clone())).start();
+                }
                 self.shared = Some(Rc::new(Shared {
                     config,
                     bodies,
@@ -124,6 +133,9 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         if let Some(s) = &mut self.service {
             s.on_tick();
+        }
+        if let Some(e) = &mut self.export {
+            e.on_tick();
         }
         self.flush_usage();
     }

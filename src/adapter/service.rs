@@ -23,7 +23,7 @@ use std::time::Duration;
 /// How often the service checks whether a poll is due. Well below the minimum interval
 /// (1s): Envoy's timer is not phase-locked to our clock, so with a 1s tick a poll due a
 /// few ms after a tick would wait for the next one and a 1s interval would become 2s.
-const TICK: Duration = Duration::from_millis(200);
+pub(super) const TICK: Duration = Duration::from_millis(200);
 
 pub struct Service {
     source: SourceConfig,

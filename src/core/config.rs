@@ -110,6 +110,8 @@ struct ConfigDoc {
     #[serde(default)]
     source: Option<SourceDoc>,
     #[serde(default)]
+    export: Option<ExportDoc>,
+    #[serde(default)]
     on_contention: OnContention,
     #[serde(default)]
     anonymous: Option<AnonymousDoc>,
@@ -186,8 +188,11 @@ pub struct Config {
     pub when_no_keyset: NoKeySet,
     pub rate_limit_headers: bool,
     pub admin_token_sha256: Option<[u8; 32]>,
-    /// Where role `service` pulls the key set from (always `Some` for that role).
+    /// Where role `service` pulls the key set from (role service has `source`, `export`
+    /// or both).
     pub source: Option<SourceConfig>,
+    /// Where role `service` pushes usage as CloudEvents (see `core::export`).
+    pub export: Option<ExportConfig>,
     pub on_contention: OnContention,
     /// Plan (from the key set) for requests without a key, limited per client IP;
     /// `None`: such requests get 401.
@@ -271,8 +276,18 @@ impl Config {
         };
         let source = match (&doc.source, doc.role) {
             (Some(s), Role::Service) => Some(s.validate()?),
-            (None, Role::Service) => return field("source", "is required for role service"),
+            (None, Role::Service) if doc.export.is_none() => {
+                return field(
+                    "source",
+                    "is required for role service (or export, or both: key-set pull and usage export)",
+                )
+            }
             (Some(_), _) => return field("source", "is only valid for role service"),
+            (None, _) => None,
+        };
+        let export = match (&doc.export, doc.role) {
+            (Some(e), Role::Service) => Some(e.validate()?),
+            (Some(_), _) => return field("export", "is only valid for role service"),
             (None, _) => None,
         };
         Ok(Config {
@@ -291,6 +306,7 @@ impl Config {
             rate_limit_headers: doc.rate_limit_headers,
             admin_token_sha256,
             source,
+            export,
             on_contention: doc.on_contention,
             anonymous_plan: doc.anonymous.map(|a| a.plan),
             metering: Metering {
@@ -367,66 +383,170 @@ const RESERVED_SOURCE_HEADERS: &[&str] = &[
     "proxy-connection",
 ];
 
+/// The validated parts common to `source` and `export`.
+struct Endpoint {
+    cluster: String,
+    path: String,
+    authority: String,
+    interval_ms: u64,
+    timeout_ms: u64,
+    headers: Vec<(String, String)>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn endpoint(
+    prefix: &str,
+    cluster: &str,
+    path: &str,
+    authority: &str,
+    interval: &str,
+    timeout: &str,
+    raw_headers: &std::collections::BTreeMap<String, String>,
+    reserved: &[&str],
+) -> Result<Endpoint, String> {
+    let field = |f: &str, m: &str| format!("invalid plugin configuration: {prefix}.{f}: {m}");
+    let printable = |s: &str| s.bytes().all(|b| (0x21..0x7f).contains(&b));
+    if cluster.is_empty() || cluster.len() > 255 || !printable(cluster) {
+        return Err(field(
+            "cluster",
+            "must be an Envoy cluster name (printable ASCII, no spaces)",
+        ));
+    }
+    if !path.starts_with('/') || path.len() > 2048 || !printable(path) || path.contains('#') {
+        return Err(field(
+            "path",
+            "must be a request path starting with '/' (printable ASCII, no spaces or '#')",
+        ));
+    }
+    if authority.is_empty()
+        || authority.len() > 255
+        || !authority
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-_:[]".contains(&b))
+    {
+        return Err(field(
+            "authority",
+            "must be a host name with an optional port, e.g. keys.internal:8080",
+        ));
+    }
+    let duration = |f: &str, v: &str, min: u64, max: u64, range: &str| {
+        let ms = super::time::parse_duration(v).map_err(|e| field(f, &e.to_string()))?;
+        if !(min..=max).contains(&ms) {
+            return Err(field(f, &format!("must be between {range}")));
+        }
+        Ok(ms)
+    };
+    let interval_ms = duration("interval", interval, 1_000, 86_400_000, "1s and 24h")?;
+    let timeout_ms = duration("timeout", timeout, 100, 60_000, "100ms and 60s")?;
+    let mut headers = Vec::with_capacity(raw_headers.len());
+    for (name, value) in raw_headers {
+        let f = format!("headers.{name}");
+        if !is_header_name(name) {
+            return Err(field(&f, "must be a lowercase header name"));
+        }
+        if RESERVED_SOURCE_HEADERS.contains(&name.as_str()) || reserved.contains(&name.as_str()) {
+            return Err(field(&f, "is set by keymeter or not allowed"));
+        }
+        // The value is likely a secret: the message never repeats it.
+        if value.is_empty() || value.len() > 8192 || !value.bytes().all(|b| (0x20..0x7f).contains(&b) || b == b'\t') {
+            return Err(field(&f, "value must be 1-8192 characters of printable ASCII"));
+        }
+        headers.push((name.clone(), value.clone()));
+    }
+    Ok(Endpoint {
+        cluster: cluster.to_string(),
+        path: path.to_string(),
+        authority: authority.to_string(),
+        interval_ms,
+        timeout_ms,
+        headers,
+    })
+}
+
 impl SourceDoc {
     fn validate(&self) -> Result<SourceConfig, String> {
-        let field = |f: &str, m: &str| format!("invalid plugin configuration: source.{f}: {m}");
-        let printable = |s: &str| s.bytes().all(|b| (0x21..0x7f).contains(&b));
-        if self.cluster.is_empty() || self.cluster.len() > 255 || !printable(&self.cluster) {
-            return Err(field(
-                "cluster",
-                "must be an Envoy cluster name (printable ASCII, no spaces)",
-            ));
-        }
-        if !self.path.starts_with('/') || self.path.len() > 2048 || !printable(&self.path) || self.path.contains('#') {
-            return Err(field(
-                "path",
-                "must be a request path starting with '/' (printable ASCII, no spaces or '#')",
-            ));
-        }
-        if self.authority.is_empty()
-            || self.authority.len() > 255
-            || !self
-                .authority
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b".-_:[]".contains(&b))
-        {
-            return Err(field(
-                "authority",
-                "must be a host name with an optional port, e.g. keys.internal:8080",
-            ));
-        }
-        let duration = |f: &str, v: &str, min: u64, max: u64, range: &str| {
-            let ms = super::time::parse_duration(v).map_err(|e| field(f, &e.to_string()))?;
-            if !(min..=max).contains(&ms) {
-                return Err(field(f, &format!("must be between {range}")));
-            }
-            Ok(ms)
-        };
-        let interval_ms = duration("interval", &self.interval, 1_000, 86_400_000, "1s and 24h")?;
-        let timeout_ms = duration("timeout", &self.timeout, 100, 60_000, "100ms and 60s")?;
-        let mut headers = Vec::with_capacity(self.headers.len());
-        for (name, value) in &self.headers {
-            let f = format!("headers.{name}");
-            if !is_header_name(name) {
-                return Err(field(&f, "must be a lowercase header name"));
-            }
-            if RESERVED_SOURCE_HEADERS.contains(&name.as_str()) {
-                return Err(field(&f, "is set by keymeter or not allowed"));
-            }
-            // The value is likely a secret: the message never repeats it.
-            if value.is_empty() || value.len() > 8192 || !value.bytes().all(|b| (0x20..0x7f).contains(&b) || b == b'\t')
-            {
-                return Err(field(&f, "value must be 1-8192 characters of printable ASCII"));
-            }
-            headers.push((name.clone(), value.clone()));
-        }
+        let e = endpoint(
+            "source",
+            &self.cluster,
+            &self.path,
+            &self.authority,
+            &self.interval,
+            &self.timeout,
+            &self.headers,
+            &[],
+        )?;
         Ok(SourceConfig {
-            cluster: self.cluster.clone(),
-            path: self.path.clone(),
-            authority: self.authority.clone(),
-            interval_ms,
-            timeout_ms,
-            headers,
+            cluster: e.cluster,
+            path: e.path,
+            authority: e.authority,
+            interval_ms: e.interval_ms,
+            timeout_ms: e.timeout_ms,
+            headers: e.headers,
+        })
+    }
+}
+
+fn d_max_events() -> usize {
+    500
+}
+
+/// `export` as written: where the service pushes usage CloudEvents.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportDoc {
+    cluster: String,
+    path: String,
+    authority: String,
+    #[serde(default = "d_interval")]
+    interval: String,
+    #[serde(default = "d_timeout")]
+    timeout: String,
+    #[serde(default = "d_max_events")]
+    max_events: usize,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+}
+
+/// The validated `export` of role service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportConfig {
+    /// An Envoy cluster that must exist in the bootstrap (the usage collector).
+    pub cluster: String,
+    pub path: String,
+    pub authority: String,
+    /// Time between two batches while the collector is healthy (also the backoff cap).
+    pub interval_ms: u64,
+    /// Per-request timeout of a POST.
+    pub timeout_ms: u64,
+    /// Events (one per lineage with new usage) per batch; the rest go in the next one.
+    pub max_events: usize,
+    /// Extra request headers (e.g. `authorization`); values are secrets, never logged.
+    pub headers: Vec<(String, String)>,
+}
+
+impl ExportDoc {
+    fn validate(&self) -> Result<ExportConfig, String> {
+        let e = endpoint(
+            "export",
+            &self.cluster,
+            &self.path,
+            &self.authority,
+            &self.interval,
+            &self.timeout,
+            &self.headers,
+            &["content-type"],
+        )?;
+        if !(1..=10_000).contains(&self.max_events) {
+            return Err("invalid plugin configuration: export.max_events: must be between 1 and 10000".into());
+        }
+        Ok(ExportConfig {
+            cluster: e.cluster,
+            path: e.path,
+            authority: e.authority,
+            interval_ms: e.interval_ms,
+            timeout_ms: e.timeout_ms,
+            max_events: self.max_events,
+            headers: e.headers,
         })
     }
 }
@@ -530,7 +650,7 @@ mod source_tests {
         let e = |extra: &str| service(&format!("{{{ok}{extra}}}")).unwrap_err();
         assert!(Config::parse(br#"{"role":"service"}"#)
             .unwrap_err()
-            .contains("source: is required for role service"));
+            .contains("source: is required for role service (or export"));
         assert!(
             Config::parse(br#"{"role":"filter","source":{"cluster":"c","path":"/k","authority":"a"}}"#)
                 .unwrap_err()
@@ -559,5 +679,66 @@ mod source_tests {
         let secret = e(r#","headers":{"authorization":"Bearer s3cr3t\n"}"#);
         assert!(secret.contains("source.headers.authorization"), "{secret}");
         assert!(!secret.contains("s3cr3t"), "the message repeats a secret: {secret}");
+    }
+}
+
+#[cfg(test)]
+mod export_tests {
+    use super::*;
+
+    fn service(body: &str) -> Result<Config, String> {
+        Config::parse(format!(r#"{{"role":"service",{body}}}"#).as_bytes())
+    }
+    const OK: &str = r#""cluster":"usage_collector","path":"/api/v1/events","authority":"collector.internal""#;
+
+    #[test]
+    fn export_parses_alone_or_with_source() {
+        let c = service(&format!(r#""export":{{{OK}}}"#)).unwrap();
+        assert!(c.source.is_none());
+        assert_eq!(
+            c.export.unwrap(),
+            ExportConfig {
+                cluster: "usage_collector".into(),
+                path: "/api/v1/events".into(),
+                authority: "collector.internal".into(),
+                interval_ms: 10_000,
+                timeout_ms: 5_000,
+                max_events: 500,
+                headers: vec![],
+            }
+        );
+        let c = service(&format!(
+            r#""source":{{"cluster":"k","path":"/k","authority":"k"}},"export":{{{OK},"interval":"1s","timeout":"300ms","max_events":2,"headers":{{"authorization":"Bearer t"}}}}"#
+        ))
+        .unwrap();
+        assert!(c.source.is_some());
+        let e = c.export.unwrap();
+        assert_eq!((e.interval_ms, e.timeout_ms, e.max_events), (1_000, 300, 2));
+        assert_eq!(e.headers, [("authorization".to_string(), "Bearer t".to_string())]);
+    }
+
+    #[test]
+    fn export_errors_name_the_field() {
+        let e = |extra: &str| service(&format!(r#""export":{{{OK}{extra}}}"#)).unwrap_err();
+        assert!(e(r#","max_events":0"#).contains("export.max_events"));
+        assert!(e(r#","max_events":10001"#).contains("export.max_events"));
+        assert!(e(r#","interval":"100ms""#).contains("export.interval: must be between 1s and 24h"));
+        assert!(e(r#","timeout":"2m""#).contains("export.timeout"));
+        assert!(e(r#","headers":{"content-type":"x"}"#).contains("export.headers.content-type"));
+        assert!(e(r#","headers":{"Authorization":"x"}"#).contains("export.headers.Authorization"));
+        assert!(e(r#","batch":1"#).contains("unknown field `batch`"));
+        let secret = e(r#","headers":{"authorization":"s3cr3t\n"}"#);
+        assert!(secret.contains("export.headers.authorization") && !secret.contains("s3cr3t"));
+        assert!(service(r#""export":{"cluster":"c b","path":"/e","authority":"a"}"#)
+            .unwrap_err()
+            .contains("export.cluster"));
+        assert!(service(r#""export":{"cluster":"c","path":"e","authority":"a"}"#)
+            .unwrap_err()
+            .contains("export.path"));
+        assert!(
+            Config::parse(format!(r#"{{"role":"filter","export":{{{OK}}}}}"#).as_bytes())
+                .unwrap_err()
+                .contains("export: is only valid for role service")
+        );
     }
 }

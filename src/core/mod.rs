@@ -2,6 +2,7 @@ pub mod api_key;
 pub mod cidr;
 pub mod config;
 pub mod credential;
+pub mod export;
 pub mod key_record;
 pub mod keyset;
 pub mod limiter;

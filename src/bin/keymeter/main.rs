@@ -89,7 +89,8 @@ minutes) to keep that small. FILE is written before the report is printed; a mis
 created.
 
 Per key means per lineage: a key and its rotated successors are one row. Per plan uses the \
-plan each Envoy last saw the key on.";
+plan each Envoy last saw the key on. Rows with nothing counted are left out. Two --admin URLs \
+that reach the same Envoy (same instance_id) are refused.";
 
 #[derive(Args, Debug)]
 struct UsageArgs {
@@ -351,8 +352,27 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// clap keeps only the subcommand's values of a global option given on both sides of it
+/// (`--admin A usage --admin B`); refuse that rather than silently dropping an Envoy.
+fn check_admin_placement(argv: &[std::ffi::OsString], cli: &Cli) -> Result<()> {
+    let given = argv
+        .iter()
+        .skip(1)
+        .map(|a| a.to_string_lossy())
+        .take_while(|a| a != "--")
+        .filter(|a| *a == "--admin" || a.starts_with("--admin="))
+        .count();
+    if given > cli.global.admin.len() {
+        return Err(usage(
+            "give every --admin on the same side of the subcommand (e.g. all after `usage`)",
+        ));
+    }
+    Ok(())
+}
+
 fn main() {
-    let cli = match Cli::try_parse() {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&argv) {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
@@ -370,7 +390,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(e) = run(cli) {
+    if let Err(e) = check_admin_placement(&argv, &cli).and_then(|()| run(cli)) {
         output::error(&e.to_string());
         std::process::exit(e.code());
     }
@@ -476,10 +496,14 @@ mod tests {
 
     #[test]
     fn usage_takes_several_admins() {
+        let split = ["keymeter", "--admin", "http://a:1", "usage", "--admin", "http://b:2"];
+        let argv: Vec<std::ffi::OsString> = split.iter().map(Into::into).collect();
+        let cli = parse(&split[1..]).unwrap();
+        assert!(check_admin_placement(&argv, &cli).is_err(), "clap dropped one");
         let cli = parse(&[
+            "usage",
             "--admin",
             "http://a:1",
-            "usage",
             "--admin",
             "http://b:2",
             "--by",

@@ -95,6 +95,7 @@ impl AdminRequest {
                 "keys": m.keys,
                 "plans": read_plans(&store, &m).keys().collect::<Vec<_>>(),
                 "generation": m.gen,
+                "memory_estimate_bytes": m.memory_estimate_bytes(),
                 "updated_at": format_rfc3339(m.updated_at),
                 "last_update": last,
                 "source": source,

@@ -13,7 +13,7 @@ use crate::core::plan::{LimitBy, Plan};
 use crate::core::problem::Problem;
 use crate::core::ratelimit_headers::{push_ratelimit, push_ratelimit_policy};
 use crate::core::shared_layout::{key_entry_name, read_meta, KeyEntry, Meta};
-use crate::core::store::{Store, StoreError};
+use crate::core::store::{ensure_exists, Store, StoreError};
 use crate::core::usage::Outcome;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
@@ -136,8 +136,8 @@ impl FilterRequest {
         for _ in 0..LIMIT_CAS_RETRIES {
             let (bytes, cas) = store.get(&subject.state_key);
             if cas == 0 {
-                // CAS is not checked on a missing key: create it, then compete by CAS.
-                if store.set(&subject.state_key, &[], None).is_err() {
+                // CAS is not checked on a missing key: create it safely, then compete by CAS.
+                if ensure_exists(store, &subject.state_key, &[], self.now_ms()).is_err() {
                     break;
                 }
                 continue;

@@ -129,7 +129,7 @@ impl Meter {
     pub fn flush(&mut self) {
         let store = HostStore;
         for (subject, c) in self.agg.drain() {
-            if usage::merge(&store, &subject, &c).is_err() {
+            if usage::merge(&store, &subject, &c, super::host::now_ms()).is_err() {
                 self.agg.restore(subject, c);
                 continue;
             }
@@ -172,7 +172,9 @@ fn claim_series(store: &HostStore, max: u64) -> bool {
     for _ in 0..32 {
         let (v, cas) = store.get(SERIES_COUNT);
         if cas == 0 {
-            if store.set(SERIES_COUNT, &0u64.to_le_bytes(), None).is_err() {
+            if crate::core::store::ensure_exists(store, SERIES_COUNT, &0u64.to_le_bytes(), super::host::now_ms())
+                .is_err()
+            {
                 return false;
             }
             continue;

@@ -89,6 +89,7 @@ impl RootContext for Root {
                 let bodies = Problem::ALL.iter().map(|p| (*p, p.body())).collect();
                 let challenges = config.challenges();
                 let metering = config.metering;
+                crate::core::store::init_create_lock(&super::host::HostStore);
                 if config.role == Role::Filter && metering.enabled {
                     super::host::ensure_instance();
                     let _ = proxy_wasm::hostcalls::set_tick_period(std::time::Duration::from_millis(

@@ -46,6 +46,18 @@ pub struct Meta {
     pub plans_rev: u64,
     /// Unix seconds of the last successful update.
     pub updated_at: i64,
+    /// Mean encoded size of a key entry at the last full push, for the memory estimate.
+    pub avg_entry_bytes: u64,
+}
+
+/// Per-entry cost of the host's map beyond the value: key string, node, CAS.
+const ENTRY_OVERHEAD_BYTES: u64 = 96;
+
+impl Meta {
+    /// Rough shared-data footprint of the key entries (values plus map overhead).
+    pub fn memory_estimate_bytes(&self) -> u64 {
+        self.keys * (self.avg_entry_bytes + ENTRY_OVERHEAD_BYTES)
+    }
 }
 
 impl Meta {
@@ -348,13 +360,16 @@ pub fn apply_full(store: &dyn Store, set: &KeySet, opts: ApplyOptions) -> Result
     let slot = running.map_or(0, |m| 1 - (m.slot & 1));
 
     write_plans(store, slot, gen, &set.plans)?;
+    let mut entry_bytes = 0u64;
     for rec in &set.keys {
-        update_entry(store, &rec.id, |e| {
+        let e = update_entry(store, &rec.id, |e| {
             e.slots[slot as usize] = Some(Slot {
                 gen,
                 record: rec.clone(),
-            })
+            });
         })?;
+        // Sized with only the new slot: what the entry holds after the sweep.
+        entry_bytes += bincode::serialized_size(&e.slots[slot as usize]).unwrap_or(0);
     }
     write_index(store, slot, set.keys.iter().map(|k| k.id.as_str()))?;
 
@@ -365,6 +380,7 @@ pub fn apply_full(store: &dyn Store, set: &KeySet, opts: ApplyOptions) -> Result
         keys: set.keys.len() as u64,
         plans_rev: running.map_or(0, |m| m.plans_rev) + 1,
         updated_at: (opts.now_ms / 1000) as i64,
+        avg_entry_bytes: entry_bytes / (set.keys.len() as u64).max(1),
     };
     store.set(META, &meta.encode(), Some(meta_cas))?;
 
@@ -547,7 +563,17 @@ mod tests {
         assert_eq!(s.get("km/k/aaaaaaaaaaa1").0.unwrap().len(), 0);
         let e = KeyEntry::decode(&s.get("km/k/aaaaaaaaaaa2").0.unwrap()).unwrap();
         assert_eq!(e.slots.iter().filter(|s| s.is_some()).count(), 1);
-        assert_eq!(read_plans(&s, &read_meta(&s).unwrap()).len(), 1);
+        let m = read_meta(&s).unwrap();
+        assert_eq!(read_plans(&s, &m).len(), 1);
+        assert!(
+            m.avg_entry_bytes > 50 && m.avg_entry_bytes < 300,
+            "{}",
+            m.avg_entry_bytes
+        );
+        assert_eq!(
+            m.memory_estimate_bytes(),
+            2 * (m.avg_entry_bytes + ENTRY_OVERHEAD_BYTES)
+        );
     }
 
     #[test]

@@ -23,6 +23,50 @@ pub trait Store {
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError>;
 }
 
+/// Serializes creation of shared-data keys process-wide (see `ensure_exists`).
+pub const CREATE_LOCK: &str = "km/create-lock";
+/// A creator that died holding the lock loses it after this long.
+const CREATE_LOCK_TTL_MS: u64 = 1_000;
+const CREATE_LOCK_SPINS: usize = 10_000;
+
+/// Creates the lock entry if missing. Call at VM start, before any request: racing
+/// starters all write "free", which is harmless while nobody can hold it yet.
+pub fn init_create_lock(store: &dyn Store) {
+    if store.get(CREATE_LOCK).1 == 0 {
+        let _ = store.set(CREATE_LOCK, &0u64.to_le_bytes(), None);
+    }
+}
+
+/// Creates `key` holding `initial` unless it exists; returns whether this call created
+/// it. CAS is not checked for keys that do not exist yet, so two workers creating the
+/// same key would overwrite each other (and whatever the first one wrote right after);
+/// creation therefore happens under a process-wide lock entry and re-checks existence
+/// inside it. Creation is rare (first use of a key's limit state or usage record), so
+/// the lock is never on a steady-state path.
+pub fn ensure_exists(store: &dyn Store, key: &str, initial: &[u8], now_ms: u64) -> Result<bool, StoreError> {
+    init_create_lock(store);
+    for _ in 0..CREATE_LOCK_SPINS {
+        let (v, cas) = store.get(CREATE_LOCK);
+        let held_until = v.and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
+        if held_until > now_ms {
+            continue;
+        }
+        match store.set(CREATE_LOCK, &(now_ms + CREATE_LOCK_TTL_MS).to_le_bytes(), Some(cas)) {
+            Ok(()) => {}
+            Err(StoreError::CasMismatch) => continue,
+            Err(e) => return Err(e),
+        }
+        let result = if store.get(key).1 == 0 {
+            store.set(key, initial, None).map(|()| true)
+        } else {
+            Ok(false)
+        };
+        let _ = store.set(CREATE_LOCK, &0u64.to_le_bytes(), None);
+        return result;
+    }
+    Err(StoreError::CasMismatch)
+}
+
 /// In-memory `Store` with the host's semantics, for tests (and host-side tooling).
 #[derive(Default)]
 pub struct MemStore {
@@ -88,6 +132,25 @@ impl Store for MemStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ensure_exists_creates_once_and_never_overwrites() {
+        let s = MemStore::default();
+        assert!(ensure_exists(&s, "k", b"init", 10).unwrap());
+        s.set("k", b"real data", None).unwrap();
+        assert!(!ensure_exists(&s, "k", b"init", 10).unwrap());
+        assert_eq!(s.get("k").0.as_deref(), Some(&b"real data"[..]));
+        assert_eq!(s.get(CREATE_LOCK).0.unwrap(), 0u64.to_le_bytes(), "lock released");
+    }
+
+    #[test]
+    fn ensure_exists_waits_out_a_dead_holder() {
+        let s = MemStore::default();
+        s.set(CREATE_LOCK, &500u64.to_le_bytes(), None).unwrap(); // held until t=500
+        assert_eq!(ensure_exists(&s, "k", b"x", 100), Err(StoreError::CasMismatch));
+        assert!(s.get("k").0.is_none());
+        assert!(ensure_exists(&s, "k", b"x", 501).unwrap());
+    }
 
     #[test]
     fn cas_semantics_match_the_host() {

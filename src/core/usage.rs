@@ -10,7 +10,7 @@
 //! Shared data cannot be listed, so lineages with a record are also appended to an
 //! index (`km/uidx/...`) when their record is created; the usage API pages through it.
 
-use super::store::{Store, StoreError};
+use super::store::{ensure_exists, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -191,15 +191,14 @@ fn read_u64(store: &dyn Store, key: &str) -> (u64, u32) {
 
 /// Adds `delta` to the lineage's shared record. Returns whether the record was new
 /// (and so appended to the index).
-pub fn merge(store: &dyn Store, subject: &Subject, delta: &Counters) -> Result<bool, StoreError> {
+pub fn merge(store: &dyn Store, subject: &Subject, delta: &Counters, now_ms: u64) -> Result<bool, StoreError> {
     let name = record_name(&subject.lineage);
     let mut created = false;
     for _ in 0..CAS_RETRIES {
         let (bytes, cas) = store.get(&name);
         if cas == 0 {
-            // CAS is not checked on a missing key: create it, then compete by CAS.
-            store.set(&name, &[], None)?;
-            created = true;
+            // CAS is not checked on a missing key: create it safely, then compete by CAS.
+            created |= ensure_exists(store, &name, &[], now_ms)?;
             continue;
         }
         let mut rec: UsageRecord = bytes
@@ -214,7 +213,7 @@ pub fn merge(store: &dyn Store, subject: &Subject, delta: &Counters) -> Result<b
         match store.set(&name, &bincode::serialize(&rec).expect("usage encodes"), Some(cas)) {
             Ok(()) => {
                 if created {
-                    append_index(store, &subject.lineage)?;
+                    append_index(store, &subject.lineage, now_ms)?;
                 }
                 return Ok(created);
             }
@@ -225,11 +224,11 @@ pub fn merge(store: &dyn Store, subject: &Subject, delta: &Counters) -> Result<b
     Err(StoreError::CasMismatch)
 }
 
-fn append_index(store: &dyn Store, lineage: &str) -> Result<(), StoreError> {
+fn append_index(store: &dyn Store, lineage: &str, now_ms: u64) -> Result<(), StoreError> {
     for _ in 0..CAS_RETRIES {
         let (n, cas) = read_u64(store, INDEX_LEN);
         if cas == 0 {
-            store.set(INDEX_LEN, &0u64.to_le_bytes(), None)?;
+            ensure_exists(store, INDEX_LEN, &0u64.to_le_bytes(), now_ms)?;
             continue;
         }
         // Claim slot n by bumping the count first; only the winner writes the slot.
@@ -241,6 +240,9 @@ fn append_index(store: &dyn Store, lineage: &str) -> Result<(), StoreError> {
         let chunk = index_chunk_name(n as usize / INDEX_CHUNK);
         let slot = n as usize % INDEX_CHUNK;
         loop {
+            if store.get(&chunk).1 == 0 {
+                ensure_exists(store, &chunk, &[], now_ms)?;
+            }
             let (v, ccas) = store.get(&chunk);
             let mut ids: Vec<String> = v
                 .filter(|b| !b.is_empty())
@@ -251,7 +253,7 @@ fn append_index(store: &dyn Store, lineage: &str) -> Result<(), StoreError> {
             }
             ids[slot] = lineage.to_string();
             let bytes = bincode::serialize(&ids).expect("index encodes");
-            match store.set(&chunk, &bytes, if ccas == 0 { None } else { Some(ccas) }) {
+            match store.set(&chunk, &bytes, Some(ccas)) {
                 Ok(()) => return Ok(()),
                 Err(StoreError::CasMismatch) => continue,
                 Err(e) => return Err(e),
@@ -339,9 +341,9 @@ mod tests {
         let s = MemStore::default();
         let mut c = Counters::default();
         c.record(Outcome::Admitted, 200, 1, 2, 1);
-        assert!(merge(&s, &subj("aaaaaaaaaaa1", "acme"), &c).unwrap());
-        assert!(!merge(&s, &subj("aaaaaaaaaaa1", "acme"), &c).unwrap());
-        merge(&s, &subj("aaaaaaaaaaa2", "zeta"), &c).unwrap();
+        assert!(merge(&s, &subj("aaaaaaaaaaa1", "acme"), &c, 0).unwrap());
+        assert!(!merge(&s, &subj("aaaaaaaaaaa1", "acme"), &c, 0).unwrap());
+        merge(&s, &subj("aaaaaaaaaaa2", "zeta"), &c, 0).unwrap();
         let (all, next) = page(&s, None, 0, 10);
         assert_eq!(next, None);
         assert_eq!(all.len(), 2);
@@ -358,7 +360,7 @@ mod tests {
             ..Default::default()
         };
         for i in 0..(INDEX_CHUNK + 10) {
-            merge(&s, &subj(&format!("k{i:011}"), "c"), &c).unwrap();
+            merge(&s, &subj(&format!("k{i:011}"), "c"), &c, 0).unwrap();
         }
         let mut cursor = 0;
         let mut seen = 0;

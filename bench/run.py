@@ -100,6 +100,8 @@ TOKEN = harness.TEST_ADMIN_TOKEN
 BENCH_PATH = "/v1/bench"
 HUGE_BUCKET = {"name": "huge", "rate": 100_000_000, "per": "1s", "burst": 100_000_000}
 PLANS = {"bench": {"rate_limits": [HUGE_BUCKET]}}
+# A run where other processes took more than this share of Envoy's CPU is flagged NOISY.
+NOISY_PCT = 20.0
 DIRECT_200 = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}
 
 
@@ -499,6 +501,8 @@ def main() -> int:
     wrk = Wrk(wrk_cpu, threads=1, connections=args.connections)
     envoy_version = subprocess.run([str(ENVOY_BIN), "--version"], capture_output=True,
                                    text=True).stdout.strip()
+    m = re.search(r"version: (\S+)", envoy_version)
+    envoy_version = m.group(1) if m else envoy_version
     cpu_model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                       if ln.startswith("model name")), platform.processor())
     results: dict = {
@@ -520,6 +524,8 @@ def main() -> int:
     log(f"keymeter bench ({mode}): {rounds} round(s) x {duration:g}s, wrk -t1 -c{args.connections}, "
         f"Envoy --concurrency 1" + (f", Envoy on CPU {envoy_cpus}, wrk on CPU {wrk_cpu}" if pin else ", unpinned"))
     log("all routes are direct_response 200: the numbers are Envoy + filter, no backend")
+    log(f"{envoy_version}; {ncpu} x {cpu_model}; git {git}; wasm bytes: keymeter "
+        f"{results['wasm']['keymeter']['bytes']}, trivial {results['wasm']['trivial']['bytes']}")
 
     # ---- keys
     known = [KnownKey() for _ in range(max(args.rotate, 1) + 2)]
@@ -546,13 +552,14 @@ def main() -> int:
         push_info: dict = {"keys": large, "doc_bytes": len(large_doc), "generate_s": round(gen_s, 2),
                            "rss_before_kib": rss0}
         large_skip = None
+        t_push = time.perf_counter()
         try:
             r, push_s = timed(lambda: admin_call(e_big, "PUT", "/v1/keyset", large_doc))
             push_info.update(status=r.status, push_s=round(push_s, 2), response=r.text[:300])
             if r.status != 200:
                 large_skip = f"{large}-key push failed: HTTP {r.status} {r.text[:200]}"
         except Exception as e:  # noqa: BLE001 - reported, not hidden
-            push_info.update(error=repr(e))
+            push_info.update(error=repr(e), failed_after_s=round(time.perf_counter() - t_push, 2))
             large_skip = f"{large}-key push failed: {e!r}"
         if not e_big.is_running():
             large_skip = f"Envoy died during the {large}-key push:\n{e_big.log_tail(20)}"
@@ -701,7 +708,8 @@ def main() -> int:
     results["ratios"] = ratios
 
     print()
-    print("medians over rounds; CPU = Envoy CPU time per request; other = load on Envoy's CPU not from Envoy")
+    print("medians over rounds; CPU us = Envoy CPU time per request; other% = load on Envoy's CPU from other "
+          f"processes (NOISY: > {NOISY_PCT:g}%, numbers disturbed by neighbours)")
     print(f"{'scenario':36s} {'req/s':>8s} {'(min-max)':>17s} {'p50 us':>7s} {'p99 us':>7s} {'CPU us':>7s} "
           f"{'other%':>6s} {'RSS MiB':>8s}")
     for s in scenarios:
@@ -709,8 +717,10 @@ def main() -> int:
         if s.skip:
             print(f"{s.label:36s} skipped: {s.skip.splitlines()[0][:100]}")
             continue
-        flag = "  INVALID (non-2xx)" if sm["non_2xx"] or sm["socket_errors"] else ""
         med = lambda k: sm.get(k, {}).get("median", float("nan"))  # noqa: E731
+        flag = "  INVALID (non-2xx)" if sm["non_2xx"] or sm["socket_errors"] else ""
+        if med("foreign_cpu_pct_on_envoy_cpu") > NOISY_PCT:
+            flag += "  NOISY"
         print(f"{s.label:36s} {med('rps'):8.0f} {sm['rps']['min']:8.0f}-{sm['rps']['max']:<8.0f} "
               f"{med('p50_us'):7.0f} {med('p99_us'):7.0f} {med('cpu_us_per_req'):7.2f} "
               f"{med('foreign_cpu_pct_on_envoy_cpu'):6.1f} {(sm['rss_kib'] or 0) / 1024:8.1f}{flag}")
@@ -724,8 +734,12 @@ def main() -> int:
     print(f"\nfull push of {lp.get('keys')} keys ({lp.get('doc_bytes', 0) / 2**20:.0f} MiB JSON, generated in "
           f"{lp.get('generate_s')}s): " + (f"HTTP {lp['status']} in {lp['push_s']}s" if 'status' in lp
                                           else f"FAILED {lp.get('error')}")
+          + (f" after {lp['failed_after_s']}s" if "failed_after_s" in lp else "")
           + (f", RSS {lp['rss_before_kib'] / 1024:.0f} -> {lp['rss_after_kib'] / 1024:.0f} MiB = "
              f"{lp['bytes_per_key']} bytes/key" if 'bytes_per_key' in lp else ""))
+    if "repush_s" in lp:
+        print(f"second full push of the same {lp['keys']} keys (replace + sweep): HTTP {lp['repush_status']} in "
+              f"{lp['repush_s']}s, RSS after {lp['rss_after_repush_kib'] / 1024:.0f} MiB")
     print("10M keys: not attempted (~1.3 GB document > 256 MiB admin buffer limit and the 4 GiB wasm32 heap)")
     for name, d in results.get("delta_revoke", {}).items():
         print(f"delta revoke ({d['keys']} keys): HTTP {d['status']} in {d['seconds'] * 1000:.1f} ms; "

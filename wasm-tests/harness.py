@@ -289,6 +289,10 @@ def _http_listener(
     listener = {
         "name": name,
         "address": _socket_address(port),
+        # Envoy sets SO_REUSEPORT by default, so a second Envoy (another test process)
+        # could bind the same port silently; without it the bind fails and
+        # start_envoy retries with fresh ports.
+        "enable_reuse_port": False,
         "filter_chains": [
             {
                 "filters": [

@@ -17,6 +17,7 @@ use crate::core::store::{ensure_exists, Store, StoreError};
 use crate::core::usage::Outcome;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
+use std::cell::Cell;
 use std::rc::Rc;
 
 /// CAS attempts on one limit entry before the request counts as contended.
@@ -34,7 +35,12 @@ pub struct FilterRequest {
     outcome: Outcome,
     unauthenticated: Option<Unauthenticated>,
     cost: u64,
-    now_ms: std::cell::Cell<u64>,
+    now_ms: Cell<u64>,
+    /// Response status and body bytes, seen in callbacks Envoy makes anyway, so
+    /// metering needs no host call of its own.
+    status: Cell<u32>,
+    request_bytes: u64,
+    response_bytes: Cell<u64>,
 }
 
 /// Who a limit applies to and what it draws from.
@@ -60,7 +66,10 @@ impl FilterRequest {
             outcome: Outcome::Admitted,
             unauthenticated: None,
             cost: 0,
-            now_ms: Default::default(),
+            now_ms: Cell::default(),
+            status: Cell::default(),
+            request_bytes: 0,
+            response_bytes: Cell::default(),
         }
     }
 
@@ -80,6 +89,8 @@ impl FilterRequest {
             }
         }
         headers.extend_from_slice(extra);
+        self.status.set(problem.status());
+        self.response_bytes.set(body.map_or(0, |b| b.len() as u64));
         self.send_http_response(problem.status(), headers, body);
         Action::Pause
     }
@@ -386,21 +397,29 @@ impl HttpContext for FilterRequest {
             _ => None,
         };
         if let Some(who) = who {
-            let prop = |path: &[&str]| -> u64 {
-                proxy_wasm::hostcalls::get_property(path.to_vec())
-                    .ok()
-                    .flatten()
-                    .and_then(|b| b.try_into().ok())
-                    .map_or(0, u64::from_le_bytes)
-            };
-            let status = prop(&["response", "code"]) as u32;
-            let req = prop(&["request", "total_size"]);
-            let resp = prop(&["response", "total_size"]);
+            let (status, req, resp) = (self.status.get(), self.request_bytes, self.response_bytes.get());
             meter.record(&who, self.outcome, status, req, resp, self.cost);
         }
     }
 
+    fn on_http_request_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        // We always continue, so each call sees only the new chunk.
+        self.request_bytes += body_size as u64;
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        if self.status.get() == 0 || self.record.is_some() || self.anonymous_plan.is_some() {
+            self.response_bytes.set(self.response_bytes.get() + body_size as u64);
+        }
+        Action::Continue
+    }
+
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if self.status.get() == 0 && (self.record.is_some() || self.anonymous_plan.is_some()) {
+            let status = self.get_http_response_header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+            self.status.set(status);
+        }
         if let Some((policy, state)) = self.ratelimit_headers.take() {
             self.set_http_response_header("ratelimit-policy", Some(&policy));
             self.set_http_response_header("ratelimit", Some(&state));

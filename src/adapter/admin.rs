@@ -8,7 +8,8 @@
 use super::host::{self, HostStore};
 use super::root::Shared;
 use crate::core::api_key::hashes_equal;
-use crate::core::keyset::{parse_json, DeltaDoc, KeySetDoc};
+use crate::core::keyset::{parse_json, DeltaDoc};
+use crate::core::keyset_stream::{push_stream, PushError};
 use crate::core::problem::admin_body;
 use crate::core::shared_layout::{self, read_meta, read_plans, ApplyError, ApplyOptions, ApplyReport, STATUS};
 use crate::core::store::Store;
@@ -154,18 +155,34 @@ impl AdminRequest {
         self.reply(200, &body.to_string())
     }
 
-    fn apply(&self, route: Route, body: &[u8]) -> Action {
+    fn apply(&self, route: Route, body_size: usize) -> Action {
         let store = HostStore;
         let opts = ApplyOptions {
             force: self.force,
             now_ms: host::now_ms(),
         };
         let result: Result<ApplyReport, Action> = match route {
-            Route::PutKeySet => match parse_json::<KeySetDoc>(body).and_then(|d| d.compile()) {
-                Err(e) => Err(self.problem(400, "invalid-keyset", "Invalid key set", &e.to_string())),
-                Ok(set) => shared_layout::apply_full(&store, &set, opts).map_err(|e| self.apply_error(e)),
-            },
+            Route::PutKeySet => {
+                // Parsed straight from Envoy's buffer and applied key by key: the
+                // document is never held whole in the wasm heap (which cannot shrink).
+                let reader = std::io::BufReader::with_capacity(
+                    64 * 1024,
+                    HostBody {
+                        offset: 0,
+                        size: body_size,
+                    },
+                );
+                match push_stream(&store, reader, opts.now_ms, opts.force) {
+                    Ok(report) => Ok(report),
+                    Err(PushError::Doc(e)) => {
+                        Err(self.problem(400, "invalid-keyset", "Invalid key set", &e.to_string()))
+                    }
+                    Err(PushError::Apply(e)) => Err(self.apply_error(e)),
+                }
+            }
             Route::PostDelta => {
+                let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+                let body = &body[..];
                 let running = read_meta(&store).map(|m| read_plans(&store, &m)).unwrap_or_default();
                 match parse_json::<DeltaDoc>(body)
                     .and_then(|d| Ok((d.version, d.compile(|p| running.contains_key(p))?)))
@@ -208,6 +225,28 @@ impl AdminRequest {
             ApplyError::Host => (500, "store-failure", "Shared-data write failed"),
         };
         self.problem(status, slug, title, &e.to_string())
+    }
+}
+
+/// The request body in Envoy's buffer, read in slices as the parser asks for them.
+struct HostBody {
+    offset: usize,
+    size: usize,
+}
+
+impl std::io::Read for HostBody {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.size.saturating_sub(self.offset));
+        if n == 0 {
+            return Ok(0);
+        }
+        let chunk = proxy_wasm::hostcalls::get_buffer(proxy_wasm::types::BufferType::HttpRequestBody, self.offset, n)
+            .map_err(|s| std::io::Error::other(format!("reading the request body: {s:?}")))?
+            .unwrap_or_default();
+        let got = chunk.len().min(n);
+        buf[..got].copy_from_slice(&chunk[..got]);
+        self.offset += got;
+        Ok(got)
     }
 }
 
@@ -269,7 +308,7 @@ impl HttpContext for AdminRequest {
         }
         self.route = Some(route);
         if end_of_stream {
-            return self.apply(route, b"");
+            return self.apply(route, 0);
         }
         Action::Pause
     }
@@ -281,8 +320,6 @@ impl HttpContext for AdminRequest {
         if !end_of_stream {
             return Action::Pause; // let Envoy buffer the whole document
         }
-        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
-        log::debug!("keymeter admin: got {} bytes", body.len());
-        self.apply(route, &body)
+        self.apply(route, body_size)
     }
 }

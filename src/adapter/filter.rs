@@ -417,7 +417,10 @@ impl HttpContext for FilterRequest {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if self.status.get() == 0 && (self.record.is_some() || self.anonymous_plan.is_some()) {
-            let status = self.get_http_response_header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+            let status = self
+                .get_http_response_header(":status")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
             self.status.set(status);
         }
         if let Some((policy, state)) = self.ratelimit_headers.take() {

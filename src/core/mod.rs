@@ -5,6 +5,7 @@ pub mod credential;
 pub mod export;
 pub mod key_record;
 pub mod keyset;
+pub mod keyset_stream;
 pub mod limiter;
 pub mod plan;
 pub mod problem;

@@ -83,13 +83,13 @@ pub struct KeyEntry {
 
 impl KeyEntry {
     pub fn decode(bytes: &[u8]) -> Option<KeyEntry> {
-        bincode::deserialize(bytes).ok()
+        bincode::Options::deserialize(entry_codec(), bytes).ok()
     }
     fn encode(&self) -> Vec<u8> {
         if self.slots.iter().all(Option::is_none) {
             Vec::new()
         } else {
-            bincode::serialize(self).expect("entry encodes")
+            bincode::Options::serialize(entry_codec(), self).expect("entry encodes")
         }
     }
     /// The record visible under `meta`, if any.
@@ -116,12 +116,23 @@ impl KeyEntry {
     }
 }
 
-/// Writes `km/k/<id>` into `buf` without allocating (ids are 12 ASCII bytes).
+/// Prefix of per-key entries. Deliberately short: `k/` + a 12-byte id fits the host's
+/// small-string buffer, which saves a heap allocation per key in a million-key set.
+pub const KEY_ENTRY_PREFIX: &str = "k/";
+
+/// Writes `k/<id>` into `buf` without allocating (ids are 12 ASCII bytes).
 pub fn key_entry_name<'a>(id: &str, buf: &'a mut [u8; 32]) -> &'a str {
-    let n = 5 + id.len().min(27);
-    buf[..5].copy_from_slice(b"km/k/");
-    buf[5..n].copy_from_slice(&id.as_bytes()[..n - 5]);
-    std::str::from_utf8(&buf[..n]).unwrap_or("km/k/")
+    let p = KEY_ENTRY_PREFIX.len();
+    let n = p + id.len().min(32 - p);
+    buf[..p].copy_from_slice(KEY_ENTRY_PREFIX.as_bytes());
+    buf[p..n].copy_from_slice(&id.as_bytes()[..n - p]);
+    std::str::from_utf8(&buf[..n]).unwrap_or(KEY_ENTRY_PREFIX)
+}
+
+/// Key entries use bincode's varint encoding: a third smaller than fixed-width lengths,
+/// and entries are most of the memory a large key set takes.
+fn entry_codec() -> impl bincode::Options {
+    bincode::DefaultOptions::new()
 }
 
 pub fn plans_name(slot: u8) -> String {
@@ -340,7 +351,7 @@ pub struct ApplyOptions {
     pub now_ms: u64,
 }
 
-fn check_version(running: Option<&Meta>, pushed: u64, force: bool) -> Result<(), ApplyError> {
+pub(crate) fn check_version(running: Option<&Meta>, pushed: u64, force: bool) -> Result<(), ApplyError> {
     match running {
         Some(m) if !force && pushed <= m.version => Err(ApplyError::Stale {
             running: m.version,
@@ -352,48 +363,193 @@ fn check_version(running: Option<&Meta>, pushed: u64, force: bool) -> Result<(),
 
 /// Replaces the whole key set atomically (see the module doc for how).
 pub fn apply_full(store: &dyn Store, set: &KeySet, opts: ApplyOptions) -> Result<ApplyReport, ApplyError> {
-    let _lock = Lock::acquire(store, opts.now_ms)?;
-    let (meta_bytes, meta_cas) = value(store, META);
-    let running = meta_bytes.as_deref().and_then(Meta::decode);
-    check_version(running.as_ref(), set.version, opts.force)?;
-    let gen = next_gen(store)?;
-    let slot = running.map_or(0, |m| 1 - (m.slot & 1));
-
-    write_plans(store, slot, gen, &set.plans)?;
-    let mut entry_bytes = 0u64;
+    let mut push = FullPush::begin(store, opts.now_ms)?;
     for rec in &set.keys {
-        let e = update_entry(store, &rec.id, |e| {
-            e.slots[slot as usize] = Some(Slot {
-                gen,
-                record: rec.clone(),
+        if let Err(e) = push.add(rec) {
+            push.abort();
+            return Err(match e {
+                // `KeySetDoc::compile` already rejected duplicate ids.
+                AddError::Duplicate => ApplyError::Host,
+                AddError::Apply(e) => e,
             });
-        })?;
-        // Sized with only the new slot: what the entry holds after the sweep.
-        entry_bytes += bincode::serialized_size(&e.slots[slot as usize]).unwrap_or(0);
+        }
     }
-    write_index(store, slot, set.keys.iter().map(|k| k.id.as_str()))?;
+    push.commit(set.version, &set.plans, opts.force)
+}
 
-    let meta = Meta {
-        gen,
-        slot,
-        version: set.version,
-        keys: set.keys.len() as u64,
-        plans_rev: running.map_or(0, |m| m.plans_rev) + 1,
-        updated_at: (opts.now_ms / 1000) as i64,
-        avg_entry_bytes: entry_bytes / (set.keys.len() as u64).max(1),
-    };
-    store.set(META, &meta.encode(), Some(meta_cas))?;
+/// Why a key could not be added to a full push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddError {
+    /// The same id was already added to this push.
+    Duplicate,
+    Apply(ApplyError),
+}
 
-    let removed = match running {
-        Some(old) => sweep(store, old.slot, &meta)?,
-        None => 0,
-    };
-    Ok(ApplyReport {
-        version: set.version,
-        keys: meta.keys,
-        written: set.keys.len() as u64,
-        removed,
-    })
+/// A full snapshot being written key by key into the inactive slot, so a document can
+/// be applied while it is parsed: the filter never holds the whole set in memory, and
+/// nothing is visible to requests before `commit` flips the generation. An abandoned
+/// push (`abort`, or an error) leaves only slots of a generation that never becomes
+/// active, and `abort` clears those too.
+pub struct FullPush<'a> {
+    store: &'a dyn Store,
+    _lock: Lock<'a>,
+    running: Option<Meta>,
+    meta_cas: u32,
+    gen: u64,
+    slot: u8,
+    keys: u64,
+    entry_bytes: u64,
+    /// Ids not yet written to an index chunk, and how many chunks were written.
+    index_buf: Vec<u8>,
+    index_chunks: usize,
+    old_index_len: usize,
+    now_ms: u64,
+}
+
+impl<'a> FullPush<'a> {
+    /// Takes the writer lock and a fresh generation.
+    pub fn begin(store: &'a dyn Store, now_ms: u64) -> Result<FullPush<'a>, ApplyError> {
+        let lock = Lock::acquire(store, now_ms)?;
+        let (meta_bytes, meta_cas) = value(store, META);
+        let running = meta_bytes.as_deref().and_then(Meta::decode);
+        let gen = next_gen(store)?;
+        let slot = running.map_or(0, |m| 1 - (m.slot & 1));
+        let old_index_len = read_u64(store, &index_len_name(slot)) as usize;
+        Ok(FullPush {
+            store,
+            _lock: lock,
+            running,
+            meta_cas,
+            gen,
+            slot,
+            keys: 0,
+            entry_bytes: 0,
+            index_buf: Vec::with_capacity(INDEX_CHUNK * 12),
+            index_chunks: 0,
+            old_index_len,
+            now_ms,
+        })
+    }
+
+    /// The running version when the push began (`None`: nothing loaded).
+    pub fn running_version(&self) -> Option<u64> {
+        self.running.map(|m| m.version)
+    }
+
+    /// Writes one key into the inactive slot.
+    pub fn add(&mut self, rec: &KeyRecord) -> Result<(), AddError> {
+        let (gen, slot) = (self.gen, self.slot as usize);
+        let mut duplicate = false;
+        let e = update_entry(self.store, &rec.id, |e| match &e.slots[slot] {
+            Some(s) if s.gen == gen => duplicate = true,
+            _ => {
+                e.slots[slot] = Some(Slot {
+                    gen,
+                    record: rec.clone(),
+                })
+            }
+        })
+        .map_err(AddError::Apply)?;
+        if duplicate {
+            return Err(AddError::Duplicate);
+        }
+        // Sized with only the new slot: what the entry holds after the sweep.
+        self.entry_bytes += bincode::Options::serialized_size(entry_codec(), &e.slots[slot]).unwrap_or(0);
+        self.keys += 1;
+        self.index_buf.extend_from_slice(rec.id.as_bytes());
+        if self.index_buf.len() == INDEX_CHUNK * 12 {
+            self.flush_index_chunk().map_err(AddError::Apply)?;
+        }
+        Ok(())
+    }
+
+    fn flush_index_chunk(&mut self) -> Result<(), ApplyError> {
+        if !self.index_buf.is_empty() {
+            self.store
+                .set(&index_chunk_name(self.slot, self.index_chunks), &self.index_buf, None)?;
+            self.index_buf.clear();
+            self.index_chunks += 1;
+        }
+        Ok(())
+    }
+
+    /// Checks the version, then makes the pushed set the active one in one CAS and
+    /// sweeps the previous generation.
+    pub fn commit(
+        mut self,
+        version: u64,
+        plans: &BTreeMap<String, Plan>,
+        force: bool,
+    ) -> Result<ApplyReport, ApplyError> {
+        if let Err(e) = check_version(self.running.as_ref(), version, force) {
+            self.abort();
+            return Err(e);
+        }
+        let store = self.store;
+        write_plans(store, self.slot, self.gen, plans)?;
+        self.flush_index_chunk()?;
+        for j in self.index_chunks..self.old_index_len.div_ceil(INDEX_CHUNK) {
+            store.set(&index_chunk_name(self.slot, j), &[], None)?;
+        }
+        store.set(&index_len_name(self.slot), &self.keys.to_le_bytes(), None)?;
+        let meta = Meta {
+            gen: self.gen,
+            slot: self.slot,
+            version,
+            keys: self.keys,
+            plans_rev: self.running.map_or(0, |m| m.plans_rev) + 1,
+            updated_at: (self.now_ms / 1000) as i64,
+            avg_entry_bytes: self.entry_bytes / self.keys.max(1),
+        };
+        store.set(META, &meta.encode(), Some(self.meta_cas))?;
+        let removed = match self.running {
+            Some(old) => sweep(store, old.slot, &meta)?,
+            None => 0,
+        };
+        Ok(ApplyReport {
+            version,
+            keys: meta.keys,
+            written: self.keys,
+            removed,
+        })
+    }
+
+    /// Gives the push up, clearing the slots it wrote so they take no memory.
+    pub fn abort(mut self) {
+        let mut ids = Vec::new();
+        for i in 0..self.index_chunks {
+            if let Some(chunk) = value(self.store, &index_chunk_name(self.slot, i)).0 {
+                ids.extend(
+                    chunk
+                        .chunks(12)
+                        .filter_map(|c| std::str::from_utf8(c).ok())
+                        .map(str::to_string),
+                );
+            }
+        }
+        ids.extend(
+            self.index_buf
+                .chunks(12)
+                .filter_map(|c| std::str::from_utf8(c).ok())
+                .map(str::to_string),
+        );
+        let (gen, slot) = (self.gen, self.slot as usize);
+        for id in ids {
+            let _ = update_entry(self.store, &id, |e| {
+                if e.slots[slot].as_ref().is_some_and(|s| s.gen == gen) {
+                    e.slots[slot] = None;
+                }
+            });
+        }
+        self.index_buf.clear();
+    }
+}
+
+fn read_u64(store: &dyn Store, key: &str) -> u64 {
+    value(store, key)
+        .0
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes)
 }
 
 /// After a flip, drops the records of the previous generation: entries of keys still
@@ -541,9 +697,9 @@ mod tests {
     fn active(s: &MemStore) -> Vec<String> {
         let m = read_meta(s).unwrap();
         let mut v: Vec<String> = s
-            .keys_with_prefix("km/k/")
+            .keys_with_prefix(KEY_ENTRY_PREFIX)
             .iter()
-            .filter_map(|k| lookup(s, &m, &k[5..]).map(|r| r.id))
+            .filter_map(|k| lookup(s, &m, &k[KEY_ENTRY_PREFIX.len()..]).map(|r| r.id))
             .collect();
         v.sort();
         v
@@ -560,8 +716,8 @@ mod tests {
         assert_eq!((r.keys, r.removed), (2, 1));
         assert_eq!(active(&s), ["aaaaaaaaaaa2", "aaaaaaaaaaa3"]);
         // the removed key's entry is an empty value; live entries hold one slot only
-        assert_eq!(s.get("km/k/aaaaaaaaaaa1").0.unwrap().len(), 0);
-        let e = KeyEntry::decode(&s.get("km/k/aaaaaaaaaaa2").0.unwrap()).unwrap();
+        assert_eq!(s.get("k/aaaaaaaaaaa1").0.unwrap().len(), 0);
+        let e = KeyEntry::decode(&s.get("k/aaaaaaaaaaa2").0.unwrap()).unwrap();
         assert_eq!(e.slots.iter().filter(|s| s.is_some()).count(), 1);
         let m = read_meta(&s).unwrap();
         assert_eq!(read_plans(&s, &m).len(), 1);
@@ -703,7 +859,38 @@ mod tests {
         // a later full push sweeps delta-added keys too
         apply_full(&s, &set(10, &["aaaaaaaaaaa2"]), opts()).unwrap();
         assert_eq!(active(&s), ["aaaaaaaaaaa2"]);
-        assert_eq!(s.get("km/k/aaaaaaaaaaa3").0.unwrap().len(), 0);
+        assert_eq!(s.get("k/aaaaaaaaaaa3").0.unwrap().len(), 0);
+    }
+
+    #[test]
+    fn an_aborted_push_changes_nothing_and_leaves_no_records() {
+        let s = MemStore::default();
+        apply_full(&s, &set(1, &["aaaaaaaaaaa1"]), opts()).unwrap();
+        let before = s.value_bytes();
+        let new = set(2, &["aaaaaaaaaaa2", "aaaaaaaaaaa3"]);
+        let mut push = FullPush::begin(&s, 1).unwrap();
+        push.add(&new.keys[0]).unwrap();
+        assert_eq!(push.add(&new.keys[0]).unwrap_err(), AddError::Duplicate);
+        push.add(&new.keys[1]).unwrap();
+        push.abort();
+        assert_eq!(active(&s), ["aaaaaaaaaaa1"]);
+        assert_eq!(s.value_bytes(), before, "aborted slots were cleared");
+        // the lock was released and the next push works
+        apply_full(&s, &new, opts()).unwrap();
+        assert_eq!(active(&s), ["aaaaaaaaaaa2", "aaaaaaaaaaa3"]);
+    }
+
+    #[test]
+    fn a_stale_commit_is_refused_after_streaming() {
+        let s = MemStore::default();
+        apply_full(&s, &set(5, &["aaaaaaaaaaa1"]), opts()).unwrap();
+        let new = set(3, &["aaaaaaaaaaa2"]);
+        let mut push = FullPush::begin(&s, 1).unwrap();
+        push.add(&new.keys[0]).unwrap();
+        let e = push.commit(3, &new.plans, false).unwrap_err();
+        assert_eq!(e, ApplyError::Stale { running: 5, pushed: 3 });
+        assert_eq!(active(&s), ["aaaaaaaaaaa1"]);
+        assert_eq!(s.get("k/aaaaaaaaaaa2").0.unwrap().len(), 0);
     }
 
     #[test]

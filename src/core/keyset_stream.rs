@@ -230,9 +230,7 @@ mod tests {
             format!(r#"{{"version":0,"plans":{{"p":{{}}}},"keys":[{good}]}}"#),
             format!(r#"{{"plans":{{"p":{{}}}},"keys":[{good}]}}"#),
             format!(r#"{{"version":1,"plans":{{"p":{{}}}},"keys":[{good}],"extra":1}}"#),
-            format!(
-                r#"{{"version":1,"plans":{{"p":{{"rate_limits":[{{"name":"x","rate":0,"per":"1s"}}]}}}},"keys":[]}}"#
-            ),
+            r#"{"version":1,"plans":{"p":{"rate_limits":[{"name":"x","rate":0,"per":"1s"}]}},"keys":[]}"#.to_string(),
             format!(
                 r#"{{"version":1,"plans":{{"p":{{}}}},"keys":[{}]}}"#,
                 good.replace(H, "xyz")
@@ -241,7 +239,7 @@ mod tests {
                 r#"{{"version":1,"plans":{{"p":{{}}}},"keys":[{}]}}"#,
                 good.replace("\"c\"", "\"a b\"")
             ),
-            format!(r#"{{"version":1,"plans":{{"p":{{}}}},"keys":[{{"id":"aaaaaaaaaaa1","bogus":1}}]}}"#),
+            r#"{"version":1,"plans":{"p":{}},"keys":[{"id":"aaaaaaaaaaa1","bogus":1}]}"#.to_string(),
             r#"{"version":1,"keys":[]"#.to_string(),
             r#"[]"#.to_string(),
             String::new(),

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+from _server import Handler, Server
 
 CONTROL_PATH = "/__backend/requests"
 _PAD_CHUNK = b"x" * 65536
@@ -48,8 +47,7 @@ def headers_to_dict(items) -> dict:
     return out
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as Envoy's upstream pool expects
+class _Handler(Handler):
     server: _Server
 
     # BaseHTTPRequestHandler dispatches on do_<METHOD>; answering every name lets the
@@ -58,20 +56,6 @@ class _Handler(BaseHTTPRequestHandler):
         if name.startswith("do_"):
             return self._handle
         raise AttributeError(name)
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.track(self.connection)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self.server.untrack(self.connection)
-
-    def log_message(self, format: str, *args) -> None:
-        if self.server.verbose:
-            super().log_message(format, *args)
 
     # ---------------------------------------------------------------- request body
 
@@ -183,16 +167,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
+class _Server(Server):
     def __init__(self, addr, verbose: bool = False):
-        self.verbose = verbose
-        self._lock = threading.Lock()
         self._requests: list[dict] = []
-        self._conns: set[socket.socket] = set()
-        super().__init__(addr, _Handler)
+        super().__init__(addr, _Handler, verbose=verbose)
 
     def record(self, entry: dict) -> None:
         with self._lock:
@@ -208,25 +186,6 @@ class _Server(ThreadingHTTPServer):
             self._requests.clear()
             return n
 
-    def track(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._conns.add(conn)
-
-    def untrack(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._conns.discard(conn)
-
-    def close_connections(self) -> None:
-        # Envoy keeps idle upstream connections open; without this their handler threads
-        # would sit in readline() after stop() and the port would look half-alive.
-        with self._lock:
-            conns = list(self._conns)
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
 
 class EchoBackend:
     """The echo backend running in a background thread of this process."""
@@ -234,11 +193,8 @@ class EchoBackend:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, verbose: bool = False):
         self.host = host
         self._server = _Server((host, port), verbose=verbose)
-        self.port: int = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name=f"echo-backend-{self.port}", daemon=True
-        )
-        self._thread.start()
+        self.port: int = self._server.port
+        self._thread = self._server.start_thread("echo-backend")
         self._stopped = False
 
     @property
@@ -256,10 +212,7 @@ class EchoBackend:
         if self._stopped:
             return
         self._stopped = True
-        self._server.shutdown()
-        self._server.close_connections()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self._server.stop(self._thread)
 
     def __enter__(self) -> EchoBackend:
         return self

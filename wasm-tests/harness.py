@@ -163,32 +163,8 @@ def pull_service(
     source = {"cluster": cluster, "path": path, "authority": authority, "interval": interval, "timeout": timeout}
     if headers:
         source["headers"] = dict(headers)
-    service = {
-        "name": "envoy.bootstrap.wasm",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.wasm.v3.WasmService",
-            "singleton": True,
-            "config": {
-                "name": "keymeter_pull",
-                "root_id": "keymeter",
-                "vm_config": _vm_config(wasm_path, vm_id, runtime),
-                "configuration": {
-                    "@type": "type.googleapis.com/google.protobuf.StringValue",
-                    "value": json.dumps({"role": "service", "source": source}),
-                },
-            },
-        },
-    }
-    source_cluster = {
-        "name": cluster,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": cluster,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(source_port, source_host)}}]}],
-        },
-    }
-    return {"bootstrap_extensions": [service], "extra_clusters": [source_cluster]}
+    service = _singleton("keymeter_pull", {"role": "service", "source": source}, wasm_path, vm_id, runtime)
+    return {"bootstrap_extensions": [service], "extra_clusters": [_static_cluster(cluster, source_port, source_host)]}
 
 
 EXPORT_CLUSTER = "usage_collector"
@@ -234,13 +210,19 @@ def export_service(
             pulled["bootstrap_extensions"][0]["typed_config"]["config"]["configuration"]["value"]
         )["source"]
         clusters += pulled["extra_clusters"]
-    service = {
+    service = _singleton("keymeter_service", conf, wasm_path, vm_id, runtime)
+    return {"bootstrap_extensions": [service], "extra_clusters": clusters}
+
+
+def _singleton(name: str, conf: dict, wasm_path: str | os.PathLike, vm_id: str, runtime: str) -> dict:
+    """keymeter with configuration `conf` as an `envoy.bootstrap.wasm` singleton."""
+    return {
         "name": "envoy.bootstrap.wasm",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.wasm.v3.WasmService",
             "singleton": True,
             "config": {
-                "name": "keymeter_service",
+                "name": name,
                 "root_id": "keymeter",
                 "vm_config": _vm_config(wasm_path, vm_id, runtime),
                 "configuration": {
@@ -250,7 +232,6 @@ def export_service(
             },
         },
     }
-    return {"bootstrap_extensions": [service], "extra_clusters": clusters}
 
 
 def _static_cluster(name: str, port: int, host: str = LOCALHOST) -> dict:

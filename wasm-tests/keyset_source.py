@@ -14,75 +14,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from _server import Handler, Server
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: "_Server"
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.track(self.connection)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self.server.untrack(self.connection)
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
-        pass
-
+class _Handler(Handler):
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
         delay = self.server.owner.delay_s
         if delay:
             time.sleep(delay)
         status, body, etag = self.server.owner._answer(self.headers.get("If-None-Match"))
         self.server.owner._record(self.path, {k.lower(): v for k, v in self.headers.items()}, status)
-        self.send_response(status)
-        if etag is not None:
-            self.send_header("ETag", etag)
-        if status == 304:
-            self.end_headers()
-            return
-        self.send_header("Content-Type", "application/json" if status == 200 else "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, addr, owner: "KeysetSource"):
-        self.owner = owner
-        self._lock = threading.Lock()
-        self._conns: set[socket.socket] = set()
-        super().__init__(addr, _Handler)
-
-    def track(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._conns.add(conn)
-
-    def untrack(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._conns.discard(conn)
-
-    def close_connections(self) -> None:
-        # Envoy keeps upstream connections alive: close them, or a "stopped" source
-        # would go on answering over them.
-        with self._lock:
-            conns = list(self._conns)
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        content_type = "application/json" if status == 200 else "text/plain"
+        headers = {"ETag": etag} if etag is not None else None
+        self.reply(status, None if status == 304 else body, content_type, headers)
 
 
 def etag_of(body: bytes) -> str:
@@ -103,7 +50,7 @@ class KeysetSource:
             self.set_doc(doc)
         else:
             self.fail(404)
-        self._server: _Server | None = None
+        self._server: Server | None = None
         self._thread: threading.Thread | None = None
         self.port = port
         self.start()
@@ -164,12 +111,9 @@ class KeysetSource:
         """Listen (again) on `self.port` (a free one the first time when it is 0)."""
         if self._server is not None:
             return self
-        self._server = _Server((self.host, self.port), self)
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name=f"keyset-source-{self.port}", daemon=True
-        )
-        self._thread.start()
+        self._server = Server((self.host, self.port), _Handler, owner=self)
+        self.port = self._server.port
+        self._thread = self._server.start_thread("keyset-source")
         return self
 
     def stop(self) -> None:
@@ -177,11 +121,7 @@ class KeysetSource:
         server, self._server = self._server, None
         if server is None:
             return
-        server.shutdown()
-        server.close_connections()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        server.stop(self._thread)
 
     def __enter__(self) -> "KeysetSource":
         return self

@@ -14,16 +14,11 @@ import collections
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from _server import Handler, Server
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: "_Server"
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
-        pass
-
+class _Handler(Handler):
     def do_POST(self) -> None:  # noqa: N802 - stdlib naming
         owner = self.server.owner
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -39,20 +34,7 @@ class _Handler(BaseHTTPRequestHandler):
         with owner._lock:
             rec["status"] = status
         reply = b"" if status < 300 else f"collector failure {status}\n".encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, addr, owner: "UsageCollector"):
-        self.owner = owner
-        super().__init__(addr, _Handler)
+        self.reply(status, reply)
 
 
 class UsageCollector:
@@ -61,10 +43,9 @@ class UsageCollector:
         self._requests: list[dict] = []
         self._fail: list[int] = []
         self.delay_s: float = 0
-        self._server = _Server((host, port), self)
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name=f"collector-{self.port}", daemon=True)
-        self._thread.start()
+        self._server = Server((host, port), _Handler, owner=self)
+        self.port = self._server.port
+        self._thread = self._server.start_thread("collector")
 
     def fail_next(self, n: int, status: int = 500) -> None:
         """Answer the next `n` requests with `status` (then 200 again)."""
@@ -122,9 +103,7 @@ class UsageCollector:
         return out
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self._server.stop(self._thread)
 
     def __enter__(self) -> "UsageCollector":
         return self

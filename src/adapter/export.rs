@@ -4,12 +4,12 @@
 //! (same root context, own call token). All decisions are in `core::export`.
 
 use super::host::{self, HostStore};
+use super::service::{dispatch, publish, CallResponse};
 use crate::core::config::ExportConfig;
 use crate::core::export::{Decision, Exporter, CONTENT_TYPE, HEALTH};
 use crate::core::store::Store;
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, MapType, MetricType};
-use std::time::Duration;
+use proxy_wasm::types::MetricType;
 
 pub struct ExportService {
     config: ExportConfig,
@@ -83,46 +83,27 @@ impl ExportService {
 
     fn send(&mut self, now: u64, body: Vec<u8>) {
         let c = &self.config;
-        let mut headers: Vec<(&str, &str)> = vec![
-            (":method", "POST"),
-            (":path", &c.path),
-            (":authority", &c.authority),
-            ("content-type", CONTENT_TYPE),
-        ];
-        headers.extend(c.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let timeout = Duration::from_millis(c.timeout_ms);
-        match hostcalls::dispatch_http_call(&c.cluster, headers, Some(&body), vec![], timeout) {
+        let headers = [("content-type", CONTENT_TYPE)];
+        match dispatch(
+            &c.cluster,
+            "POST",
+            &c.path,
+            &c.authority,
+            &headers,
+            &c.headers,
+            Some(&body),
+            c.timeout_ms,
+        ) {
             Ok(token) => self.exporter.dispatched(token),
-            Err(status) => {
-                let message = format!(
-                    "cannot call cluster \"{}\": {status:?} (is it defined in the bootstrap?)",
-                    c.cluster
-                );
-                self.exporter.dispatch_failed(now, message);
-            }
+            Err(message) => self.exporter.dispatch_failed(now, message),
         }
     }
 
     pub fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize) {
         let now = host::now_ms();
-        let status = if num_headers > 0 {
-            hostcalls::get_map(MapType::HttpCallResponseHeaders)
-                .unwrap_or_default()
-                .into_iter()
-                .find(|(k, _)| k == ":status")
-                .and_then(|(_, v)| v.parse().ok())
-        } else {
-            None
-        };
-        let body = if body_size > 0 {
-            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size.min(4096))
-                .ok()
-                .flatten()
-                .unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        match self.exporter.on_response(now, &HostStore, token, status, &body) {
+        // Only the start of an error body goes into the status message.
+        let r = CallResponse::read(num_headers, body_size, 4096);
+        match self.exporter.on_response(now, &HostStore, token, r.status(), &r.body) {
             Decision::Ignored => return,
             Decision::Acked(n) => Self::count(self.events_metric, n as u64),
             Decision::Failed => {
@@ -148,9 +129,6 @@ impl ExportService {
 
     /// Writes the export health to `km/export` for the admin status.
     fn publish(&self) {
-        let bytes = serde_json::to_vec(&self.exporter.health).unwrap_or_default();
-        if HostStore.set(HEALTH, &bytes, None).is_err() {
-            log::warn!("keymeter export: cannot write {HEALTH}");
-        }
+        publish(HEALTH, &self.exporter.health, "export");
     }
 }

@@ -25,6 +25,73 @@ use std::time::Duration;
 /// few ms after a tick would wait for the next one and a 1s interval would become 2s.
 pub(super) const TICK: Duration = Duration::from_millis(200);
 
+/// One HTTP call of the singleton to `cluster`: `:method`, `:path`, `:authority`, then
+/// `headers`, then the configured `extra` headers. Returns the call token, or the status
+/// message for a call the host refused.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn dispatch(
+    cluster: &str,
+    method: &str,
+    path: &str,
+    authority: &str,
+    headers: &[(&str, &str)],
+    extra: &[(String, String)],
+    body: Option<&[u8]>,
+    timeout_ms: u64,
+) -> Result<u32, String> {
+    let mut all: Vec<(&str, &str)> = vec![(":method", method), (":path", path), (":authority", authority)];
+    all.extend_from_slice(headers);
+    all.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    hostcalls::dispatch_http_call(cluster, all, body, vec![], Duration::from_millis(timeout_ms))
+        .map_err(|status| format!("cannot call cluster \"{cluster}\": {status:?} (is it defined in the bootstrap?)"))
+}
+
+/// Writes a health record (JSON) to shared data `key` for the admin status.
+pub(super) fn publish(key: &str, health: &impl serde::Serialize, who: &str) {
+    let bytes = serde_json::to_vec(health).unwrap_or_default();
+    if HostStore.set(key, &bytes, None).is_err() {
+        log::warn!("keymeter {who}: cannot write {key}");
+    }
+}
+
+/// The answer to a `dispatch`ed call, read in `on_http_call_response`: the response
+/// headers and at most `max_body` bytes of the body.
+pub(super) struct CallResponse {
+    headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl CallResponse {
+    pub fn read(num_headers: usize, body_size: usize, max_body: usize) -> Self {
+        let headers = if num_headers > 0 {
+            hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let body = if body_size > 0 {
+            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size.min(max_body))
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        CallResponse { headers, body }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// `None`: no response at all (timeout, connection failure, reset).
+    pub fn status(&self) -> Option<u32> {
+        self.header(":status").and_then(|s| s.parse().ok())
+    }
+}
+
 pub struct Service {
     source: SourceConfig,
     poller: Poller,
@@ -74,24 +141,22 @@ impl Service {
     fn poll(&mut self, now: u64) {
         let etag = self.poller.begin(now, running_version());
         let s = &self.source;
-        let mut headers: Vec<(&str, &str)> = vec![
-            (":method", "GET"),
-            (":path", &s.path),
-            (":authority", &s.authority),
-            ("accept", "application/json"),
-        ];
+        let mut headers = vec![("accept", "application/json")];
         if let Some(e) = &etag {
             headers.push(("if-none-match", e));
         }
-        headers.extend(s.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let timeout = Duration::from_millis(s.timeout_ms);
-        match hostcalls::dispatch_http_call(&s.cluster, headers, None, vec![], timeout) {
+        match dispatch(
+            &s.cluster,
+            "GET",
+            &s.path,
+            &s.authority,
+            &headers,
+            &s.headers,
+            None,
+            s.timeout_ms,
+        ) {
             Ok(token) => self.poller.dispatched(token),
-            Err(status) => {
-                let message = format!(
-                    "cannot call cluster \"{}\": {status:?} (is it defined in the bootstrap?)",
-                    s.cluster
-                );
+            Err(message) => {
                 self.poller.dispatch_failed(now, message);
                 self.log_failure();
                 self.publish();
@@ -101,29 +166,11 @@ impl Service {
 
     pub fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize) {
         let now = host::now_ms();
-        let headers = if num_headers > 0 {
-            hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        let header = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str())
-        };
-        let body = if body_size > 0 {
-            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-                .ok()
-                .flatten()
-                .unwrap_or_default()
-        } else {
-            Vec::new()
-        };
+        let r = CallResponse::read(num_headers, body_size, usize::MAX);
         let resp = Response {
-            status: header(":status").and_then(|s| s.parse().ok()),
-            etag: header("etag"),
-            body: &body,
+            status: r.status(),
+            etag: r.header("etag"),
+            body: &r.body,
         };
         let was = self.poller.health.state;
         match self.poller.on_response(now, token, resp, running_version()) {
@@ -179,10 +226,7 @@ impl Service {
 
     /// Writes the poll health to `km/source` for the admin status.
     fn publish(&self) {
-        let bytes = serde_json::to_vec(&self.poller.health).unwrap_or_default();
-        if HostStore.set(SOURCE, &bytes, None).is_err() {
-            log::warn!("keymeter pull: cannot write {SOURCE}");
-        }
+        publish(SOURCE, &self.poller.health, "pull");
     }
 }
 

@@ -25,8 +25,9 @@
 //!   health shows the error until an operator fixes the collector.
 
 use super::config::ExportConfig;
+use super::outbound::{answered, is_envoy_upstream_failure, snippet, ts, CallError, Outbound};
+pub use super::outbound::{State, LOST_CALL_GRACE_MS, MIN_BACKOFF_MS};
 use super::store::Store;
-use super::time::format_rfc3339;
 use super::usage::{entries, Counters, UsageRecord};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -37,18 +38,11 @@ pub const HEALTH: &str = "km/export";
 pub const EVENT_TYPE: &str = "keymeter.usage.v1";
 /// Content type of a batch (CloudEvents batched JSON mode).
 pub const CONTENT_TYPE: &str = "application/cloudevents-batch+json";
-pub const MIN_BACKOFF_MS: u64 = 1_000;
-pub const LOST_CALL_GRACE_MS: u64 = 5_000;
 /// Index positions read per shared-data page while building a batch.
 const SCAN_PAGE: usize = 256;
-const SNIPPET_CHARS: usize = 160;
 
 fn acked_name(lineage: &str) -> String {
     format!("km/exp/a/{lineage}")
-}
-
-fn ts(now_ms: u64) -> String {
-    format_rfc3339((now_ms / 1000) as i64)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,21 +59,8 @@ pub enum ErrorKind {
     Store,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExportError {
-    pub kind: ErrorKind,
-    pub message: String,
-    pub at: String,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum State {
-    #[default]
-    Pending,
-    Ok,
-    Error,
-}
+/// `{kind, message, at}` of a failed attempt.
+pub type ExportError = CallError<ErrorKind>;
 
 /// What the admin status shows under `export` (stored in `km/export`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,19 +113,11 @@ pub enum Decision {
     Ignored,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct InFlight {
-    token: Option<u32>,
-    since_ms: u64,
-}
-
 pub struct Exporter {
     interval_ms: u64,
-    timeout_ms: u64,
     max_events: usize,
-    next_ms: u64,
+    call: Outbound,
     cursor: u64,
-    in_flight: Option<InFlight>,
     batch: Option<Batch>,
     /// Acknowledged totals not yet written to shared data.
     commit: Vec<(String, Counters)>,
@@ -215,11 +188,9 @@ impl Exporter {
     pub fn new(c: &ExportConfig) -> Self {
         Exporter {
             interval_ms: c.interval_ms,
-            timeout_ms: c.timeout_ms,
             max_events: c.max_events,
-            next_ms: 0,
+            call: Outbound::new(c.interval_ms, c.timeout_ms),
             cursor: 0,
-            in_flight: None,
             batch: None,
             commit: Vec::new(),
             health: Health {
@@ -234,26 +205,22 @@ impl Exporter {
 
     /// Whether an attempt should start now. Gives up a call in flight for too long.
     pub fn due(&mut self, now_ms: u64) -> bool {
-        if let Some(f) = self.in_flight {
-            if now_ms < f.since_ms + self.timeout_ms + LOST_CALL_GRACE_MS {
-                return false;
-            }
-            self.in_flight = None;
+        if self.call.give_up_lost(now_ms) {
             self.fail(
                 now_ms,
                 ErrorKind::Unreachable,
                 "no answer from the collector (call lost)".into(),
             );
         }
-        now_ms >= self.next_ms
+        self.call.due(now_ms)
     }
 
     pub fn owns(&self, token: u32) -> bool {
-        self.in_flight.is_some_and(|f| f.token == Some(token))
+        self.call.owns(token)
     }
 
     pub fn in_flight(&self) -> bool {
-        self.in_flight.is_some()
+        self.call.in_flight()
     }
 
     /// Starts an attempt: the body to POST, or `None` (nothing new to send, or the
@@ -275,8 +242,8 @@ impl Exporter {
                 Some(b) => self.batch = Some(b),
                 None => {
                     // Nothing new: the collector is not called; try again next interval.
-                    self.next_ms = now_ms + self.interval_ms;
-                    self.health.next_attempt_at = Some(ts(self.next_ms));
+                    let next = self.call.set_next(now_ms + self.interval_ms);
+                    self.health.next_attempt_at = Some(ts(next));
                     return None;
                 }
             }
@@ -284,10 +251,7 @@ impl Exporter {
         let b = self.batch.as_ref().expect("set above");
         self.health.pending_events = b.ids.len();
         self.health.last_attempt_at = Some(ts(now_ms));
-        self.in_flight = Some(InFlight {
-            token: None,
-            since_ms: now_ms,
-        });
+        self.call.begin(now_ms);
         Some(b.body.clone())
     }
 
@@ -346,13 +310,11 @@ impl Exporter {
     }
 
     pub fn dispatched(&mut self, token: u32) {
-        if let Some(f) = &mut self.in_flight {
-            f.token = Some(token);
-        }
+        self.call.dispatched(token);
     }
 
     pub fn dispatch_failed(&mut self, now_ms: u64, message: String) {
-        self.in_flight = None;
+        self.call.end();
         self.fail(now_ms, ErrorKind::Dispatch, message);
     }
 
@@ -368,7 +330,7 @@ impl Exporter {
         if !self.owns(token) {
             return Decision::Ignored;
         }
-        self.in_flight = None;
+        self.call.end();
         match status {
             Some(s) if (200..300).contains(&s) => {
                 let b = self.batch.take().expect("a call in flight has a batch");
@@ -389,8 +351,10 @@ impl Exporter {
                 self.health.consecutive_failures = 0;
                 self.health.last_success_at = Some(ts(now_ms));
                 // A full batch left lineages behind: continue at once.
-                self.next_ms = if b.full { now_ms } else { now_ms + self.interval_ms };
-                self.health.next_attempt_at = Some(ts(self.next_ms));
+                let next = self
+                    .call
+                    .set_next(if b.full { now_ms } else { now_ms + self.interval_ms });
+                self.health.next_attempt_at = Some(ts(next));
                 Decision::Acked(n)
             }
             None => {
@@ -402,26 +366,13 @@ impl Exporter {
                 Decision::Failed
             }
             Some(s) => {
-                let text: String = String::from_utf8_lossy(body)
-                    .chars()
-                    .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { ' ' })
-                    .take(SNIPPET_CHARS)
-                    .collect();
-                let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
-                let upstream = (s == 503
-                    && (text.starts_with("upstream connect error") || text == "no healthy upstream"))
-                    || (s == 504 && text == "upstream request timeout");
-                let kind = if upstream {
+                let text = snippet(body);
+                let kind = if is_envoy_upstream_failure(s, &text) {
                     ErrorKind::Unreachable
                 } else {
                     ErrorKind::Http
                 };
-                let message = if text.is_empty() {
-                    format!("collector answered HTTP {s}")
-                } else {
-                    format!("collector answered HTTP {s}: {text}")
-                };
-                self.fail(now_ms, kind, message);
+                self.fail(now_ms, kind, answered("collector", s, &text));
                 Decision::Failed
             }
         }
@@ -436,28 +387,20 @@ impl Exporter {
 
     /// Delay before the next attempt after `failures` consecutive failures.
     pub fn delay_ms(&self, failures: u32) -> u64 {
-        if failures == 0 {
-            return self.interval_ms;
-        }
-        let exp = (failures - 1).min(32);
-        MIN_BACKOFF_MS.saturating_mul(1u64 << exp).min(self.interval_ms)
+        self.call.delay_ms(failures)
     }
 
     pub fn next_ms(&self) -> u64 {
-        self.next_ms
+        self.call.next_ms()
     }
 
     fn fail(&mut self, now_ms: u64, kind: ErrorKind, message: String) {
         self.health.state = State::Error;
         self.health.consecutive_failures = self.health.consecutive_failures.saturating_add(1);
         self.health.failures += 1;
-        self.health.last_error = Some(ExportError {
-            kind,
-            message,
-            at: ts(now_ms),
-        });
-        self.next_ms = now_ms + self.delay_ms(self.health.consecutive_failures);
-        self.health.next_attempt_at = Some(ts(self.next_ms));
+        self.health.last_error = Some(ExportError::new(now_ms, kind, message));
+        let next = self.call.schedule(now_ms, self.health.consecutive_failures);
+        self.health.next_attempt_at = Some(ts(next));
     }
 }
 

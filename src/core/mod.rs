@@ -7,6 +7,7 @@ pub mod key_record;
 pub mod keyset;
 pub mod keyset_stream;
 pub mod limiter;
+pub mod outbound;
 pub mod plan;
 pub mod problem;
 pub mod pull;

@@ -23,18 +23,13 @@
 
 use super::config::SourceConfig;
 use super::keyset::{parse_json, KeySet, KeySetDoc};
+use super::outbound::{answered, is_envoy_upstream_failure, snippet, ts, CallError, Outbound};
+pub use super::outbound::{State, LOST_CALL_GRACE_MS, MIN_BACKOFF_MS};
 use super::shared_layout::{ApplyError, ApplyReport};
-use super::time::format_rfc3339;
 use serde::{Deserialize, Serialize};
 
 /// Shared-data key holding the pull health (JSON of `Health`) for the admin status.
 pub const SOURCE: &str = "km/source";
-/// First retry delay after a failure; doubles per consecutive failure up to the interval.
-pub const MIN_BACKOFF_MS: u64 = 1_000;
-/// How long after its timeout an unanswered call is given up.
-pub const LOST_CALL_GRACE_MS: u64 = 5_000;
-/// At most this much of an error response body goes into the status message.
-const SNIPPET_CHARS: usize = 160;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -53,25 +48,8 @@ pub enum ErrorKind {
     Apply,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SourceError {
-    pub kind: ErrorKind,
-    pub message: String,
-    /// RFC 3339.
-    pub at: String,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum State {
-    /// No poll has finished yet.
-    #[default]
-    Pending,
-    /// The last poll succeeded (applied or unchanged).
-    Ok,
-    /// The last poll failed; the running set (if any) is kept.
-    Error,
-}
+/// `{kind, message, at}` of a failed poll.
+pub type SourceError = CallError<ErrorKind>;
 
 /// What the admin status shows under `source` (stored in `km/source`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +58,8 @@ pub struct Health {
     /// `http://<authority><path>`, for humans: the request goes through `cluster`.
     pub url: String,
     pub interval_ms: u64,
+    /// Of the last poll: `ok` (applied or unchanged), or `error` (the running set, if
+    /// any, is kept).
     pub state: State,
     pub consecutive_failures: u32,
     /// Version and ETag of the last document applied (or found equal to the running set).
@@ -120,57 +100,22 @@ pub enum Decision {
     Ignored,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct InFlight {
-    token: Option<u32>,
-    since_ms: u64,
-    sent_etag: bool,
-}
-
 /// The poll state machine of one pull service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Poller {
-    interval_ms: u64,
-    timeout_ms: u64,
-    next_poll_ms: u64,
-    in_flight: Option<InFlight>,
+    call: Outbound,
+    /// Whether the call in flight carries `If-None-Match`.
+    sent_etag: bool,
     /// ETag of the document being applied, remembered once the apply succeeds.
     pending_etag: Option<Option<String>>,
     pub health: Health,
 }
 
-fn ts(now_ms: u64) -> String {
-    format_rfc3339((now_ms / 1000) as i64)
-}
-
-/// Printable ASCII of the start of a body, for error messages.
-fn snippet(body: &[u8]) -> String {
-    let s: String = String::from_utf8_lossy(body)
-        .chars()
-        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { ' ' })
-        .take(SNIPPET_CHARS)
-        .collect();
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-/// Envoy reports a connection failure or a timeout of the call as a local reply (503
-/// `upstream connect error ...` / `no healthy upstream`, 504 `upstream request timeout`),
-/// not as a missing response; those are `Unreachable`, not an answer of the source.
-fn is_envoy_upstream_failure(status: u32, body: &str) -> bool {
-    match status {
-        503 => body.starts_with("upstream connect error") || body == "no healthy upstream",
-        504 => body == "upstream request timeout",
-        _ => false,
-    }
-}
-
 impl Poller {
     pub fn new(source: &SourceConfig) -> Self {
         Poller {
-            interval_ms: source.interval_ms,
-            timeout_ms: source.timeout_ms,
-            next_poll_ms: 0,
-            in_flight: None,
+            call: Outbound::new(source.interval_ms, source.timeout_ms),
+            sent_etag: false,
             pending_etag: None,
             health: Health {
                 cluster: source.cluster.clone(),
@@ -184,11 +129,7 @@ impl Poller {
     /// Whether a poll should start now. Gives up a call in flight for too long (counted
     /// as a failure), so a lost callback cannot stop the polling for good.
     pub fn due(&mut self, now_ms: u64) -> bool {
-        if let Some(f) = &self.in_flight {
-            if now_ms < f.since_ms + self.timeout_ms + LOST_CALL_GRACE_MS {
-                return false;
-            }
-            self.in_flight = None;
+        if self.call.give_up_lost(now_ms) {
             self.pending_etag = None;
             self.fail(
                 now_ms,
@@ -196,7 +137,7 @@ impl Poller {
                 "no answer from the source (call lost)".into(),
             );
         }
-        now_ms >= self.next_poll_ms
+        self.call.due(now_ms)
     }
 
     /// Starts a poll; returns the `If-None-Match` value to send, if any. `running` is the
@@ -206,11 +147,8 @@ impl Poller {
             (Some(e), Some(r)) if self.health.applied_version == Some(r) => Some(e.clone()),
             _ => None,
         };
-        self.in_flight = Some(InFlight {
-            token: None,
-            since_ms: now_ms,
-            sent_etag: etag.is_some(),
-        });
+        self.call.begin(now_ms);
+        self.sent_etag = etag.is_some();
         self.health.polls += 1;
         self.health.last_poll_at = Some(ts(now_ms));
         etag
@@ -218,24 +156,22 @@ impl Poller {
 
     /// The host accepted the call under `token`.
     pub fn dispatched(&mut self, token: u32) {
-        if let Some(f) = &mut self.in_flight {
-            f.token = Some(token);
-        }
+        self.call.dispatched(token);
     }
 
     /// The host refused to make the call.
     pub fn dispatch_failed(&mut self, now_ms: u64, message: String) {
-        self.in_flight = None;
+        self.call.end();
         self.fail(now_ms, ErrorKind::Dispatch, message);
     }
 
     /// Interprets the answer to the call `token`. `running` as in `begin`, read now.
     pub fn on_response(&mut self, now_ms: u64, token: u32, resp: Response<'_>, running: Option<u64>) -> Decision {
-        match &self.in_flight {
-            Some(f) if f.token == Some(token) => {}
-            _ => return Decision::Ignored,
+        if !self.call.owns(token) {
+            return Decision::Ignored;
         }
-        let sent_etag = self.in_flight.take().is_some_and(|f| f.sent_etag);
+        self.call.end();
+        let sent_etag = self.sent_etag;
         let status = match resp.status {
             None => {
                 self.fail(
@@ -299,10 +235,8 @@ impl Poller {
                         ErrorKind::Unreachable,
                         format!("source unreachable: Envoy answered {s}: {body}"),
                     )
-                } else if body.is_empty() {
-                    (ErrorKind::Http, format!("source answered HTTP {s}"))
                 } else {
-                    (ErrorKind::Http, format!("source answered HTTP {s}: {body}"))
+                    (ErrorKind::Http, answered("source", s, &body))
                 };
                 self.fail(now_ms, kind, message);
                 Decision::Failed
@@ -331,25 +265,21 @@ impl Poller {
 
     /// When the next poll is due (unix ms).
     pub fn next_poll_ms(&self) -> u64 {
-        self.next_poll_ms
+        self.call.next_ms()
     }
 
     pub fn in_flight(&self) -> bool {
-        self.in_flight.is_some()
+        self.call.in_flight()
     }
 
     /// Delay before the next poll after `failures` consecutive failures (0: healthy).
     pub fn delay_ms(&self, failures: u32) -> u64 {
-        if failures == 0 {
-            return self.interval_ms;
-        }
-        let exp = (failures - 1).min(32);
-        MIN_BACKOFF_MS.saturating_mul(1u64 << exp).min(self.interval_ms)
+        self.call.delay_ms(failures)
     }
 
     fn schedule(&mut self, now_ms: u64) {
-        self.next_poll_ms = now_ms + self.delay_ms(self.health.consecutive_failures);
-        self.health.next_poll_at = Some(ts(self.next_poll_ms));
+        let next = self.call.schedule(now_ms, self.health.consecutive_failures);
+        self.health.next_poll_at = Some(ts(next));
     }
 
     fn succeed(&mut self, now_ms: u64) {
@@ -363,11 +293,7 @@ impl Poller {
         self.health.state = State::Error;
         self.health.consecutive_failures = self.health.consecutive_failures.saturating_add(1);
         self.health.failures += 1;
-        self.health.last_error = Some(SourceError {
-            kind,
-            message,
-            at: ts(now_ms),
-        });
+        self.health.last_error = Some(SourceError::new(now_ms, kind, message));
         self.schedule(now_ms);
     }
 }

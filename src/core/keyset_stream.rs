@@ -10,10 +10,13 @@
 
 use super::keyset::{compile_plan, DocError, KeyDoc};
 use super::plan::PlanDoc;
-use super::shared_layout::{AddError, ApplyError, ApplyReport, FullPush};
+use super::shared_layout::{
+    read_upload, write_upload, AddError, ApplyError, ApplyReport, FullPush, UploadState, CLEANUP_STEP_CHUNKS,
+};
 use super::store::Store;
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
-use std::collections::{BTreeMap, HashMap};
+use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::fmt;
 
 /// Why a streamed push failed: the document, or applying it.
@@ -27,12 +30,14 @@ pub enum PushError {
 struct KeySink<'s, 'a> {
     push: &'s mut FullPush<'a>,
     /// First key (index, id) referring to each plan name.
-    plan_refs: HashMap<String, (usize, String)>,
+    plan_refs: BTreeMap<String, (u64, String)>,
     failure: Option<PushError>,
+    /// Global index of the next key (a staged upload continues it across chunks).
+    next: u64,
 }
 
 impl KeySink<'_, '_> {
-    fn add(&mut self, i: usize, doc: KeyDoc) -> Result<(), PushError> {
+    fn add(&mut self, i: u64, doc: KeyDoc) -> Result<(), PushError> {
         let at = format!("keys[{i}]");
         let rec = doc.compile(&at, |_| true).map_err(PushError::Doc)?;
         if !self.plan_refs.contains_key(&rec.plan) {
@@ -63,8 +68,8 @@ impl<'de> Visitor<'de> for KeysSeed<'_, '_, '_> {
         f.write_str("an array of keys")
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let mut i = 0;
         loop {
+            let i = self.0.next;
             let doc = seq
                 .next_element::<KeyDoc>()
                 .map_err(|e| de::Error::custom(format!("keys[{i}]: {e}")))?;
@@ -73,7 +78,7 @@ impl<'de> Visitor<'de> for KeysSeed<'_, '_, '_> {
                 self.0.failure = Some(e);
                 return Err(de::Error::custom("key rejected"));
             }
-            i += 1;
+            self.0.next += 1;
         }
     }
 }
@@ -127,8 +132,9 @@ pub fn push_stream(
     let mut push = FullPush::begin(store, now_ms).map_err(PushError::Apply)?;
     let mut sink = KeySink {
         push: &mut push,
-        plan_refs: HashMap::new(),
+        plan_refs: BTreeMap::new(),
         failure: None,
+        next: 0,
     };
     let mut de = serde_json::Deserializer::from_reader(reader);
     let parsed = DocSeed(&mut sink)
@@ -164,22 +170,29 @@ pub fn push_stream(
             Err(e) => return abort(push, PushError::Doc(e)),
         };
     }
-    let mut missing: Vec<(usize, String, String)> = plan_refs
-        .into_iter()
-        .filter(|(plan, _)| !plans.contains_key(plan))
-        .map(|(plan, (i, id))| (i, id, plan))
-        .collect();
-    missing.sort();
-    if let Some((i, id, plan)) = missing.into_iter().next() {
-        return abort(
-            push,
-            doc_err(
-                &format!("keys[{i}] (id \"{id}\").plan"),
-                format!("unknown plan '{plan}'"),
-            ),
-        );
+    if let Err(e) = check_plan_refs(&plan_refs, &plans) {
+        return abort(push, e);
     }
     push.commit(version, &plans, force).map_err(PushError::Apply)
+}
+
+/// The first key (lowest index) that refers to a plan the document does not define.
+fn check_plan_refs(
+    plan_refs: &BTreeMap<String, (u64, String)>,
+    plans: &BTreeMap<String, super::plan::Plan>,
+) -> Result<(), PushError> {
+    let missing = plan_refs
+        .iter()
+        .filter(|(plan, _)| !plans.contains_key(*plan))
+        .map(|(plan, (i, id))| (*i, id, plan))
+        .min();
+    match missing {
+        None => Ok(()),
+        Some((i, id, plan)) => Err(PushError::Doc(DocError {
+            at: format!("keys[{i}] (id \"{id}\").plan"),
+            message: format!("unknown plan '{plan}'"),
+        })),
+    }
 }
 
 fn abort<T>(push: FullPush<'_>, e: PushError) -> Result<T, PushError> {

@@ -227,33 +227,220 @@ pub fn lookup(store: &dyn Store, meta: &Meta, id: &str) -> Option<KeyRecord> {
     KeyEntry::decode(&v?)?.active(meta).cloned()
 }
 
-/// Holds `km/lock` for the duration of one update.
-struct Lock<'a> {
+/// Holds `km/lock` for the duration of one update, or (owned by an upload id) across
+/// the requests of a staged upload, renewed by each of them.
+///
+/// The value is the holder's deadline (u64 LE, ms) followed by its owner id (empty for a
+/// one-shot writer). A holder past its deadline has lost the lock.
+pub(crate) struct Lock<'a> {
     store: &'a dyn Store,
+    release: bool,
+}
+
+fn read_lock(store: &dyn Store) -> (u64, String, u32) {
+    let (v, cas) = store.get(LOCK);
+    let v = v.unwrap_or_default();
+    if v.len() < 8 {
+        return (0, String::new(), cas);
+    }
+    let held_until = u64::from_le_bytes(v[..8].try_into().unwrap_or_default());
+    (held_until, String::from_utf8_lossy(&v[8..]).into_owned(), cas)
+}
+
+fn lock_value(held_until: u64, owner: &str) -> Vec<u8> {
+    let mut v = held_until.to_le_bytes().to_vec();
+    v.extend_from_slice(owner.as_bytes());
+    v
 }
 
 impl<'a> Lock<'a> {
-    fn acquire(store: &'a dyn Store, now_ms: u64) -> Result<Lock<'a>, ApplyError> {
+    pub(crate) fn acquire(store: &'a dyn Store, now_ms: u64) -> Result<Lock<'a>, ApplyError> {
+        Self::acquire_owned(store, now_ms, "")
+    }
+
+    fn acquire_owned(store: &'a dyn Store, now_ms: u64, owner: &str) -> Result<Lock<'a>, ApplyError> {
         let (v, _) = store.get(LOCK);
         if v.is_none() {
             // CAS is not checked on a missing key: create it first, then compete by CAS.
             store.set(LOCK, &0u64.to_le_bytes(), None)?;
         }
-        let (v, cas) = store.get(LOCK);
-        let held_until = v.and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
+        let (held_until, _, cas) = read_lock(store);
         if held_until > now_ms {
             return Err(ApplyError::Busy);
         }
         store
-            .set(LOCK, &(now_ms + LOCK_TTL_MS).to_le_bytes(), Some(cas))
+            .set(LOCK, &lock_value(now_ms + LOCK_TTL_MS, owner), Some(cas))
             .map_err(|_| ApplyError::Busy)?;
-        Ok(Lock { store })
+        let lock = Lock { store, release: true };
+        // A live upload always holds the lock: one still recorded now let it expire.
+        reap_abandoned_upload(store)?;
+        Ok(lock)
+    }
+
+    /// Extends the lock held by `owner` (a staged upload) from a later request.
+    fn renew(store: &'a dyn Store, now_ms: u64, owner: &str) -> Result<Lock<'a>, ApplyError> {
+        let (held_until, holder, cas) = read_lock(store);
+        if owner.is_empty() || holder != owner || held_until <= now_ms {
+            return Err(ApplyError::Busy);
+        }
+        store
+            .set(LOCK, &lock_value(now_ms + LOCK_TTL_MS, owner), Some(cas))
+            .map_err(|_| ApplyError::Busy)?;
+        Ok(Lock { store, release: true })
+    }
+
+    /// Leaves the lock held (until its deadline) when this value goes away.
+    fn keep(mut self) {
+        self.release = false;
     }
 }
 
 impl Drop for Lock<'_> {
     fn drop(&mut self) {
-        let _ = self.store.set(LOCK, &0u64.to_le_bytes(), None);
+        if self.release {
+            let _ = self.store.set(LOCK, &0u64.to_le_bytes(), None);
+        }
+    }
+}
+
+/// A staged upload between requests: its push plus what the document checks need at
+/// commit. Stored (bincode) in `km/upload` while the upload holds the lock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadState {
+    pub push: PushState,
+    /// First key (global index, id) referring to each plan name.
+    pub plan_refs: BTreeMap<String, (u64, String)>,
+    /// Global index of the next key (`keys[i]` in error paths).
+    pub next_index: u64,
+}
+
+pub const UPLOAD: &str = "km/upload";
+
+pub fn read_upload(store: &dyn Store) -> Option<UploadState> {
+    value(store, UPLOAD).0.and_then(|b| bincode::deserialize(&b).ok())
+}
+
+pub fn write_upload(store: &dyn Store, st: Option<&UploadState>) -> Result<(), ApplyError> {
+    let bytes = st.map(|s| bincode::serialize(s).expect("upload encodes")).unwrap_or_default();
+    store.set(UPLOAD, &bytes, None)?;
+    Ok(())
+}
+
+/// Called with the lock just taken: an upload still recorded lost its lock, so it is
+/// dropped and its slots queued for cleanup.
+fn reap_abandoned_upload(store: &dyn Store) -> Result<(), ApplyError> {
+    let Some(st) = read_upload(store) else {
+        return Ok(());
+    };
+    log::warn!("keymeter: upload {} expired; cleaning up its records", st.push.owner);
+    write_upload(store, None)?;
+    queue_abort_cleanup(store, &st.push)
+}
+
+/// Work left after a flip (the previous generation's records) or an abort (the
+/// abandoned generation's records): clear slot `slot` of the ids listed in that slot's
+/// index chunks `next..chunks` where the slot still holds generation `gen`, then (under
+/// the writer lock) empty the index. Clearing is conditional on the generation, so it
+/// is safe to run concurrently from several workers and alongside deltas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Cleanup {
+    slot: u8,
+    gen: u64,
+    chunks: usize,
+    next: usize,
+}
+
+pub const CLEANUP: &str = "km/cleanup";
+/// Index chunks (4096 ids each) one short callback may clean.
+pub const CLEANUP_STEP_CHUNKS: usize = 5;
+
+fn read_cleanup(store: &dyn Store) -> (Option<Cleanup>, u32) {
+    let (v, cas) = value(store, CLEANUP);
+    (v.and_then(|b| bincode::deserialize(&b).ok()), cas)
+}
+
+fn queue_cleanup(store: &dyn Store, job: Cleanup) -> Result<(), ApplyError> {
+    // At most one job: finish a previous one first (the caller holds the lock).
+    run_cleanup(store, usize::MAX, true)?;
+    store.set(CLEANUP, &bincode::serialize(&job).expect("cleanup encodes"), None)?;
+    Ok(())
+}
+
+fn queue_abort_cleanup(store: &dyn Store, st: &PushState) -> Result<(), ApplyError> {
+    let mut chunks = st.index_chunks;
+    if !st.index_buf.is_empty() {
+        store.set(&index_chunk_name(st.slot, chunks), &st.index_buf, None)?;
+        chunks += 1;
+    }
+    queue_cleanup(
+        store,
+        Cleanup {
+            slot: st.slot,
+            gen: st.gen,
+            chunks: chunks.max(st.old_index_len.div_ceil(INDEX_CHUNK)),
+            next: 0,
+        },
+    )
+}
+
+/// Does up to `budget` index chunks of pending cleanup; with `locked` (the caller holds
+/// the writer lock) also the final index reset. Returns whether nothing is left.
+fn run_cleanup(store: &dyn Store, budget: usize, locked: bool) -> Result<bool, ApplyError> {
+    let mut left = budget;
+    loop {
+        let (job, cas) = read_cleanup(store);
+        let Some(mut job) = job else { return Ok(true) };
+        if job.next < job.chunks {
+            if left == 0 {
+                return Ok(false);
+            }
+            left -= 1;
+            let (slot, gen) = (job.slot as usize & 1, job.gen);
+            if let Some(chunk) = value(store, &index_chunk_name(job.slot, job.next)).0 {
+                for id in chunk.chunks(12).filter_map(|c| std::str::from_utf8(c).ok()) {
+                    update_entry(store, id, |e| {
+                        if e.slots[slot].as_ref().is_some_and(|s| s.gen == gen) {
+                            e.slots[slot] = None;
+                        }
+                    })?;
+                }
+            }
+            job.next += 1;
+            match store.set(CLEANUP, &bincode::serialize(&job).expect("cleanup encodes"), Some(cas)) {
+                Ok(()) | Err(StoreError::CasMismatch) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !locked {
+            return Ok(false);
+        }
+        for j in 0..job.chunks {
+            store.set(&index_chunk_name(job.slot, j), &[], None)?;
+        }
+        if read_u64(store, &index_len_name(job.slot)) != 0 {
+            store.set(&index_len_name(job.slot), &0u64.to_le_bytes(), None)?;
+        }
+        store.set(CLEANUP, &[], None)?;
+        return Ok(true);
+    }
+}
+
+/// One short step of pending cleanup (the admin role runs it on a timer): clears up to
+/// `budget` index chunks of stale records without the lock, and takes the lock only for
+/// the final index reset (skipped while another writer holds it).
+pub fn cleanup_step(store: &dyn Store, now_ms: u64, budget: usize) -> Result<bool, ApplyError> {
+    if read_cleanup(store).0.is_none() {
+        return Ok(true);
+    }
+    if run_cleanup(store, budget, false)? {
+        return Ok(true);
+    }
+    match read_cleanup(store).0 {
+        Some(job) if job.next >= job.chunks => match Lock::acquire(store, now_ms) {
+            Ok(_lock) => run_cleanup(store, 0, true),
+            Err(_) => Ok(false),
+        },
+        _ => Ok(false),
     }
 }
 
@@ -390,14 +577,28 @@ pub enum AddError {
 /// nothing is visible to requests before `commit` flips the generation. An abandoned
 /// push (`abort`, or an error) leaves only slots of a generation that never becomes
 /// active, and `abort` clears those too.
+///
+/// A staged upload spreads one push over several requests: `suspend` returns the state
+/// to persist (the lock stays held by the upload id until its deadline) and `resume`
+/// continues it from a later request, renewing the lock.
 pub struct FullPush<'a> {
     store: &'a dyn Store,
-    _lock: Lock<'a>,
+    lock: Lock<'a>,
+    st: PushState,
+}
+
+/// Everything a `FullPush` needs to continue in another request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushState {
+    /// The upload id holding the lock (empty for a one-shot push).
+    pub owner: String,
     running: Option<Meta>,
     meta_cas: u32,
     gen: u64,
     slot: u8,
     keys: u64,
+    /// Keys added that are active in the running set (for the removed count).
+    kept: u64,
     entry_bytes: u64,
     /// Ids not yet written to an index chunk, and how many chunks were written.
     index_buf: Vec<u8>,
@@ -406,10 +607,23 @@ pub struct FullPush<'a> {
     now_ms: u64,
 }
 
+impl PushState {
+    pub fn keys(&self) -> u64 {
+        self.keys
+    }
+}
+
 impl<'a> FullPush<'a> {
     /// Takes the writer lock and a fresh generation.
     pub fn begin(store: &'a dyn Store, now_ms: u64) -> Result<FullPush<'a>, ApplyError> {
-        let lock = Lock::acquire(store, now_ms)?;
+        Self::begin_owned(store, now_ms, "")
+    }
+
+    /// `begin` for a staged upload: the lock is held by `owner` (the upload id).
+    pub fn begin_owned(store: &'a dyn Store, now_ms: u64, owner: &str) -> Result<FullPush<'a>, ApplyError> {
+        let lock = Lock::acquire_owned(store, now_ms, owner)?;
+        // The slot about to be written must be clean (and its index free) first.
+        run_cleanup(store, usize::MAX, true)?;
         let (meta_bytes, meta_cas) = value(store, META);
         let running = meta_bytes.as_deref().and_then(Meta::decode);
         let gen = next_gen(store)?;
@@ -417,32 +631,57 @@ impl<'a> FullPush<'a> {
         let old_index_len = read_u64(store, &index_len_name(slot)) as usize;
         Ok(FullPush {
             store,
-            _lock: lock,
-            running,
-            meta_cas,
-            gen,
-            slot,
-            keys: 0,
-            entry_bytes: 0,
-            index_buf: Vec::with_capacity(INDEX_CHUNK * 12),
-            index_chunks: 0,
-            old_index_len,
-            now_ms,
+            lock,
+            st: PushState {
+                owner: owner.to_string(),
+                running,
+                meta_cas,
+                gen,
+                slot,
+                keys: 0,
+                kept: 0,
+                entry_bytes: 0,
+                index_buf: Vec::with_capacity(INDEX_CHUNK * 12),
+                index_chunks: 0,
+                old_index_len,
+                now_ms,
+            },
         })
+    }
+
+    /// Continues a suspended push; `Busy` when its lock expired or was taken.
+    pub fn resume(store: &'a dyn Store, st: PushState, now_ms: u64) -> Result<FullPush<'a>, ApplyError> {
+        let lock = Lock::renew(store, now_ms, &st.owner)?;
+        let mut st = st;
+        st.now_ms = now_ms;
+        Ok(FullPush { store, lock, st })
+    }
+
+    /// Ends this request's part of the push, leaving the lock held by the owner.
+    pub fn suspend(self) -> PushState {
+        let FullPush { lock, st, .. } = self;
+        lock.keep();
+        st
+    }
+
+    pub fn state(&self) -> &PushState {
+        &self.st
     }
 
     /// The running version when the push began (`None`: nothing loaded).
     pub fn running_version(&self) -> Option<u64> {
-        self.running.map(|m| m.version)
+        self.st.running.map(|m| m.version)
     }
 
     /// Writes one key into the inactive slot.
     pub fn add(&mut self, rec: &KeyRecord) -> Result<(), AddError> {
-        let (gen, slot) = (self.gen, self.slot as usize);
+        let (gen, slot, running) = (self.st.gen, self.st.slot as usize, self.st.running);
         let mut duplicate = false;
+        let mut kept = false;
         let e = update_entry(self.store, &rec.id, |e| match &e.slots[slot] {
             Some(s) if s.gen == gen => duplicate = true,
             _ => {
+                kept = running.is_some_and(|m| e.active(&m).is_some());
                 e.slots[slot] = Some(Slot {
                     gen,
                     record: rec.clone(),
@@ -454,94 +693,101 @@ impl<'a> FullPush<'a> {
             return Err(AddError::Duplicate);
         }
         // Sized with only the new slot: what the entry holds after the sweep.
-        self.entry_bytes += bincode::Options::serialized_size(entry_codec(), &e.slots[slot]).unwrap_or(0);
-        self.keys += 1;
-        self.index_buf.extend_from_slice(rec.id.as_bytes());
-        if self.index_buf.len() == INDEX_CHUNK * 12 {
+        self.st.entry_bytes += bincode::Options::serialized_size(entry_codec(), &e.slots[slot]).unwrap_or(0);
+        self.st.keys += 1;
+        self.st.kept += u64::from(kept);
+        self.st.index_buf.extend_from_slice(rec.id.as_bytes());
+        if self.st.index_buf.len() == INDEX_CHUNK * 12 {
             self.flush_index_chunk().map_err(AddError::Apply)?;
         }
         Ok(())
     }
 
     fn flush_index_chunk(&mut self) -> Result<(), ApplyError> {
-        if !self.index_buf.is_empty() {
-            self.store
-                .set(&index_chunk_name(self.slot, self.index_chunks), &self.index_buf, None)?;
-            self.index_buf.clear();
-            self.index_chunks += 1;
+        if !self.st.index_buf.is_empty() {
+            self.store.set(
+                &index_chunk_name(self.st.slot, self.st.index_chunks),
+                &self.st.index_buf,
+                None,
+            )?;
+            self.st.index_buf.clear();
+            self.st.index_chunks += 1;
         }
         Ok(())
     }
 
     /// Checks the version, then makes the pushed set the active one in one CAS and
     /// sweeps the previous generation.
-    pub fn commit(
+    pub fn commit(self, version: u64, plans: &BTreeMap<String, Plan>, force: bool) -> Result<ApplyReport, ApplyError> {
+        self.commit_with(version, plans, force, usize::MAX)
+    }
+
+    /// `commit` doing at most `budget` index chunks of the sweep in this call; the rest
+    /// is left to `cleanup_step` (or the next full push), so the callback stays short.
+    /// Requests never see the old records: they are of an inactive generation.
+    pub fn commit_with(
         mut self,
         version: u64,
         plans: &BTreeMap<String, Plan>,
         force: bool,
+        budget: usize,
     ) -> Result<ApplyReport, ApplyError> {
-        if let Err(e) = check_version(self.running.as_ref(), version, force) {
-            self.abort();
+        if let Err(e) = check_version(self.st.running.as_ref(), version, force) {
+            self.abort_with(budget);
             return Err(e);
         }
         let store = self.store;
-        write_plans(store, self.slot, self.gen, plans)?;
+        let slot = self.st.slot;
+        write_plans(store, slot, self.st.gen, plans)?;
         self.flush_index_chunk()?;
-        for j in self.index_chunks..self.old_index_len.div_ceil(INDEX_CHUNK) {
-            store.set(&index_chunk_name(self.slot, j), &[], None)?;
+        for j in self.st.index_chunks..self.st.old_index_len.div_ceil(INDEX_CHUNK) {
+            store.set(&index_chunk_name(slot, j), &[], None)?;
         }
-        store.set(&index_len_name(self.slot), &self.keys.to_le_bytes(), None)?;
+        store.set(&index_len_name(slot), &self.st.keys.to_le_bytes(), None)?;
+        let st = &self.st;
         let meta = Meta {
-            gen: self.gen,
-            slot: self.slot,
+            gen: st.gen,
+            slot,
             version,
-            keys: self.keys,
-            plans_rev: self.running.map_or(0, |m| m.plans_rev) + 1,
-            updated_at: (self.now_ms / 1000) as i64,
-            avg_entry_bytes: self.entry_bytes / self.keys.max(1),
+            keys: st.keys,
+            plans_rev: st.running.map_or(0, |m| m.plans_rev) + 1,
+            updated_at: (st.now_ms / 1000) as i64,
+            avg_entry_bytes: st.entry_bytes / st.keys.max(1),
         };
-        store.set(META, &meta.encode(), Some(self.meta_cas))?;
-        let removed = match self.running {
-            Some(old) => sweep(store, old.slot, &meta)?,
-            None => 0,
-        };
+        store.set(META, &meta.encode(), Some(st.meta_cas))?;
+        let removed = st.running.map_or(0, |m| m.keys.saturating_sub(st.kept));
+        if let Some(old) = st.running.filter(|old| old.slot & 1 != slot & 1) {
+            let old_len = read_u64(store, &index_len_name(old.slot)) as usize;
+            queue_cleanup(
+                store,
+                Cleanup {
+                    slot: old.slot,
+                    gen: old.gen,
+                    chunks: old_len.div_ceil(INDEX_CHUNK),
+                    next: 0,
+                },
+            )?;
+            run_cleanup(store, budget, true)?;
+        }
         Ok(ApplyReport {
             version,
             keys: meta.keys,
-            written: self.keys,
+            written: self.st.keys,
             removed,
         })
     }
 
     /// Gives the push up, clearing the slots it wrote so they take no memory.
-    pub fn abort(mut self) {
-        let mut ids = Vec::new();
-        for i in 0..self.index_chunks {
-            if let Some(chunk) = value(self.store, &index_chunk_name(self.slot, i)).0 {
-                ids.extend(
-                    chunk
-                        .chunks(12)
-                        .filter_map(|c| std::str::from_utf8(c).ok())
-                        .map(str::to_string),
-                );
-            }
+    pub fn abort(self) {
+        self.abort_with(usize::MAX)
+    }
+
+    /// `abort` clearing at most `budget` index chunks now, the rest later (see
+    /// `commit_with`); the written slots are of a generation that never becomes active.
+    pub fn abort_with(self, budget: usize) {
+        if queue_abort_cleanup(self.store, &self.st).is_ok() {
+            let _ = run_cleanup(self.store, budget, true);
         }
-        ids.extend(
-            self.index_buf
-                .chunks(12)
-                .filter_map(|c| std::str::from_utf8(c).ok())
-                .map(str::to_string),
-        );
-        let (gen, slot) = (self.gen, self.slot as usize);
-        for id in ids {
-            let _ = update_entry(self.store, &id, |e| {
-                if e.slots[slot].as_ref().is_some_and(|s| s.gen == gen) {
-                    e.slots[slot] = None;
-                }
-            });
-        }
-        self.index_buf.clear();
     }
 }
 
@@ -550,23 +796,6 @@ fn read_u64(store: &dyn Store, key: &str) -> u64 {
         .0
         .and_then(|b| b.try_into().ok())
         .map_or(0, u64::from_le_bytes)
-}
-
-/// After a flip, drops the records of the previous generation: entries of keys still
-/// present keep only their active slot, entries of removed keys become empty.
-fn sweep(store: &dyn Store, old_slot: u8, meta: &Meta) -> Result<u64, ApplyError> {
-    if old_slot & 1 == meta.slot & 1 {
-        return Ok(0);
-    }
-    let mut removed = 0;
-    for id in read_index(store, old_slot) {
-        let e = update_entry(store, &id, |e| e.slots[old_slot as usize & 1] = None)?;
-        if e.active(meta).is_none() {
-            removed += 1;
-        }
-    }
-    write_index(store, old_slot, std::iter::empty())?;
-    Ok(removed)
 }
 
 /// Applies a batch of changes to the running set, op by op (each op is atomic for

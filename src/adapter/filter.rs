@@ -263,7 +263,7 @@ impl FilterRequest {
             return self.refuse(Problem::MissingCredential);
         };
         let subject = Subject {
-            state_key: format!("km/rl/ip/{ip}"),
+            state_key: format!("km/rl/ip/{}", crate::core::cidr::limit_subject(ip)),
             plan,
             override_rec: None,
         };

@@ -74,6 +74,19 @@ pub fn parse_peer(s: &str) -> Option<IpAddr> {
     s.rsplit_once(':')?.0.parse().ok()
 }
 
+/// The address an anonymous client is limited under: itself for IPv4, its /64 for
+/// IPv6, since one subscriber usually gets a whole /64 and could otherwise rotate
+/// addresses to dodge the limit (and create one shared-data entry per address).
+pub fn limit_subject(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64)))
+        }
+        IpAddr::V6(v6) => IpAddr::V4(v6.to_ipv4_mapped().expect("checked")),
+        v4 => v4,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +126,17 @@ mod tests {
         ] {
             assert!(Cidr::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn anonymous_limit_subjects() {
+        assert_eq!(limit_subject(ip("10.1.2.3")), ip("10.1.2.3"));
+        assert_eq!(limit_subject(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            limit_subject(ip("2001:db8:1:2:ffff::9")),
+            limit_subject(ip("2001:db8:1:2::1"))
+        );
+        assert_eq!(limit_subject(ip("::ffff:10.1.2.3")), ip("10.1.2.3"));
     }
 
     #[test]

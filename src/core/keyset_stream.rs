@@ -200,6 +200,162 @@ fn abort<T>(push: FullPush<'_>, e: PushError) -> Result<T, PushError> {
     Err(e)
 }
 
+// ------------------------------------------------------------------ staged uploads
+
+/// Why a step of a staged upload failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UploadError {
+    /// No upload with that id (never begun, committed, aborted, or reaped).
+    NotFound,
+    /// The upload's lock expired (no request for `LOCK_TTL`): it was aborted.
+    Expired,
+    /// The upload was aborted because of this (except `Busy` at begin).
+    Push(PushError),
+}
+
+impl From<ApplyError> for UploadError {
+    fn from(e: ApplyError) -> Self {
+        UploadError::Push(PushError::Apply(e))
+    }
+}
+
+/// Begins a staged upload with id `id`: takes the writer lock for it and a fresh
+/// generation. Nothing is visible before `upload_commit`.
+pub fn upload_begin(store: &dyn Store, id: &str, now_ms: u64) -> Result<(), UploadError> {
+    let push = FullPush::begin_owned(store, now_ms, id)?;
+    let st = UploadState {
+        push: push.state().clone(),
+        plan_refs: BTreeMap::new(),
+        next_index: 0,
+    };
+    if let Err(e) = write_upload(store, Some(&st)) {
+        push.abort();
+        return Err(e.into());
+    }
+    push.suspend();
+    Ok(())
+}
+
+/// The upload `id` and its push, resumed (lock renewed); an expired one is reaped.
+fn resume<'a>(store: &'a dyn Store, id: &str, now_ms: u64) -> Result<(UploadState, FullPush<'a>), UploadError> {
+    let st = read_upload(store)
+        .filter(|s| s.push.owner == id)
+        .ok_or(UploadError::NotFound)?;
+    match FullPush::resume(store, st.push.clone(), now_ms) {
+        Ok(push) => Ok((st, push)),
+        Err(_) => {
+            // Its lock expired: whoever takes the lock next cleans up; do it now if free.
+            drop(super::shared_layout::Lock::acquire(store, now_ms));
+            Err(UploadError::Expired)
+        }
+    }
+}
+
+/// Gives the upload up: forgets it and clears what it wrote (a bounded part now, the
+/// rest by `cleanup_step` or the next full push).
+fn give_up(store: &dyn Store, push: FullPush<'_>, e: PushError) -> UploadError {
+    let _ = write_upload(store, None);
+    push.abort_with(CLEANUP_STEP_CHUNKS);
+    UploadError::Push(e)
+}
+
+/// Adds a chunk of keys (a JSON array of key objects, as in `keys[]`) to upload `id`;
+/// error paths continue the document's global index. Any error aborts the upload.
+/// Returns how many keys the upload holds so far.
+pub fn upload_keys(store: &dyn Store, id: &str, reader: impl std::io::Read, now_ms: u64) -> Result<u64, UploadError> {
+    let (mut st, mut push) = resume(store, id, now_ms)?;
+    let mut sink = KeySink {
+        push: &mut push,
+        plan_refs: std::mem::take(&mut st.plan_refs),
+        failure: None,
+        next: st.next_index,
+    };
+    let mut de = serde_json::Deserializer::from_reader(reader);
+    let parsed = KeysSeed(&mut sink).deserialize(&mut de).and_then(|()| de.end());
+    let KeySink {
+        plan_refs,
+        failure,
+        next,
+        ..
+    } = sink;
+    match (parsed, failure) {
+        (_, Some(f)) => return Err(give_up(store, push, f)),
+        (Err(e), None) => {
+            let e = DocError {
+                at: String::new(),
+                message: format!("invalid keys chunk (a JSON array of keys): {e}"),
+            };
+            return Err(give_up(store, push, PushError::Doc(e)));
+        }
+        (Ok(()), None) => {}
+    }
+    st.plan_refs = plan_refs;
+    st.next_index = next;
+    st.push = push.state().clone();
+    if let Err(e) = write_upload(store, Some(&st)) {
+        return Err(give_up(store, push, PushError::Apply(e)));
+    }
+    let keys = st.push.keys();
+    push.suspend();
+    Ok(keys)
+}
+
+/// The body of a commit: what a full document holds besides its keys.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommitDoc {
+    version: u64,
+    #[serde(default)]
+    plans: BTreeMap<String, PlanDoc>,
+}
+
+/// Checks the plans and version (`commit` body: `{"version": V, "plans": {...}}`) and
+/// makes the uploaded set the running one. Any error aborts the upload.
+pub fn upload_commit(
+    store: &dyn Store,
+    id: &str,
+    body: &[u8],
+    now_ms: u64,
+    force: bool,
+) -> Result<ApplyReport, UploadError> {
+    let (_, push) = resume(store, id, now_ms)?;
+    let st = read_upload(store).ok_or(UploadError::NotFound)?;
+    let doc_err = |at: &str, m: String| {
+        PushError::Doc(DocError {
+            at: at.to_string(),
+            message: m,
+        })
+    };
+    let doc: CommitDoc = match serde_json::from_slice(body) {
+        Ok(d) => d,
+        Err(e) => return Err(give_up(store, push, doc_err("", format!("invalid commit body: {e}")))),
+    };
+    if doc.version == 0 {
+        return Err(give_up(store, push, doc_err("version", "must be >= 1".into())));
+    }
+    let mut plans = BTreeMap::new();
+    for (name, p) in &doc.plans {
+        match compile_plan(name, p, "plans") {
+            Ok(plan) => plans.insert(name.clone(), plan),
+            Err(e) => return Err(give_up(store, push, PushError::Doc(e))),
+        };
+    }
+    if let Err(e) = check_plan_refs(&st.plan_refs, &plans) {
+        return Err(give_up(store, push, e));
+    }
+    write_upload(store, None)?;
+    push.commit_with(doc.version, &plans, force, CLEANUP_STEP_CHUNKS)
+        .map_err(UploadError::from)
+}
+
+/// Aborts upload `id` (DELETE): the running set is untouched.
+pub fn upload_abort(store: &dyn Store, id: &str, now_ms: u64) -> Result<(), UploadError> {
+    let (_, push) = resume(store, id, now_ms)?;
+    write_upload(store, None)?;
+    push.abort_with(CLEANUP_STEP_CHUNKS);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::keyset::{parse_json, KeySetDoc};

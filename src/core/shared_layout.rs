@@ -232,7 +232,7 @@ pub fn lookup(store: &dyn Store, meta: &Meta, id: &str) -> Option<KeyRecord> {
 ///
 /// The value is the holder's deadline (u64 LE, ms) followed by its owner id (empty for a
 /// one-shot writer). A holder past its deadline has lost the lock.
-pub(crate) struct Lock<'a> {
+pub struct Lock<'a> {
     store: &'a dyn Store,
     release: bool,
 }
@@ -254,7 +254,7 @@ fn lock_value(held_until: u64, owner: &str) -> Vec<u8> {
 }
 
 impl<'a> Lock<'a> {
-    pub(crate) fn acquire(store: &'a dyn Store, now_ms: u64) -> Result<Lock<'a>, ApplyError> {
+    pub fn acquire(store: &'a dyn Store, now_ms: u64) -> Result<Lock<'a>, ApplyError> {
         Self::acquire_owned(store, now_ms, "")
     }
 
@@ -321,7 +321,9 @@ pub fn read_upload(store: &dyn Store) -> Option<UploadState> {
 }
 
 pub fn write_upload(store: &dyn Store, st: Option<&UploadState>) -> Result<(), ApplyError> {
-    let bytes = st.map(|s| bincode::serialize(s).expect("upload encodes")).unwrap_or_default();
+    let bytes = st
+        .map(|s| bincode::serialize(s).expect("upload encodes"))
+        .unwrap_or_default();
     store.set(UPLOAD, &bytes, None)?;
     Ok(())
 }

@@ -1,8 +1,7 @@
 //! The public filter: authenticate, authorize, limit, forward identity.
 
 use super::host::{self, HostStore};
-use super::metering::Unauthenticated;
-use super::metering::Who;
+use super::metering::{Unauthenticated, Who};
 use super::root::Shared;
 use crate::core::api_key::hashes_equal;
 use crate::core::config::{NoKeySet, OnContention};
@@ -27,9 +26,8 @@ pub struct FilterRequest {
     shared: Rc<Shared>,
     /// `RateLimit-Policy` and `RateLimit` values for the response.
     ratelimit_headers: Option<(String, String)>,
-    /// What to count when the request ends (see `on_log`).
-    /// The authentic key of this request (or the anonymous plan's name), and how the
-    /// request ended for it.
+    /// What `on_log` counts: the authentic key of this request (or the anonymous plan's
+    /// name), and how the request ended for it.
     record: Option<Rc<KeyRecord>>,
     anonymous_plan: Option<String>,
     outcome: Outcome,

@@ -37,12 +37,17 @@ Method
   - The rotating-key variants call a Lua request() per request on the wrk side; wrk has
     its own CPU so this should not limit them, but compare 4r with 4 with that in mind.
   - 1M-key set: ids random base62, hashes random except for the keys wrk uses (real
-    sha256 of real keys); the key set is one PUT /v1/keyset on the admin listener
-    (256 MiB buffer limit). Push time, RSS before/after, and bytes per key (RSS growth /
+    sha256 of real keys); the key set is sent as a staged upload (POST /v1/keyset/uploads,
+    PUT .../keys in chunks of 20000 keys, POST .../commit). Push time, RSS before/after, and bytes per key (RSS growth /
     keys: an upper bound, it includes the wasm heap used to parse the document) are
     reported; full mode also times a second full push of the same set (replace: new
     slot, flip, sweep of the old one). 10M keys are not attempted: the document (~1.3 GB) exceeds the admin
     listener's 256 MiB buffer and the 4 GiB wasm32 address space.
+  - Live traffic during a 1M-key push: a separate Envoy with --concurrency 2 (unpinned)
+    is loaded once, then re-pushed one-shot (PUT /v1/keyset, one callback) and staged
+    (20000-key chunks) while a probe thread sends sequential requests with a valid key
+    (new connection each, so about half land on the worker running the push); p50/p99/max
+    latency of the probe per push.
   - Delta revoke: POST /v1/keyset/delta revoking one key, timed, then the revoked key is
     sent to the public listener at once and must get 401 (another key still gets 200).
   - Rate-limit accuracy: a separate Envoy with --concurrency 2 (unpinned), plan rate 200
@@ -306,7 +311,17 @@ class KnownKey:
 
 
 def keyset_json(version: int, n: int, known: list[KnownKey]) -> bytes:
-    """A key-set document with `n` keys (keys.py's format), the `known` ones first.
+    """A key-set document with `n` keys (keys.py's format), the `known` ones first."""
+    return doc_of(version, keyset_parts(n, known))
+
+
+def doc_of(version: int, parts: list[str]) -> bytes:
+    return ('{"version":%d,"plans":%s,"keys":[' % (version, json.dumps(PLANS))).encode() + \
+        ",".join(parts).encode() + b"]}"
+
+
+def keyset_parts(n: int, known: list[KnownKey]) -> list[str]:
+    """The JSON objects of `n` keys, the `known` ones first.
 
     The rest have random ids and random hashes (no key behind them): the filter cannot
     tell, and it keeps generating 1M keys to a few seconds.
@@ -330,8 +345,66 @@ def keyset_json(version: int, n: int, known: list[KnownKey]) -> bytes:
             parts.append(f'{{"id":"{kid}","hash":"{hashes[64 * j:64 * j + 64]}","consumer":"c{i % 1000}","plan":"bench"}}')
             i += 1
         need = n - len(parts)
-    return ('{"version":%d,"plans":%s,"keys":[' % (version, json.dumps(PLANS))).encode() + \
-        ",".join(parts).encode() + b"]}"
+    return parts
+
+
+CHUNK_KEYS = 20000
+
+
+def staged_push(envoy, version: int, chunks: list[bytes], force: bool = False):
+    """A staged upload (POST uploads, PUT keys per chunk, POST commit); returns the
+    commit's response (or the first failing one, after aborting)."""
+    r = admin_call(envoy, "POST", "/v1/keyset/uploads", None)
+    if r.status != 201:
+        return r
+    base = "/v1/keyset/uploads/" + r.json()["upload_id"]
+    for c in chunks:
+        r = admin_call(envoy, "PUT", base + "/keys", c)
+        if r.status != 200:
+            admin_call(envoy, "DELETE", base, None)
+            return r
+    return admin_call(envoy, "POST", base + "/commit" + ("?force=true" if force else ""),
+                      {"version": version, "plans": PLANS})
+
+
+class LiveProbe:
+    """Sequential requests with a valid key on the public listener while a push runs;
+    records latencies."""
+
+    def __init__(self, envoy, headers: dict):
+        import threading
+        self.envoy, self.headers = envoy, headers
+        self.lat_ms: list[float] = []
+        self.errors = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop.is_set():
+            t = time.perf_counter()
+            try:
+                ok = harness.http("GET", self.envoy.url(BENCH_PATH), self.headers, timeout=60).status == 200
+            except Exception:  # noqa: BLE001 - counted
+                ok = False
+            self.lat_ms.append((time.perf_counter() - t) * 1000)
+            self.errors += 0 if ok else 1
+
+    def __enter__(self):
+        self.thread.start()
+        time.sleep(0.3)
+        return self
+
+    def __exit__(self, *exc):
+        time.sleep(0.3)
+        self.stop.set()
+        self.thread.join()
+
+    def summary(self) -> dict:
+        lat = sorted(self.lat_ms)
+        if not lat:
+            return {"requests": 0}
+        return {"requests": len(lat), "errors": self.errors, "p50_ms": round(lat[len(lat) // 2], 2),
+                "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 2), "max_ms": round(lat[-1], 2)}
 
 
 def admin_call(envoy, method: str, path: str, body, timeout: float = 900):
@@ -531,7 +604,11 @@ def main() -> int:
     known = [KnownKey() for _ in range(max(args.rotate, 1) + 2)]
     bench_key, revoke_key, rot_keys = known[0], known[1], known[2:2 + args.rotate]
     small_doc = keyset_json(1, args.keys, known)
-    (large_doc, gen_s) = timed(lambda: keyset_json(1, large, known))
+    (large_parts, gen_s) = timed(lambda: keyset_parts(large, known))
+    large_doc = doc_of(1, large_parts)
+    large_chunks = [("[" + ",".join(large_parts[i:i + CHUNK_KEYS]) + "]").encode()
+                    for i in range(0, len(large_parts), CHUNK_KEYS)]
+    del large_parts
     log(f"generated {large} keys ({len(large_doc) / 2**20:.0f} MiB JSON) in {gen_s:.1f}s")
     script = rotate_script(BENCH_DIR / "rotate.lua", [k.key for k in rot_keys])
     hdr = {"x-api-key": bench_key.key}
@@ -550,11 +627,12 @@ def main() -> int:
         e_big = mk_envoy(keymeter_config(), "keymeter-large")
         rss0 = rss_kib(e_big.pid)
         push_info: dict = {"keys": large, "doc_bytes": len(large_doc), "generate_s": round(gen_s, 2),
-                           "rss_before_kib": rss0}
+                           "rss_before_kib": rss0, "method": f"staged upload, {CHUNK_KEYS} keys per chunk",
+                           "chunks": len(large_chunks)}
         large_skip = None
         t_push = time.perf_counter()
         try:
-            r, push_s = timed(lambda: admin_call(e_big, "PUT", "/v1/keyset", large_doc))
+            r, push_s = timed(lambda: staged_push(e_big, 1, large_chunks))
             push_info.update(status=r.status, push_s=round(push_s, 2), response=r.text[:300])
             if r.status != 200:
                 large_skip = f"{large}-key push failed: HTTP {r.status} {r.text[:200]}"
@@ -572,17 +650,43 @@ def main() -> int:
             # A second full push of the same keys (version 2): what a whole-set rotation
             # costs once the set is loaded (writes the other slot, then sweeps the old one).
             try:
-                r, push2_s = timed(lambda: admin_call(e_big, "PUT", "/v1/keyset", large_doc.replace(
-                    b'{"version":1,', b'{"version":2,', 1)))
+                r, push2_s = timed(lambda: staged_push(e_big, 2, large_chunks))
                 push_info.update(repush_status=r.status, repush_s=round(push2_s, 2), repush_response=r.text[:300])
                 time.sleep(1)
                 push_info["rss_after_repush_kib"] = rss_kib(e_big.pid)
             except Exception as e:  # noqa: BLE001
                 push_info.update(repush_error=repr(e))
         results["large_push"] = push_info
+
+        # ---- live traffic during a 1M-key push: one-shot PUT vs staged upload, on one
+        # Envoy with ONE worker, so the public listener shares the worker that applies
+        # the push (the worst case; with N workers a push stalls 1/N of connections).
+        # A probe sends sequential requests and records their latency.
+        live: dict = {"envoy_concurrency": 1, "keys": large, "chunk_keys": CHUNK_KEYS,
+                      "probe": "sequential GET with a valid key, new connection per request"}
+        e_live = None
+        try:
+            e_live = mk_envoy(keymeter_config(), "keymeter-live", concurrency=1, cpus=None)
+            r = admin_call(e_live, "PUT", "/v1/keyset", large_doc)  # load (not measured)
+            if r.status != 200:
+                raise RuntimeError(f"load: HTTP {r.status} {r.text[:200]}")
+            with LiveProbe(e_live, hdr) as p:
+                r, dt = timed(lambda: admin_call(e_live, "PUT", "/v1/keyset", large_doc.replace(
+                    b'{"version":1,', b'{"version":2,', 1)))
+            live["one_shot"] = {"status": r.status, "push_s": round(dt, 2), **p.summary()}
+            with LiveProbe(e_live, hdr) as p:
+                r, dt = timed(lambda: staged_push(e_live, 3, large_chunks))
+            live["staged"] = {"status": r.status, "push_s": round(dt, 2), **p.summary()}
+        except Exception as e:  # noqa: BLE001 - reported
+            live["error"] = repr(e)
+        finally:
+            if e_live:
+                e_live.stop()
+        results["live_traffic_during_push"] = live
+        log(f"live traffic during push: {live}")
         log(f"large push: {push_info.get('status', push_info.get('error'))} in {push_info.get('push_s', '?')}s, "
             f"RSS {rss0} -> {rss1} KiB" + (f", {push_info['bytes_per_key']} B/key" if 'bytes_per_key' in push_info else ""))
-        del large_doc
+        del large_doc, large_chunks
 
         ok_nometer, why = metering_off_supported(mk_envoy)
         e_nometer = None
@@ -731,12 +835,21 @@ def main() -> int:
             print(f"{name:14s} median {fmt.format(v['median'])}  min {fmt.format(v['min'])}  "
                   f"max {fmt.format(v['max'])}  ({v['n']} rounds)")
     lp = results.get("large_push", {})
-    print(f"\nfull push of {lp.get('keys')} keys ({lp.get('doc_bytes', 0) / 2**20:.0f} MiB JSON, generated in "
+    print(f"\nfull push ({lp.get('method', 'one-shot PUT')}) of {lp.get('keys')} keys ({lp.get('doc_bytes', 0) / 2**20:.0f} MiB JSON, generated in "
           f"{lp.get('generate_s')}s): " + (f"HTTP {lp['status']} in {lp['push_s']}s" if 'status' in lp
                                           else f"FAILED {lp.get('error')}")
           + (f" after {lp['failed_after_s']}s" if "failed_after_s" in lp else "")
           + (f", RSS {lp['rss_before_kib'] / 1024:.0f} -> {lp['rss_after_kib'] / 1024:.0f} MiB = "
              f"{lp['bytes_per_key']} bytes/key" if 'bytes_per_key' in lp else ""))
+    lv = results.get("live_traffic_during_push", {})
+    for name, what in (("one_shot", "one-shot PUT"), ("staged", f"staged upload ({CHUNK_KEYS}-key chunks)")):
+        m = lv.get(name)
+        if m:
+            print(f"live traffic during a {lv['keys']}-key {what} (Envoy 1 worker, shared with the push): HTTP {m['status']} in "
+                  f"{m['push_s']}s; probe {m.get('requests')} req, p50 {m.get('p50_ms')} ms, p99 {m.get('p99_ms')} ms, "
+                  f"max {m.get('max_ms')} ms, errors {m.get('errors')}")
+    if "error" in lv:
+        print(f"live traffic measurement FAILED: {lv['error']}")
     if "repush_s" in lp:
         print(f"second full push of the same {lp['keys']} keys (replace + sweep): HTTP {lp['repush_status']} in "
               f"{lp['repush_s']}s, RSS after {lp['rss_after_repush_kib'] / 1024:.0f} MiB")

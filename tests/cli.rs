@@ -1101,3 +1101,78 @@ fn usage_errors() {
         "{r:?}"
     );
 }
+
+#[test]
+fn keyset_push_sends_large_files_as_a_staged_upload() {
+    let d = setup("staged");
+    for _ in 0..5 {
+        create(&d, &[]);
+    }
+    let doc = d.doc();
+    let begun = || reply(201, json!({"upload_id": "up7"}));
+    let so_far = |n: u64| reply(200, json!({"keys_so_far": n}));
+    let bad = reply(
+        400,
+        json!({"type": "urn:keymeter:problem:invalid-keyset", "title": "Invalid key set", "status": 400,
+               "detail": "keys[3].hash: bad (upload aborted)"}),
+    );
+    let (url, server) = fake_server(vec![
+        begun(),
+        so_far(2),
+        so_far(4),
+        so_far(5),
+        reply(
+            200,
+            json!({"version": doc["version"], "keys": 5, "written": 5, "removed": 0}),
+        ),
+        // second run: the second chunk is refused, the CLI aborts the upload
+        begun(),
+        so_far(2),
+        bad,
+        reply(404, json!({"title": "No such key-set upload"})),
+        // third run: at or under --chunk-keys, the one-shot PUT
+        reply(200, json!({"version": 2, "keys": 5})),
+    ]);
+    let admin = ["--admin", url.as_str(), "--token", "tok"];
+    let r = km(
+        &d,
+        &[&["keyset", "push", "--chunk-keys", "2", "--force"][..], &admin].concat(),
+    )
+    .ok();
+    assert!(
+        r.stdout.contains("pushed keyset.json") && r.stdout.contains("keys=5"),
+        "{r:?}"
+    );
+    let r = km(&d, &[&["keyset", "push", "--chunk-keys", "2"][..], &admin].concat());
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("400") && r.stderr.contains("keys[3].hash"), "{r:?}");
+    km(&d, &[&["keyset", "push", "--chunk-keys", "5"][..], &admin].concat()).ok();
+    let reqs = server.join().unwrap();
+    let seq: Vec<(&str, &str)> = reqs.iter().map(|r| (r.method.as_str(), r.path.as_str())).collect();
+    assert_eq!(
+        seq,
+        [
+            ("POST", "/v1/keyset/uploads"),
+            ("PUT", "/v1/keyset/uploads/up7/keys"),
+            ("PUT", "/v1/keyset/uploads/up7/keys"),
+            ("PUT", "/v1/keyset/uploads/up7/keys"),
+            ("POST", "/v1/keyset/uploads/up7/commit?force=true"),
+            ("POST", "/v1/keyset/uploads"),
+            ("PUT", "/v1/keyset/uploads/up7/keys"),
+            ("PUT", "/v1/keyset/uploads/up7/keys"),
+            ("DELETE", "/v1/keyset/uploads/up7"),
+            ("PUT", "/v1/keyset"),
+        ]
+    );
+    assert!(reqs.iter().all(|r| r.header("authorization") == Some("Bearer tok")));
+    // the chunks are the file's keys in order; the commit carries version and plans
+    let sent: Vec<Value> = reqs[1..4]
+        .iter()
+        .flat_map(|r| r.json().as_array().unwrap().clone())
+        .collect();
+    assert_eq!(&sent, doc["keys"].as_array().unwrap());
+    assert_eq!(
+        reqs[4].json(),
+        json!({"version": doc["version"], "plans": doc["plans"]})
+    );
+}

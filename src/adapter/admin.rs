@@ -9,7 +9,9 @@ use super::host::{self, HostStore};
 use super::root::Shared;
 use crate::core::api_key::hashes_equal;
 use crate::core::keyset::{parse_json, DeltaDoc};
-use crate::core::keyset_stream::{push_stream, PushError};
+use crate::core::keyset_stream::{
+    push_stream, upload_abort, upload_begin, upload_commit, upload_keys, PushError, UploadError,
+};
 use crate::core::problem::admin_body;
 use crate::core::shared_layout::{self, read_meta, read_plans, ApplyError, ApplyOptions, ApplyReport, STATUS};
 use crate::core::store::Store;
@@ -26,12 +28,18 @@ enum Route {
     Status,
     PutKeySet,
     PostDelta,
+    /// Staged upload: begin, add keys, commit, abort.
+    UploadBegin,
+    UploadKeys,
+    UploadCommit,
+    UploadAbort,
 }
 
 pub struct AdminRequest {
     shared: Rc<Shared>,
     route: Option<Route>,
     force: bool,
+    upload_id: String,
 }
 
 impl AdminRequest {
@@ -40,6 +48,7 @@ impl AdminRequest {
             shared,
             route: None,
             force: false,
+            upload_id: String::new(),
         }
     }
 
@@ -193,12 +202,49 @@ impl AdminRequest {
                     }
                 }
             }
+            Route::UploadBegin => {
+                let id = new_upload_id(opts.now_ms);
+                return match upload_begin(&store, &id, opts.now_ms) {
+                    Ok(()) => {
+                        log::info!("keymeter: key set upload {id} begun");
+                        self.reply(201, &json!({"upload_id": id}).to_string())
+                    }
+                    Err(e) => self.upload_error(e),
+                };
+            }
+            Route::UploadKeys => {
+                let reader = std::io::BufReader::with_capacity(
+                    64 * 1024,
+                    HostBody {
+                        offset: 0,
+                        size: body_size,
+                    },
+                );
+                return match upload_keys(&store, &self.upload_id, reader, opts.now_ms) {
+                    Ok(n) => self.reply(200, &json!({"keys_so_far": n}).to_string()),
+                    Err(e) => self.upload_error(e),
+                };
+            }
+            Route::UploadCommit => {
+                let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+                upload_commit(&store, &self.upload_id, &body, opts.now_ms, opts.force).map_err(|e| self.upload_error(e))
+            }
+            Route::UploadAbort => {
+                return match upload_abort(&store, &self.upload_id, opts.now_ms) {
+                    Ok(()) => self.reply(200, &json!({"upload_id": self.upload_id, "aborted": true}).to_string()),
+                    Err(e) => self.upload_error(e),
+                };
+            }
             Route::Status | Route::Usage => return self.status(),
         };
         match result {
             Err(action) => action,
             Ok(report) => {
-                let source = if route == Route::PutKeySet { "push" } else { "delta" };
+                let source = match route {
+                    Route::PutKeySet => "push",
+                    Route::UploadCommit => "upload",
+                    _ => "delta",
+                };
                 let record =
                     json!({"source": source, "at": format_rfc3339((opts.now_ms / 1000) as i64), "result": &report});
                 let _ = store.set(STATUS, record.to_string().as_bytes(), None);
@@ -209,6 +255,36 @@ impl AdminRequest {
                 );
                 self.reply(200, &serde_json::to_string(&report).unwrap_or_default())
             }
+        }
+    }
+
+    fn upload_error(&self, e: UploadError) -> Action {
+        match e {
+            UploadError::NotFound => self.problem(
+                404,
+                "upload-not-found",
+                "No such key-set upload",
+                &format!(
+                    "no upload {:?} is in progress (committed, aborted, failed or expired)",
+                    self.upload_id
+                ),
+            ),
+            UploadError::Expired => self.problem(
+                409,
+                "upload-expired",
+                "Key-set upload expired",
+                &format!(
+                    "upload {:?} sent nothing for too long and was aborted; start a new one",
+                    self.upload_id
+                ),
+            ),
+            UploadError::Push(PushError::Doc(e)) => self.problem(
+                400,
+                "invalid-keyset",
+                "Invalid key set",
+                &format!("{e} (upload aborted)"),
+            ),
+            UploadError::Push(PushError::Apply(e)) => self.apply_error(e),
         }
     }
 
@@ -226,6 +302,28 @@ impl AdminRequest {
         };
         self.problem(status, slug, title, &e.to_string())
     }
+}
+
+/// `/v1/keyset/uploads/<id>[/keys|/commit]`: the id, route and allowed method.
+fn upload_path(path: &str) -> Option<(&str, Route, &'static str)> {
+    let rest = path.strip_prefix("/v1/keyset/uploads/")?;
+    let (id, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-') {
+        return None;
+    }
+    match tail {
+        "" => Some((id, Route::UploadAbort, "DELETE")),
+        "keys" => Some((id, Route::UploadKeys, "PUT")),
+        "commit" => Some((id, Route::UploadCommit, "POST")),
+        _ => None,
+    }
+}
+
+/// A fresh upload id: unguessable enough to not collide with a previous upload's.
+fn new_upload_id(now_ms: u64) -> String {
+    let gen = HostStore.get(crate::core::shared_layout::GEN).0.unwrap_or_default();
+    let seed = format!("{now_ms}:{gen:?}:{:p}", &gen);
+    hex::encode(&Sha256::digest(seed.as_bytes())[..12])
 }
 
 /// The request body in Envoy's buffer, read in slices as the parser asks for them.
@@ -263,7 +361,14 @@ impl HttpContext for AdminRequest {
             "/v1/usage" => (Route::Usage, "GET"),
             "/v1/keyset" => (Route::PutKeySet, "PUT"),
             "/v1/keyset/delta" => (Route::PostDelta, "POST"),
-            _ => return self.problem(404, "not-found", "Not found", "Unknown admin API path."),
+            "/v1/keyset/uploads" => (Route::UploadBegin, "POST"),
+            _ => match upload_path(path) {
+                Some((id, route, allow)) => {
+                    self.upload_id = id.to_string();
+                    (route, allow)
+                }
+                None => return self.problem(404, "not-found", "Not found", "Unknown admin API path."),
+            },
         };
         if !self.authorized() {
             self.send_http_response(

@@ -46,6 +46,9 @@ pub struct Shared {
     pub meter: RefCell<Meter>,
 }
 
+/// How often an admin-role worker advances pending key-set cleanup.
+const CLEANUP_TICK: std::time::Duration = std::time::Duration::from_millis(200);
+
 #[derive(Default)]
 pub struct Root {
     shared: Option<Rc<Shared>>,
@@ -97,6 +100,10 @@ impl RootContext for Root {
                     ));
                 }
                 log::info!("keymeter: configured as {:?}", config.role);
+                if config.role == Role::Admin {
+                    // Finishes the sweep a staged commit (or abort) left, in short steps.
+                    let _ = proxy_wasm::hostcalls::set_tick_period(CLEANUP_TICK);
+                }
                 if let (Role::Service, Some(source)) = (config.role, &config.source) {
                     let service = self.service.insert(Service::new(source.clone()));
                     service.start();
@@ -132,6 +139,16 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        if self.shared.as_ref().is_some_and(|s| s.config.role == Role::Admin) {
+            let store = super::host::HostStore;
+            if let Err(e) = crate::core::shared_layout::cleanup_step(
+                &store,
+                super::host::now_ms(),
+                crate::core::shared_layout::CLEANUP_STEP_CHUNKS,
+            ) {
+                log::warn!("keymeter: key-set cleanup step failed: {e}");
+            }
+        }
         if let Some(s) = &mut self.service {
             s.on_tick();
         }

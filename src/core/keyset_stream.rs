@@ -464,4 +464,228 @@ mod tests {
         assert!(push_stream(&s, older.as_bytes(), 1_000, true).is_ok());
         assert_eq!(read_meta(&s).unwrap().version, 4);
     }
+
+    // ------------------------------------------------------------ staged uploads
+
+    use super::super::shared_layout::{apply_delta, cleanup_step, ApplyOptions, KeyEntry, KEY_ENTRY_PREFIX};
+
+    const PLANS: &str = r#"{"p":{}}"#;
+
+    fn ids(from: usize, n: usize) -> Vec<String> {
+        (from..from + n).map(|i| format!("k{i:011}")).collect()
+    }
+    fn chunk(ids: &[String]) -> String {
+        format!("[{}]", ids.iter().map(|id| key(id, "p")).collect::<Vec<_>>().join(","))
+    }
+    fn doc(version: u64, ids: &[String]) -> String {
+        format!(r#"{{"version":{version},"plans":{PLANS},"keys":{}}}"#, chunk(ids))
+    }
+    fn commit_body(version: u64) -> String {
+        format!(r#"{{"version":{version},"plans":{PLANS}}}"#)
+    }
+    /// Uploads `ids` in chunks of `per`, then commits.
+    fn staged(s: &MemStore, version: u64, ids: &[String], per: usize, now: u64) -> Result<ApplyReport, UploadError> {
+        upload_begin(s, "up1", now)?;
+        for c in ids.chunks(per) {
+            upload_keys(s, "up1", chunk(c).as_bytes(), now)?;
+        }
+        upload_commit(s, "up1", commit_body(version).as_bytes(), now, false)
+    }
+    fn drain(s: &MemStore) {
+        for _ in 0..1000 {
+            if cleanup_step(s, 1_000, 5).unwrap() {
+                return;
+            }
+        }
+        panic!("cleanup never finished");
+    }
+    /// Every (id, record) active now, and whether any entry holds an inactive slot.
+    fn snapshot(s: &MemStore) -> (Vec<(String, String)>, usize) {
+        let m = read_meta(s).unwrap();
+        let mut active = Vec::new();
+        let mut stale = 0;
+        for k in s.keys_with_prefix(KEY_ENTRY_PREFIX) {
+            let Some(e) = s.get(&k).0.filter(|v| !v.is_empty()).and_then(|v| KeyEntry::decode(&v)) else {
+                continue;
+            };
+            if let Some(r) = e.active(&m) {
+                active.push((r.id.clone(), format!("{r:?}")));
+            }
+            stale += e.slots.iter().flatten().filter(|sl| sl.gen != m.gen).count();
+        }
+        (active, stale)
+    }
+
+    #[test]
+    fn a_multi_chunk_upload_equals_a_one_shot_push() {
+        let (one, two) = (MemStore::default(), MemStore::default());
+        // crosses index chunks (4096 ids) and the per-callback cleanup budget
+        let v1 = ids(0, 9000);
+        let v2: Vec<String> = ids(3000, 9000);
+        let r1 = push(&one, &doc(1, &v1)).unwrap();
+        let s1 = staged(&two, 1, &v1, 2500, 1_000).unwrap();
+        assert_eq!(r1, s1);
+        let r2 = push(&one, &doc(2, &v2)).unwrap();
+        let s2 = staged(&two, 2, &v2, 2500, 1_000).unwrap();
+        assert_eq!(r2, s2);
+        assert_eq!((s2.keys, s2.written, s2.removed), (9000, 9000, 3000));
+        drain(&two);
+        assert_eq!(snapshot(&one), snapshot(&two));
+        assert_eq!(snapshot(&two).1, 0, "the previous generation was swept");
+        assert_eq!(read_meta(&one), read_meta(&two));
+        assert_eq!(one.value_bytes(), two.value_bytes());
+        assert!(read_upload(&two).is_none());
+    }
+
+    #[test]
+    fn removed_keys_work_until_the_commit() {
+        let s = MemStore::default();
+        push(&s, &doc(1, &ids(0, 3))).unwrap();
+        upload_begin(&s, "u", 1_000).unwrap();
+        upload_keys(&s, "u", chunk(&ids(2, 2)).as_bytes(), 1_000).unwrap();
+        let m = read_meta(&s).unwrap();
+        assert!(lookup(&s, &m, &ids(0, 1)[0]).is_some(), "old set intact before commit");
+        assert!(
+            lookup(&s, &m, &ids(3, 1)[0]).is_none(),
+            "new key invisible before commit"
+        );
+        let r = upload_commit(&s, "u", commit_body(2).as_bytes(), 1_000, false).unwrap();
+        assert_eq!((r.keys, r.removed), (2, 2));
+        let m = read_meta(&s).unwrap();
+        assert!(lookup(&s, &m, &ids(0, 1)[0]).is_none() && lookup(&s, &m, &ids(3, 1)[0]).is_some());
+    }
+
+    #[test]
+    fn a_bad_key_in_a_later_chunk_aborts_and_leaves_nothing() {
+        let s = MemStore::default();
+        push(&s, &doc(1, &ids(100, 5))).unwrap();
+        let before = (s.value_bytes(), snapshot(&s), read_meta(&s));
+        upload_begin(&s, "u", 1_000).unwrap();
+        assert_eq!(upload_keys(&s, "u", chunk(&ids(0, 3)).as_bytes(), 1_000), Ok(3));
+        let mut bad = ids(3, 3);
+        bad[1] = "short".into();
+        let Err(UploadError::Push(PushError::Doc(e))) = upload_keys(&s, "u", chunk(&bad).as_bytes(), 1_000) else {
+            panic!("accepted")
+        };
+        assert!(e.at.starts_with("keys[4]"), "global index: {e:?}");
+        assert_eq!((s.value_bytes(), snapshot(&s), read_meta(&s)), before);
+        assert_eq!(upload_keys(&s, "u", &b"[]"[..], 1_000), Err(UploadError::NotFound));
+        // a malformed chunk names the global index too
+        upload_begin(&s, "u2", 1_000).unwrap();
+        upload_keys(&s, "u2", chunk(&ids(0, 2)).as_bytes(), 1_000).unwrap();
+        let Err(UploadError::Push(PushError::Doc(e))) = upload_keys(&s, "u2", &br#"[{"id":1}]"#[..], 1_000) else {
+            panic!("accepted")
+        };
+        assert!(e.message.contains("keys[2]"), "{e:?}");
+        assert_eq!((s.value_bytes(), snapshot(&s), read_meta(&s)), before);
+        // and the lock was released
+        assert_eq!(staged(&s, 2, &ids(0, 3), 2, 1_000).unwrap().keys, 3);
+    }
+
+    #[test]
+    fn duplicate_ids_across_chunks_are_rejected() {
+        let s = MemStore::default();
+        push(&s, &doc(1, &ids(100, 2))).unwrap();
+        let before = s.value_bytes();
+        upload_begin(&s, "u", 1_000).unwrap();
+        upload_keys(&s, "u", chunk(&ids(0, 3)).as_bytes(), 1_000).unwrap();
+        let e = upload_keys(&s, "u", chunk(&ids(2, 2)).as_bytes(), 1_000).unwrap_err();
+        let UploadError::Push(PushError::Doc(e)) = e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(e.at, "keys[3].id");
+        assert!(e.message.contains("duplicate"), "{e:?}");
+        assert_eq!(s.value_bytes(), before);
+    }
+
+    #[test]
+    fn a_stale_or_invalid_commit_is_refused_and_cleaned() {
+        let s = MemStore::default();
+        push(&s, &doc(5, &ids(100, 2))).unwrap();
+        let before = (s.value_bytes(), snapshot(&s), read_meta(&s));
+        let e = staged(&s, 5, &ids(0, 4), 2, 1_000).unwrap_err();
+        assert_eq!(
+            e,
+            UploadError::Push(PushError::Apply(ApplyError::Stale { running: 5, pushed: 5 }))
+        );
+        assert_eq!((s.value_bytes(), snapshot(&s), read_meta(&s)), before);
+        // a key referring to a plan the commit does not define
+        upload_begin(&s, "u", 1_000).unwrap();
+        upload_keys(&s, "u", chunk(&ids(0, 2)).as_bytes(), 1_000).unwrap();
+        upload_keys(&s, "u", format!("[{}]", key("zzzzzzzzzzz9", "q")).as_bytes(), 1_000).unwrap();
+        let e = upload_commit(&s, "u", commit_body(6).as_bytes(), 1_000, false).unwrap_err();
+        let UploadError::Push(PushError::Doc(e)) = e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(e.at, r#"keys[2] (id "zzzzzzzzzzz9").plan"#);
+        assert_eq!((s.value_bytes(), snapshot(&s), read_meta(&s)), before);
+        // forced
+        upload_begin(&s, "u", 1_000).unwrap();
+        upload_keys(&s, "u", chunk(&ids(0, 2)).as_bytes(), 1_000).unwrap();
+        assert!(upload_commit(&s, "u", commit_body(4).as_bytes(), 1_000, true).is_ok());
+        assert_eq!(read_meta(&s).unwrap().version, 4);
+    }
+
+    #[test]
+    fn an_abandoned_upload_is_cleaned_by_the_next_push() {
+        let s = MemStore::default();
+        push(&s, &doc(1, &ids(100, 2))).unwrap();
+        let before = (s.value_bytes(), snapshot(&s), read_meta(&s));
+        upload_begin(&s, "gone", 1_000).unwrap();
+        upload_keys(&s, "gone", chunk(&ids(0, 5000)).as_bytes(), 1_000).unwrap();
+        upload_keys(&s, "gone", chunk(&ids(5000, 10)).as_bytes(), 1_000).unwrap();
+        // within the TTL the lock holds; a chunk renews it
+        assert!(matches!(
+            push_stream(&s, doc(2, &ids(100, 1)).as_bytes(), 50_000, false),
+            Err(PushError::Apply(ApplyError::Busy))
+        ));
+        upload_keys(&s, "gone", &b"[]"[..], 50_000).unwrap();
+        assert!(matches!(
+            push_stream(&s, doc(2, &ids(100, 1)).as_bytes(), 100_000, false),
+            Err(PushError::Apply(ApplyError::Busy))
+        ));
+        // 60 s without a request: the next writer reaps it
+        upload_begin(&s, "next", 111_000).unwrap();
+        assert_eq!(upload_keys(&s, "gone", &b"[]"[..], 111_000), Err(UploadError::NotFound));
+        upload_abort(&s, "next", 111_000).unwrap();
+        drain(&s);
+        assert_eq!((s.value_bytes(), snapshot(&s), read_meta(&s)), before);
+        // an expired upload nobody reaped yet answers Expired, and is reaped then
+        upload_begin(&s, "late", 200_000).unwrap();
+        upload_keys(&s, "late", chunk(&ids(0, 3)).as_bytes(), 200_000).unwrap();
+        assert_eq!(upload_keys(&s, "late", &b"[]"[..], 300_000), Err(UploadError::Expired));
+        assert_eq!(upload_keys(&s, "late", &b"[]"[..], 300_000), Err(UploadError::NotFound));
+        drain(&s);
+        assert_eq!((s.value_bytes(), snapshot(&s), read_meta(&s)), before);
+    }
+
+    #[test]
+    fn other_writers_are_busy_during_an_upload() {
+        let s = MemStore::default();
+        push(&s, &doc(1, &ids(100, 2))).unwrap();
+        upload_begin(&s, "u", 1_000).unwrap();
+        upload_keys(&s, "u", chunk(&ids(0, 2)).as_bytes(), 1_000).unwrap();
+        let d = super::super::keyset::parse_json::<super::super::keyset::DeltaDoc>(
+            br#"{"version":7,"ops":[{"op":"revoke","id":"k00000000000"}]}"#,
+        )
+        .unwrap()
+        .compile(|_| true)
+        .unwrap();
+        let o = ApplyOptions {
+            force: false,
+            now_ms: 2_000,
+        };
+        assert_eq!(apply_delta(&s, 7, &d, o), Err(ApplyError::Busy));
+        assert!(matches!(
+            push_stream(&s, doc(3, &ids(0, 1)).as_bytes(), 2_000, false),
+            Err(PushError::Apply(ApplyError::Busy))
+        ));
+        assert_eq!(
+            upload_begin(&s, "other", 2_000),
+            Err(UploadError::Push(PushError::Apply(ApplyError::Busy)))
+        );
+        assert_eq!(upload_keys(&s, "other", &b"[]"[..], 2_000), Err(UploadError::NotFound));
+        upload_commit(&s, "u", commit_body(2).as_bytes(), 2_000, false).unwrap();
+        assert_eq!(apply_delta(&s, 7, &d, o).unwrap().removed, 1, "the lock was released");
+    }
 }

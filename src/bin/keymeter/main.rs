@@ -141,13 +141,18 @@ enum KeysetCmd {
         #[arg(value_name = "FILE", default_value = keyfile::DEFAULT_PATH)]
         file: PathBuf,
     },
-    /// Upload the whole file to the running filter (PUT {admin}/v1/keyset)
+    /// Upload the whole file to the running filter (PUT {admin}/v1/keyset, or a staged
+    /// upload in chunks for large files)
     Push {
         #[command(flatten)]
         file: FileArg,
         /// Replace the running set even if its version is newer (?force=true)
         #[arg(long)]
         force: bool,
+        /// Files with more keys are sent as a staged upload in chunks of this many keys
+        /// (POST /v1/keyset/uploads ...), so no filter callback runs long
+        #[arg(long, value_name = "N", default_value_t = 20000, value_parser = clap::value_parser!(u64).range(1..))]
+        chunk_keys: u64,
     },
 }
 
@@ -290,7 +295,11 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Keyset(KeysetCmd::Init { file, plan, force }) => cmd_keyset::init(&ctx, &file.file, plan, force),
         Command::Keyset(KeysetCmd::Validate { file }) => cmd_keyset::validate(&ctx, &file),
-        Command::Keyset(KeysetCmd::Push { file, force }) => cmd_keyset::push(&ctx, &file.file, force),
+        Command::Keyset(KeysetCmd::Push {
+            file,
+            force,
+            chunk_keys,
+        }) => cmd_keyset::push(&ctx, &file.file, force, chunk_keys as usize),
         Command::Key(KeyCmd::Create(a)) => cmd_key::create(
             &ctx,
             &a.file.file,

@@ -12,10 +12,8 @@ What is measured
     4r km-1k-rot same, wrk lua script rotating over 100 valid keys
     5  km-1M     keymeter with 1M keys (--large-keys), one key
     5r km-1M-rot same, rotating over 100 keys
-    4m km-nometer keymeter 1k with "metering": {"enabled": false}. TODO hook for the
-                 metering-overhead numbers: start-up probes whether the filter config
-                 accepts that field and skips the scenario with a message until it does
-                 (it does since the metering commit; the 4/4m ratio is its overhead)
+    4m km-nometer keymeter 1k with "metering": {"enabled": false}: the 4/4m ratio is
+                 the metering overhead
   Every scenario answers from a `direct_response` route, so no backend is involved:
   we measure Envoy + filter, not a Python echo server (which would be the bottleneck).
 
@@ -513,20 +511,6 @@ def timed(fn):
     return v, time.perf_counter() - t0
 
 
-def metering_off_supported(mk_envoy) -> tuple[bool, str]:
-    """TODO hook (metering overhead): probes whether the filter accepts
-    `"metering": {"enabled": false}`; until it does, the scenario is skipped."""
-    conf = {"role": "filter", "metering": {"enabled": False}}
-    try:
-        env = mk_envoy(keymeter_config(conf), ready_timeout=8)
-    except harness.EnvoyError as e:
-        reason = next((ln.strip() for ln in str(e).splitlines() if "metering" in ln or "unknown field" in ln),
-                      "Envoy rejected the config")
-        return False, reason[:200]
-    env.stop()
-    return True, ""
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 round of 3 s, short warm-up, no re-push")
@@ -688,13 +672,10 @@ def main() -> int:
             f"RSS {rss0} -> {rss1} KiB" + (f", {push_info['bytes_per_key']} B/key" if 'bytes_per_key' in push_info else ""))
         del large_doc, large_chunks
 
-        ok_nometer, why = metering_off_supported(mk_envoy)
-        e_nometer = None
-        if ok_nometer:
-            e_nometer = mk_envoy(keymeter_config({"role": "filter", "metering": {"enabled": False}}), "nometer")
-            r = admin_call(e_nometer, "PUT", "/v1/keyset", small_doc)
-            if r.status != 200:
-                raise RuntimeError(f"1k key-set push (metering off) failed: {r}")
+        e_nometer = mk_envoy(keymeter_config({"role": "filter", "metering": {"enabled": False}}), "nometer")
+        r = admin_call(e_nometer, "PUT", "/v1/keyset", small_doc)
+        if r.status != 200:
+            raise RuntimeError(f"1k key-set push (metering off) failed: {r}")
 
         big = "1M" if large == 1_000_000 else f"{large // 1000}k"
         scenarios = [
@@ -705,10 +686,7 @@ def main() -> int:
             Scenario("km_rot", f"4r keymeter {args.keys // 1000}k, {args.rotate} rot.", e_km, script=script),
             Scenario("km_large", f"5  keymeter {big} keys", e_big, hdr, skip=large_skip),
             Scenario("km_large_rot", f"5r keymeter {big}, {args.rotate} rot.", e_big, script=script, skip=large_skip),
-            Scenario("km_nometer", f"4m keymeter {args.keys // 1000}k, metering off", e_nometer, hdr,
-                     skip=None if ok_nometer else
-                     "TODO(metering): skipped until the filter config accepts "
-                     f'"metering": {{"enabled": false}} ({why})'),
+            Scenario("km_nometer", f"4m keymeter {args.keys // 1000}k, metering off", e_nometer, hdr),
         ]
         active = [s for s in scenarios if not s.skip]
         for s in scenarios:

@@ -75,7 +75,10 @@ done
 mkdir -p "$RUN_DIR"
 pids=()
 cleanup() {
-    trap - EXIT INT TERM
+    # Ignore (rather than reset) further signals: resetting the trap of the signal
+    # being handled makes bash re-raise it and die before the children are stopped.
+    trap '' INT TERM
+    trap - EXIT
     ((${#pids[@]})) || return 0
     kill -TERM "${pids[@]}" 2>/dev/null || true
     # Give Envoy time to drain; anything still there after 5 s is killed.

@@ -7,7 +7,9 @@ worker and tears the old ones down (on_done) once the old filter chain has drain
 The first configuration flushes usage only every 60s, so the counts of phases 1 and 2
 are still in the old root contexts' memory when the reload happens; only on_done's
 flush can deliver them before the first tick. The usage API and the Prometheus totals
-must then equal what the backend saw, request for request, plus the expected denials.
+must then equal what the backend saw, request for request, plus the expected denials;
+so must the CloudEvents the export singleton delivers to a collector (which fails its
+first post, so a retried batch is in the mix), deduplicated by event id.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import time
 import harness
 from keys import Key, keyset
 from test_auth import push
+from test_export import matches
 from test_metering import prom_samples, usage
+from usage_collector import UsageCollector
 
 OLD_FLUSH_S = 60  # metering.flush_interval of the first configuration (the maximum)
 OLD_CONF = {"role": "filter", "metering": {"flush_interval": f"{OLD_FLUSH_S}s"}}
@@ -32,14 +36,24 @@ NEW_CONF = {
 PLANS = {"small": {"rate_limits": [{"name": "h", "rate": 1, "per": "1h", "burst": 5}]}, "big": {}}
 
 
-def test_usage_survives_keyset_push_and_plugin_reload(start_envoy, backend, tmp_path):
+def test_usage_survives_keyset_push_and_plugin_reload(start_envoy, backend, tmp_path, wasm_path):
     t0 = time.monotonic()
+    collector = UsageCollector()
+    collector.fail_next(1, 500)
+    try:
+        run(start_envoy, backend, tmp_path, wasm_path, collector, t0)
+    finally:
+        collector.stop()
+
+
+def run(start_envoy, backend, tmp_path, wasm_path, collector, t0):
     envoy = start_envoy(
         concurrency=2,
         filter_conf=OLD_CONF,
         lds_dir=tmp_path / "lds",
         extra_args=harness.LDS_ENVOY_ARGS,
         component_log_level="wasm:debug",
+        **harness.export_service(collector.port, wasm_path, interval="1s"),
     )
     limited = Key(consumer="acme", plan="small")
     open_ = Key(consumer="acme", plan="big", metadata={"tier": "gold"})
@@ -212,3 +226,11 @@ def test_usage_survives_keyset_push_and_plugin_reload(start_envoy, backend, tmp_
         frozenset({("reason", "invalid_credential")}): 6,
     }
     assert time.monotonic() - t0 < OLD_FLUSH_S, "checked after the old configuration's first tick"
+
+    # The CloudEvents export delivered exactly the same counts (deduplicated by id).
+    harness.wait_until(lambda: matches(collector, envoy), timeout=20, interval=0.2,
+                       message=f"exported CloudEvents never matched the usage API: {collector.totals()}")
+    exported = collector.totals()
+    for lineage, counts in want_requests.items():
+        assert nonzero(exported[lineage]["requests"]) == counts, (lineage, exported[lineage])
+    assert collector.requests()[0]["status"] == 500, "the first batch was refused and retried"

@@ -7,20 +7,16 @@ use crate::core::api_key::hashes_equal;
 use crate::core::config::{NoKeySet, OnContention};
 use crate::core::credential::{self, CredentialError, Field, Source};
 use crate::core::key_record::{KeyRecord, Refusal};
-use crate::core::limiter::{self, Denial, LimitState, Verdict};
+use crate::core::limiter::{self, Denial, LimitOutcome, Verdict};
 use crate::core::plan::{LimitBy, Plan};
 use crate::core::problem::Problem;
-use crate::core::ratelimit_headers::{push_ratelimit, push_ratelimit_policy};
 use crate::core::shared_layout::{key_entry_name, read_meta, KeyEntry, Meta};
-use crate::core::store::{ensure_exists, Store, StoreError};
+use crate::core::store::Store;
 use crate::core::usage::Outcome;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::cell::Cell;
 use std::rc::Rc;
-
-/// CAS attempts on one limit entry before the request counts as contended.
-const LIMIT_CAS_RETRIES: usize = 32;
 
 pub struct FilterRequest {
     shared: Rc<Shared>,
@@ -46,12 +42,6 @@ struct Subject<'a> {
     state_key: String,
     plan: &'a Plan,
     override_rec: Option<&'a KeyRecord>,
-}
-
-enum LimitResult {
-    Allowed(Verdict),
-    Denied(Verdict),
-    Contended,
 }
 
 impl FilterRequest {
@@ -127,78 +117,28 @@ impl FilterRequest {
         }
     }
 
-    /// Runs the subject's limits against its shared state: read, evaluate, CAS-write,
-    /// retried while other workers race us on the same entry.
-    fn limit(&self, store: &HostStore, subject: &Subject<'_>, cost: u64) -> LimitResult {
-        let limits = subject.override_rec.and_then(|r| r.limits.as_ref());
-        let buckets = limits
-            .and_then(|l| l.rate_limits.as_deref())
-            .unwrap_or(&subject.plan.rate_limits);
-        let quotas = limits.and_then(|l| l.quotas.as_deref()).unwrap_or(&subject.plan.quotas);
-        if buckets.is_empty() && quotas.is_empty() {
-            return LimitResult::Allowed(Verdict {
-                denial: None,
-                retry_after_secs: None,
-                views: Vec::new(),
-            });
+    fn set_ratelimit_headers(&mut self, verdict: &Verdict) {
+        if self.shared.config.rate_limit_headers {
+            self.ratelimit_headers = limiter::headers(verdict);
         }
-        for _ in 0..LIMIT_CAS_RETRIES {
-            let (bytes, cas) = store.get(&subject.state_key);
-            if cas == 0 {
-                // CAS is not checked on a missing key: create it safely, then compete by CAS.
-                if ensure_exists(store, &subject.state_key, &[], self.now_ms()).is_err() {
-                    break;
-                }
-                continue;
-            }
-            let state = bytes
-                .filter(|b| !b.is_empty())
-                .map(|b| LimitState::decode(&b))
-                .unwrap_or_default();
-            let (verdict, next) = limiter::evaluate(buckets, quotas, &state, self.now_ms(), cost);
-            let Some(next) = next else {
-                return LimitResult::Denied(verdict);
-            };
-            match store.set(&subject.state_key, &next.encode(), Some(cas)) {
-                Ok(()) => return LimitResult::Allowed(verdict),
-                Err(StoreError::CasMismatch) => continue,
-                Err(StoreError::Host) => break,
-            }
-        }
-        LimitResult::Contended
-    }
-
-    fn render_ratelimit_headers(&mut self, verdict: &Verdict) {
-        if !self.shared.config.rate_limit_headers || verdict.views.is_empty() {
-            return;
-        }
-        let policies: Vec<(&str, u64, u64)> = verdict
-            .views
-            .iter()
-            .map(|v| (v.name.as_str(), v.quota, v.window_secs))
-            .collect();
-        let states: Vec<(&str, u64, u64)> = verdict
-            .views
-            .iter()
-            .map(|v| (v.name.as_str(), v.remaining, v.reset_secs))
-            .collect();
-        let (mut p, mut s) = (String::with_capacity(64), String::with_capacity(64));
-        push_ratelimit_policy(&mut p, &policies);
-        push_ratelimit(&mut s, &states);
-        self.ratelimit_headers = Some((p, s));
     }
 
     /// Applies limits; `None` means go on, `Some(action)` means the request was refused.
     fn enforce(&mut self, store: &HostStore, subject: &Subject<'_>, method: &str, path: &str) -> Option<Action> {
         let cost = subject.plan.cost(method, path);
         self.cost = cost;
-        match self.limit(store, subject, cost) {
-            LimitResult::Allowed(v) => {
-                self.render_ratelimit_headers(&v);
+        let limits = subject.override_rec.and_then(|r| r.limits.as_ref());
+        let buckets = limits
+            .and_then(|l| l.rate_limits.as_deref())
+            .unwrap_or(&subject.plan.rate_limits);
+        let quotas = limits.and_then(|l| l.quotas.as_deref()).unwrap_or(&subject.plan.quotas);
+        match limiter::apply(store, &subject.state_key, buckets, quotas, self.now_ms(), cost) {
+            LimitOutcome::Allowed(v) => {
+                self.set_ratelimit_headers(&v);
                 None
             }
-            LimitResult::Denied(v) => {
-                self.render_ratelimit_headers(&v);
+            LimitOutcome::Denied(v) => {
+                self.set_ratelimit_headers(&v);
                 self.set_outcome(if v.denial == Some(Denial::QuotaExceeded) {
                     Outcome::QuotaExceeded
                 } else {
@@ -220,7 +160,7 @@ impl FilterRequest {
                 }
                 Some(self.refuse_with(problem, &extra))
             }
-            LimitResult::Contended => {
+            LimitOutcome::Contended => {
                 log::warn!("keymeter: limit state contended for {}", subject.state_key);
                 self.shared.meter.borrow_mut().contention();
                 match self.shared.config.on_contention {

@@ -8,6 +8,8 @@
 
 use super::plan::{NamedBucket, NamedQuota};
 use super::quota::{self, QuotaState};
+use super::ratelimit_headers::{push_ratelimit, push_ratelimit_policy};
+use super::store::{ensure_exists, Store, StoreError};
 use super::token_bucket::{self, BucketState};
 use serde::{Deserialize, Serialize};
 
@@ -161,6 +163,83 @@ pub fn evaluate(
     }
 }
 
+/// CAS attempts on one limit entry before a request counts as contended.
+pub const CAS_RETRIES: usize = 32;
+
+/// What applying limits to one request came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitOutcome {
+    Allowed(Verdict),
+    Denied(Verdict),
+    /// Other writers changed the state under every one of our CAS attempts (or the
+    /// host failed): the caller decides, by configuration, and counts it.
+    Contended,
+}
+
+/// Applies limits to the shared state at `state_key`: read, evaluate, CAS-write,
+/// retried while other workers race on the same entry. A denial writes nothing.
+pub fn apply(
+    store: &dyn Store,
+    state_key: &str,
+    buckets: &[NamedBucket],
+    quotas: &[NamedQuota],
+    now_ms: u64,
+    cost: u64,
+) -> LimitOutcome {
+    if buckets.is_empty() && quotas.is_empty() {
+        return LimitOutcome::Allowed(Verdict {
+            denial: None,
+            retry_after_secs: None,
+            views: Vec::new(),
+        });
+    }
+    for _ in 0..CAS_RETRIES {
+        let (bytes, cas) = store.get(state_key);
+        if cas == 0 {
+            // CAS is not checked on a missing key: create it safely, then compete by CAS.
+            if ensure_exists(store, state_key, &[], now_ms).is_err() {
+                break;
+            }
+            continue;
+        }
+        let state = bytes
+            .filter(|b| !b.is_empty())
+            .map(|b| LimitState::decode(&b))
+            .unwrap_or_default();
+        let (verdict, next) = evaluate(buckets, quotas, &state, now_ms, cost);
+        let Some(next) = next else {
+            return LimitOutcome::Denied(verdict);
+        };
+        match store.set(state_key, &next.encode(), Some(cas)) {
+            Ok(()) => return LimitOutcome::Allowed(verdict),
+            Err(StoreError::CasMismatch) => continue,
+            Err(StoreError::Host) => break,
+        }
+    }
+    LimitOutcome::Contended
+}
+
+/// `RateLimit-Policy` and `RateLimit` values for a verdict (`None` without limits).
+pub fn headers(verdict: &Verdict) -> Option<(String, String)> {
+    if verdict.views.is_empty() {
+        return None;
+    }
+    let policies: Vec<(&str, u64, u64)> = verdict
+        .views
+        .iter()
+        .map(|v| (v.name.as_str(), v.quota, v.window_secs))
+        .collect();
+    let states: Vec<(&str, u64, u64)> = verdict
+        .views
+        .iter()
+        .map(|v| (v.name.as_str(), v.remaining, v.reset_secs))
+        .collect();
+    let (mut p, mut s) = (String::with_capacity(64), String::with_capacity(64));
+    push_ratelimit_policy(&mut p, &policies);
+    push_ratelimit(&mut s, &states);
+    Some((p, s))
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::quota::Period;
@@ -269,6 +348,72 @@ mod tests {
             },
         }];
         assert_eq!(run(&renamed, &[], &mut st, T0, 1).denial, None);
+    }
+
+    #[test]
+    fn apply_shares_state_through_the_store_and_denials_do_not_write() {
+        use super::super::store::MemStore;
+        let s = MemStore::default();
+        let b = bucket(1, 3_600_000, 2);
+        assert!(matches!(
+            apply(&s, "km/rl/k/x", &b, &[], T0, 1),
+            LimitOutcome::Allowed(_)
+        ));
+        assert!(matches!(
+            apply(&s, "km/rl/k/x", &b, &[], T0, 1),
+            LimitOutcome::Allowed(_)
+        ));
+        let written = s.get("km/rl/k/x").1;
+        let LimitOutcome::Denied(v) = apply(&s, "km/rl/k/x", &b, &[], T0, 1) else {
+            panic!("not denied")
+        };
+        assert_eq!(v.denial, Some(Denial::RateLimited));
+        assert_eq!(s.get("km/rl/k/x").1, written, "a denial wrote the state");
+        assert!(
+            matches!(apply(&s, "km/rl/k/y", &b, &[], T0, 1), LimitOutcome::Allowed(_)),
+            "own state per key"
+        );
+        let (p, st) = headers(&v).unwrap();
+        assert_eq!(p, "\"b\";q=1;w=3600");
+        assert!(st.starts_with("\"b\";r=0;t="));
+        assert!(
+            matches!(apply(&s, "km/rl/k/z", &[], &[], T0, 1), LimitOutcome::Allowed(ref v) if headers(v).is_none())
+        );
+    }
+
+    #[test]
+    fn apply_retries_a_racing_writer_and_reports_endless_contention() {
+        use super::super::store::MemStore;
+        use std::rc::Rc;
+        let s = Rc::new(MemStore::default());
+        let b = bucket(1, 3_600_000, 100);
+        assert!(matches!(apply(&*s, "k", &b, &[], T0, 1), LimitOutcome::Allowed(_)));
+        // Another "worker" takes a token right before our first write: we retry and win.
+        let other = Rc::downgrade(&s);
+        let raced = Rc::new(std::cell::Cell::new(false));
+        let r2 = raced.clone();
+        *s.before_set.borrow_mut() = Some(Box::new(move |key: &str| {
+            if key == "k" && !r2.replace(true) {
+                let s = other.upgrade().unwrap();
+                let (v, _) = s.get("k");
+                let (_, next) = evaluate(&bucket(1, 3_600_000, 100), &[], &LimitState::decode(&v.unwrap()), T0, 1);
+                s.map_set_raw("k", &next.unwrap().encode());
+            }
+        }));
+        let LimitOutcome::Allowed(v) = apply(&*s, "k", &b, &[], T0, 1) else {
+            panic!("lost the race")
+        };
+        assert_eq!(v.views[0].remaining, 97, "both takes counted");
+        // A writer that always gets in first: bounded retries, then Contended.
+        let other = Rc::downgrade(&s);
+        *s.before_set.borrow_mut() = Some(Box::new(move |key: &str| {
+            if key == "k" {
+                let s = other.upgrade().unwrap();
+                let v = s.get("k").0.unwrap();
+                s.map_set_raw("k", &v);
+            }
+        }));
+        assert_eq!(apply(&*s, "k", &b, &[], T0, 1), LimitOutcome::Contended);
     }
 
     #[test]

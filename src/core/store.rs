@@ -87,6 +87,14 @@ impl MemStore {
     pub fn value_bytes(&self) -> usize {
         self.map.borrow().values().map(|(v, _)| v.len()).sum()
     }
+    /// Writes like a concurrent writer would (bumping the CAS), bypassing `before_set`.
+    pub fn map_set_raw(&self, key: &str, value: &[u8]) {
+        let mut map = self.map.borrow_mut();
+        let e = map.entry(key.to_string()).or_insert((Vec::new(), 0));
+        e.0 = value.to_vec();
+        e.1 = e.1.wrapping_add(1).max(1);
+    }
+
     pub fn keys_with_prefix(&self, prefix: &str) -> Vec<String> {
         let mut v: Vec<String> = self
             .map

@@ -9,9 +9,10 @@
 
 use super::host::{self, HostStore};
 use crate::core::config::SourceConfig;
+use crate::core::keyset_stream::{push_stream, PushError};
 use crate::core::problem::admin_body;
 use crate::core::pull::{Decision, Poller, Response, State, SOURCE};
-use crate::core::shared_layout::{self, read_meta, ApplyOptions, STATUS};
+use crate::core::shared_layout::{read_meta, STATUS};
 use crate::core::store::Store;
 use crate::core::time::format_rfc3339;
 use proxy_wasm::hostcalls;
@@ -181,12 +182,10 @@ impl Service {
                 }
             }
             Decision::Failed => self.log_failure(),
-            Decision::Apply(set) => {
-                let opts = ApplyOptions {
-                    force: false,
-                    now_ms: now,
-                };
-                match shared_layout::apply_full(&HostStore, &set, opts) {
+            Decision::Apply(_) => {
+                // Validated and applied while parsed, like an admin push: the pulled
+                // document is never turned into an in-memory key set.
+                match push_stream(&HostStore, &r.body[..], now, false) {
                     Ok(report) => {
                         self.poller.applied(now, &report);
                         let record = json!({
@@ -202,7 +201,11 @@ impl Service {
                             report.removed
                         );
                     }
-                    Err(e) => {
+                    Err(PushError::Doc(e)) => {
+                        self.poller.invalid(now, &e);
+                        self.log_failure();
+                    }
+                    Err(PushError::Apply(e)) => {
                         self.poller.apply_failed(now, &e);
                         self.log_failure();
                     }

@@ -122,6 +122,47 @@ impl<'de> Visitor<'de> for DocSeed<'_, '_, '_> {
     }
 }
 
+/// Reads only the `version` of a full key-set document, skipping plans and keys
+/// without building them: the pull service uses it to decide whether a document is
+/// new before applying it with `push_stream`, which validates everything.
+pub fn peek_version(reader: impl std::io::Read) -> Result<u64, DocError> {
+    struct Peek;
+    impl<'de> Visitor<'de> for Peek {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a key-set document (an object with version, plans, keys)")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<u64>, A::Error> {
+            let mut version = None;
+            while let Some(field) = map.next_key::<String>()? {
+                match field.as_str() {
+                    "version" => version = Some(map.next_value()?),
+                    "plans" | "keys" => {
+                        map.next_value::<de::IgnoredAny>()?;
+                    }
+                    other => return Err(de::Error::unknown_field(other, &["version", "plans", "keys"])),
+                }
+            }
+            Ok(version)
+        }
+    }
+    let invalid = |m: String| DocError {
+        at: String::new(),
+        message: format!("invalid document: {m}"),
+    };
+    let mut de = serde_json::Deserializer::from_reader(reader);
+    let version = de::Deserializer::deserialize_map(&mut de, Peek).map_err(|e| invalid(e.to_string()))?;
+    de.end().map_err(|e| invalid(e.to_string()))?;
+    match version {
+        None => Err(invalid("missing field `version`".into())),
+        Some(0) => Err(DocError {
+            at: "version".into(),
+            message: "must be >= 1".into(),
+        }),
+        Some(v) => Ok(v),
+    }
+}
+
 /// Parses `reader` as a full key-set document and applies it through `FullPush`.
 pub fn push_stream(
     store: &dyn Store,
@@ -440,6 +481,25 @@ mod tests {
             assert_eq!(m.version, 1);
             assert!(lookup(&s, &m, "zzzzzzzzzzz1").is_some());
         }
+    }
+
+    #[test]
+    fn peek_version_reads_only_the_version() {
+        let doc = format!(
+            r#"{{"keys":[{}],"plans":{{"p":{{}}}},"version":7}}"#,
+            key("aaaaaaaaaaa1", "p")
+        );
+        assert_eq!(peek_version(doc.as_bytes()), Ok(7));
+        assert!(peek_version(&b"{\"keys\":[]}"[..])
+            .unwrap_err()
+            .message
+            .contains("missing field `version`"));
+        assert!(peek_version(&b"{\"version\":1,\"x\":1}"[..])
+            .unwrap_err()
+            .message
+            .contains("unknown field"));
+        assert!(peek_version(&b"garbage"[..]).is_err());
+        assert_eq!(peek_version(&b"{\"version\":0}"[..]).unwrap_err().at, "version");
     }
 
     #[test]

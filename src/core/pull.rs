@@ -22,7 +22,8 @@
 //!   so the source is read again in full next time.
 
 use super::config::SourceConfig;
-use super::keyset::{parse_json, KeySet, KeySetDoc};
+use super::keyset::DocError;
+use super::keyset_stream::peek_version;
 use super::outbound::{answered, is_envoy_upstream_failure, snippet, ts, CallError, Outbound};
 pub use super::outbound::{State, LOST_CALL_GRACE_MS, MIN_BACKOFF_MS};
 use super::shared_layout::{ApplyError, ApplyReport};
@@ -92,8 +93,10 @@ pub struct Response<'a> {
 pub enum Decision {
     /// Nothing changed (304, or the running version); health already updated.
     Unchanged,
-    /// Apply this set, then report with `applied` or `apply_failed`.
-    Apply(Box<KeySet>),
+    /// A newer document (of this version): apply the response body with
+    /// `keyset_stream::push_stream`, then report with `applied`, `apply_failed` or
+    /// `invalid`.
+    Apply(u64),
     /// The poll failed; the running set stays. Health already updated.
     Failed,
     /// Not the call in flight (a late answer to a call already given up).
@@ -197,13 +200,13 @@ impl Poller {
                 );
                 Decision::Failed
             }
-            200 => match parse_json::<KeySetDoc>(resp.body).and_then(|d| d.compile()) {
+            200 => match peek_version(resp.body) {
                 Err(e) => {
                     self.fail(now_ms, ErrorKind::Invalid, format!("invalid key-set document: {e}"));
                     Decision::Failed
                 }
-                Ok(set) => match running {
-                    Some(r) if set.version == r => {
+                Ok(version) => match running {
+                    Some(r) if version == r => {
                         // In sync: remember the ETag so the next polls can be 304s.
                         self.health.applied_version = Some(r);
                         self.health.etag = resp.etag.map(str::to_string);
@@ -211,20 +214,17 @@ impl Poller {
                         self.health.unchanged += 1;
                         Decision::Unchanged
                     }
-                    Some(r) if set.version < r => {
+                    Some(r) if version < r => {
                         self.fail(
                             now_ms,
                             ErrorKind::Stale,
-                            format!(
-                                "source serves version {}, older than the running version {r}; keeping {r}",
-                                set.version
-                            ),
+                            format!("source serves version {version}, older than the running version {r}; keeping {r}"),
                         );
                         Decision::Failed
                     }
                     _ => {
                         self.pending_etag = Some(resp.etag.map(str::to_string));
-                        Decision::Apply(Box::new(set))
+                        Decision::Apply(version)
                     }
                 },
             },
@@ -251,6 +251,13 @@ impl Poller {
         self.health.last_change_at = Some(ts(now_ms));
         self.health.applied += 1;
         self.succeed(now_ms);
+    }
+
+    /// The document of `Decision::Apply` failed validation while being applied; the
+    /// running set stays.
+    pub fn invalid(&mut self, now_ms: u64, e: &DocError) {
+        self.pending_etag = None;
+        self.fail(now_ms, ErrorKind::Invalid, format!("invalid key-set document: {e}"));
     }
 
     /// Writing the set from `Decision::Apply` failed; the running set stays.
@@ -301,6 +308,8 @@ impl Poller {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::keyset::{parse_json, KeySetDoc};
+    use crate::core::keyset_stream::{push_stream, PushError};
     use crate::core::shared_layout::{apply_full, read_meta, ApplyOptions};
     use crate::core::store::{MemStore, Store};
 
@@ -367,26 +376,25 @@ mod tests {
             self.token += 1;
             self.p.dispatched(self.token);
             let running = self.running();
+            let body = resp.body;
             match self.p.on_response(self.now, self.token, resp, running) {
                 Decision::Unchanged => "unchanged",
                 Decision::Failed => "failed",
                 Decision::Ignored => "ignored",
-                Decision::Apply(set) => {
-                    let opts = ApplyOptions {
-                        force: false,
-                        now_ms: self.now,
-                    };
-                    match apply_full(&self.store, &set, opts) {
-                        Ok(r) => {
-                            self.p.applied(self.now, &r);
-                            "applied"
-                        }
-                        Err(e) => {
-                            self.p.apply_failed(self.now, &e);
-                            "apply failed"
-                        }
+                Decision::Apply(_) => match push_stream(&self.store, body, self.now, false) {
+                    Ok(r) => {
+                        self.p.applied(self.now, &r);
+                        "applied"
                     }
-                }
+                    Err(PushError::Doc(e)) => {
+                        self.p.invalid(self.now, &e);
+                        "failed"
+                    }
+                    Err(PushError::Apply(e)) => {
+                        self.p.apply_failed(self.now, &e);
+                        "apply failed"
+                    }
+                },
             }
         }
         fn advance(&mut self, ms: u64) {

@@ -21,7 +21,9 @@
 //! - `km/gen`: generation counter, so a failed or interrupted push leaves only inert slots.
 
 use super::key_record::KeyRecord;
-use super::keyset::{CompiledOp, KeySet};
+use super::keyset::CompiledOp;
+#[cfg(test)]
+use super::keyset::KeySet;
 use super::plan::Plan;
 use super::store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
@@ -550,8 +552,11 @@ pub(crate) fn check_version(running: Option<&Meta>, pushed: u64, force: bool) ->
     }
 }
 
-/// Replaces the whole key set atomically (see the module doc for how).
-pub fn apply_full(store: &dyn Store, set: &KeySet, opts: ApplyOptions) -> Result<ApplyReport, ApplyError> {
+/// Replaces the whole key set atomically from an in-memory set (see the module doc).
+/// Production paths stream documents through `keyset_stream` instead; this is the
+/// compact form for tests.
+#[cfg(test)]
+pub(crate) fn apply_full(store: &dyn Store, set: &KeySet, opts: ApplyOptions) -> Result<ApplyReport, ApplyError> {
     let mut push = FullPush::begin(store, opts.now_ms)?;
     for rec in &set.keys {
         if let Err(e) = push.add(rec) {

@@ -263,9 +263,16 @@ impl FilterRequest {
         // From here on the key is authentic: everything is counted against it.
         let rec = Rc::new(rec);
         self.record = Some(rec.clone());
-        let method = self.get_http_request_header(":method").unwrap_or_default();
-        if path.is_none() {
-            path = self.get_http_request_header(":path");
+        let plans = shared.plans.borrow_mut().get(&store, &meta);
+        let plan = plans.get(&rec.plan);
+        // Method and path only matter for scopes and route costs: skip the two host
+        // calls when the key has neither (the common case).
+        let mut method = String::new();
+        if !rec.scopes.is_empty() || plan.is_some_and(|p| !p.costs.is_empty()) {
+            method = self.get_http_request_header(":method").unwrap_or_default();
+            if path.is_none() {
+                path = self.get_http_request_header(":path");
+            }
         }
         let path_str = path.as_deref().unwrap_or("/");
         let peer = if rec.cidrs.is_empty() { None } else { host::peer_ip() };
@@ -283,8 +290,7 @@ impl FilterRequest {
                 Refusal::AddressNotAllowed => Problem::AddressNotAllowed,
             });
         }
-        let plans = shared.plans.borrow_mut().get(&store, &meta);
-        if let Some(plan) = plans.get(&rec.plan) {
+        if let Some(plan) = plan {
             let state_key = match plan.limit_by {
                 LimitBy::Key => format!("km/rl/k/{}", rec.lineage()),
                 LimitBy::Consumer => format!("km/rl/c/{}", rec.consumer),

@@ -66,7 +66,10 @@ def test_fail_open_is_configurable(start_envoy, backend):
     r = get(envoy, headers={"x-keymeter-consumer": "spoofed"})
     assert r.status == 200
     assert "x-keymeter-consumer" not in r.json()["headers"]
-    assert "no key set loaded" in envoy.log_text()
+    for _ in range(5):
+        assert get(envoy).status == 200
+    # logged, but once per worker rather than once per request
+    assert 1 <= envoy.log_text().count("no key set loaded") <= 2
 
 
 def test_every_credential_source_authenticates(env):

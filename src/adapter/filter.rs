@@ -161,8 +161,12 @@ impl FilterRequest {
                 Some(self.refuse_with(problem, &extra))
             }
             LimitOutcome::Contended => {
-                log::warn!("keymeter: limit state contended for {}", subject.state_key);
-                self.shared.meter.borrow_mut().contention();
+                if self.shared.meter.borrow_mut().contention() {
+                    log::warn!(
+                        "keymeter: limit state contended for {} (logged once per flush)",
+                        subject.state_key
+                    );
+                }
                 match self.shared.config.on_contention {
                     OnContention::Deny => {
                         self.set_outcome(Outcome::RateLimited);
@@ -221,7 +225,9 @@ impl FilterRequest {
             return match self.shared.config.when_no_keyset {
                 NoKeySet::Deny => self.unauthenticated(Unauthenticated::KeySetUnavailable, Problem::KeySetUnavailable),
                 NoKeySet::Allow => {
-                    log::warn!("keymeter: no key set loaded, letting a request through unauthenticated");
+                    if !self.shared.warned_fail_open.replace(true) {
+                        log::warn!("keymeter: no key set loaded, letting requests through unauthenticated");
+                    }
                     self.forward_identity(None, None, None, None);
                     Action::Continue
                 }

@@ -83,8 +83,11 @@ impl Meter {
         self.unauthenticated[i] += 1;
     }
 
-    pub fn contention(&mut self) {
+    /// Counts a contended request; true for the first one since the last flush, so the
+    /// caller logs once per interval instead of once per request.
+    pub fn contention(&mut self) -> bool {
         self.contention += 1;
+        self.contention == 1
     }
 
     fn counter(&mut self, name: String, delta: u64) {

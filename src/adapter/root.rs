@@ -44,6 +44,8 @@ pub struct Shared {
     pub plans: RefCell<PlansCache>,
     /// This worker's usage counts (role filter).
     pub meter: RefCell<Meter>,
+    /// Fail-open passes are logged once per worker, not once per request.
+    pub warned_fail_open: std::cell::Cell<bool>,
 }
 
 /// How often an admin-role worker advances pending key-set cleanup.
@@ -118,6 +120,7 @@ impl RootContext for Root {
                     challenges,
                     plans: RefCell::default(),
                     meter: RefCell::new(Meter::new(metering)),
+                    warned_fail_open: Default::default(),
                 }));
                 true
             }

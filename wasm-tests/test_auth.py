@@ -70,6 +70,12 @@ def test_fail_open_is_configurable(start_envoy, backend):
         assert get(envoy).status == 200
     # logged, but once per worker rather than once per request
     assert 1 <= envoy.log_text().count("no key set loaded") <= 2
+    # and counted, every one of them
+    harness.wait_until(
+        lambda: "keymeter_unauthenticated_total{reason=\"fail_open\"} 6" in envoy.prometheus(),
+        timeout=10,
+        message="fail-open passes not counted",
+    )
 
 
 def test_every_credential_source_authenticates(env):

@@ -228,6 +228,7 @@ impl FilterRequest {
                     if !self.shared.warned_fail_open.replace(true) {
                         log::warn!("keymeter: no key set loaded, letting requests through unauthenticated");
                     }
+                    self.unauthenticated = Some(Unauthenticated::FailOpen);
                     self.forward_identity(None, None, None, None);
                     Action::Continue
                 }

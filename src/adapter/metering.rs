@@ -21,16 +21,25 @@ pub enum Unauthenticated {
     Malformed,
     Invalid,
     KeySetUnavailable,
+    /// Let through unauthenticated because no key set is loaded (`when_no_keyset: allow`).
+    FailOpen,
 }
 
 impl Unauthenticated {
-    const ALL: [Unauthenticated; 4] = [Self::Missing, Self::Malformed, Self::Invalid, Self::KeySetUnavailable];
+    const ALL: [Unauthenticated; 5] = [
+        Self::Missing,
+        Self::Malformed,
+        Self::Invalid,
+        Self::KeySetUnavailable,
+        Self::FailOpen,
+    ];
     fn label(self) -> &'static str {
         match self {
             Self::Missing => "missing_credential",
             Self::Malformed => "malformed_credential",
             Self::Invalid => "invalid_credential",
             Self::KeySetUnavailable => "keyset_unavailable",
+            Self::FailOpen => "fail_open",
         }
     }
 }
@@ -48,7 +57,7 @@ pub struct Who<'a> {
 pub struct Meter {
     config: Metering,
     agg: Aggregator,
-    unauthenticated: [u64; 4],
+    unauthenticated: [u64; 5],
     contention: u64,
     metric_ids: HashMap<String, u32>,
     /// lineage -> whether it has its own labelled series (decided once per worker).
@@ -60,7 +69,7 @@ impl Meter {
         Meter {
             config,
             agg: Aggregator::default(),
-            unauthenticated: [0; 4],
+            unauthenticated: [0; 5],
             contention: 0,
             metric_ids: HashMap::new(),
             labelled: HashMap::new(),

@@ -243,3 +243,14 @@ def test_an_unknown_cluster_is_reported(start_envoy, source, wasm_path):
     assert s["source"]["last_error"]["kind"] == "dispatch"
     assert "no_such_cluster" in s["source"]["last_error"]["message"]
     assert s["loaded"] is False
+
+
+def test_a_large_document_is_read_in_slices_and_applied(pulled, source):
+    # ~5000 keys, ~600 KiB of JSON: the service reads Envoy's buffer in 64 KiB slices.
+    keys = [Key() for _ in range(5000)]
+    source.set_doc(keyset(1, keys))
+    envoy = pulled()
+    s = wait_status(envoy, lambda s: s.get("keys") == 5000, "the large document was not applied")
+    assert s["source"]["applied_version"] == 1
+    for k in (keys[0], keys[2500], keys[-1]):
+        assert call(envoy, k) == 200

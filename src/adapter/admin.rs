@@ -5,7 +5,7 @@
 //! token's sha256. Update bodies are buffered by Envoy (the admin listener's buffer
 //! limit bounds them) and applied in one callback.
 
-use super::host::{self, HostStore};
+use super::host::{self, HostBuffer, HostStore};
 use super::root::Shared;
 use crate::core::api_key::hashes_equal;
 use crate::core::keyset::{parse_json, DeltaDoc};
@@ -18,6 +18,7 @@ use crate::core::store::Store;
 use crate::core::time::format_rfc3339;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
+use proxy_wasm::types::BufferType;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::rc::Rc;
@@ -174,13 +175,7 @@ impl AdminRequest {
             Route::PutKeySet => {
                 // Parsed straight from Envoy's buffer and applied key by key: the
                 // document is never held whole in the wasm heap (which cannot shrink).
-                let reader = std::io::BufReader::with_capacity(
-                    64 * 1024,
-                    HostBody {
-                        offset: 0,
-                        size: body_size,
-                    },
-                );
+                let reader = HostBuffer::reader(BufferType::HttpRequestBody, body_size);
                 match push_stream(&store, reader, opts.now_ms, opts.force) {
                     Ok(report) => Ok(report),
                     Err(PushError::Doc(e)) => {
@@ -213,13 +208,7 @@ impl AdminRequest {
                 };
             }
             Route::UploadKeys => {
-                let reader = std::io::BufReader::with_capacity(
-                    64 * 1024,
-                    HostBody {
-                        offset: 0,
-                        size: body_size,
-                    },
-                );
+                let reader = HostBuffer::reader(BufferType::HttpRequestBody, body_size);
                 return match upload_keys(&store, &self.upload_id, reader, opts.now_ms) {
                     Ok(n) => self.reply(200, &json!({"keys_so_far": n}).to_string()),
                     Err(e) => self.upload_error(e),
@@ -324,28 +313,6 @@ fn new_upload_id(now_ms: u64) -> String {
     let gen = HostStore.get(crate::core::shared_layout::GEN).0.unwrap_or_default();
     let seed = format!("{now_ms}:{gen:?}:{:p}", &gen);
     hex::encode(&Sha256::digest(seed.as_bytes())[..12])
-}
-
-/// The request body in Envoy's buffer, read in slices as the parser asks for them.
-struct HostBody {
-    offset: usize,
-    size: usize,
-}
-
-impl std::io::Read for HostBody {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = buf.len().min(self.size.saturating_sub(self.offset));
-        if n == 0 {
-            return Ok(0);
-        }
-        let chunk = proxy_wasm::hostcalls::get_buffer(proxy_wasm::types::BufferType::HttpRequestBody, self.offset, n)
-            .map_err(|s| std::io::Error::other(format!("reading the request body: {s:?}")))?
-            .unwrap_or_default();
-        let got = chunk.len().min(n);
-        buf[..got].copy_from_slice(&chunk[..got]);
-        self.offset += got;
-        Ok(got)
-    }
 }
 
 impl Context for AdminRequest {}

@@ -62,3 +62,34 @@ pub fn ensure_instance() {
     });
     let _ = store.set(INSTANCE, rec.to_string().as_bytes(), None);
 }
+
+/// A host buffer (a request body, an HTTP call's response body) read in slices as a
+/// parser asks for them, so a large document is never copied whole into the VM.
+pub struct HostBuffer {
+    kind: proxy_wasm::types::BufferType,
+    offset: usize,
+    size: usize,
+}
+
+impl HostBuffer {
+    /// A buffered reader over the first `size` bytes of buffer `kind`, 64 KiB at a time.
+    pub fn reader(kind: proxy_wasm::types::BufferType, size: usize) -> std::io::BufReader<HostBuffer> {
+        std::io::BufReader::with_capacity(64 * 1024, HostBuffer { kind, offset: 0, size })
+    }
+}
+
+impl std::io::Read for HostBuffer {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.size.saturating_sub(self.offset));
+        if n == 0 {
+            return Ok(0);
+        }
+        let chunk = hostcalls::get_buffer(self.kind, self.offset, n)
+            .map_err(|s| std::io::Error::other(format!("reading a host buffer: {s:?}")))?
+            .unwrap_or_default();
+        let got = chunk.len().min(n);
+        buf[..got].copy_from_slice(&chunk[..got]);
+        self.offset += got;
+        Ok(got)
+    }
+}

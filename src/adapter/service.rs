@@ -7,11 +7,11 @@
 //! atomic full-snapshot update as an admin push. The poll health goes to `km/source` for
 //! the admin status. All decisions are in `core::pull`; this file only talks to the host.
 
-use super::host::{self, HostStore};
+use super::host::{self, HostBuffer, HostStore};
 use crate::core::config::SourceConfig;
 use crate::core::keyset_stream::{push_stream, PushError};
 use crate::core::problem::admin_body;
-use crate::core::pull::{Decision, Poller, Response, State, SOURCE};
+use crate::core::pull::{Body, Decision, Poller, Response, State, SOURCE};
 use crate::core::shared_layout::{read_meta, STATUS};
 use crate::core::store::Store;
 use crate::core::time::format_rfc3339;
@@ -167,11 +167,14 @@ impl Service {
 
     pub fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize) {
         let now = host::now_ms();
-        let r = CallResponse::read(num_headers, body_size, usize::MAX);
+        // Headers only: the body is read from Envoy's buffer on demand, in slices.
+        let r = CallResponse::read(num_headers, body_size, 0);
+        let open_body =
+            || -> Box<dyn std::io::Read> { Box::new(HostBuffer::reader(BufferType::HttpCallResponseBody, body_size)) };
         let resp = Response {
             status: r.status(),
             etag: r.header("etag"),
-            body: &r.body,
+            body: Body::Reader(&open_body),
         };
         let was = self.poller.health.state;
         match self.poller.on_response(now, token, resp, running_version()) {
@@ -185,7 +188,7 @@ impl Service {
             Decision::Apply(_) => {
                 // Validated and applied while parsed, like an admin push: the pulled
                 // document is never turned into an in-memory key set.
-                match push_stream(&HostStore, &r.body[..], now, false) {
+                match push_stream(&HostStore, open_body(), now, false) {
                     Ok(report) => {
                         self.poller.applied(now, &report);
                         let record = json!({

@@ -85,7 +85,55 @@ pub struct Response<'a> {
     /// `None`: no response at all (timeout, connection failure, reset).
     pub status: Option<u32>,
     pub etag: Option<&'a str>,
-    pub body: &'a [u8],
+    pub body: Body<'a>,
+}
+
+/// A response body: in memory, or read on demand from the host's buffer so a large
+/// key-set document is never copied whole into the VM.
+#[derive(Clone, Copy)]
+pub enum Body<'a> {
+    Bytes(&'a [u8]),
+    /// Opens a fresh reader over the whole body each time it is called.
+    Reader(&'a dyn Fn() -> Box<dyn std::io::Read + 'a>),
+}
+
+impl std::fmt::Debug for Body<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Body::Bytes(b) => write!(f, "Body::Bytes({} bytes)", b.len()),
+            Body::Reader(_) => f.write_str("Body::Reader"),
+        }
+    }
+}
+
+impl<'a> Body<'a> {
+    pub fn reader(&self) -> Box<dyn std::io::Read + 'a> {
+        match self {
+            Body::Bytes(b) => Box::new(*b),
+            Body::Reader(open) => open(),
+        }
+    }
+
+    /// The whole body (tests).
+    #[cfg(test)]
+    fn prefix_all(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut self.reader(), &mut out);
+        out
+    }
+
+    /// The first bytes, for error messages.
+    fn prefix(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::Read::take(self.reader(), 4096), &mut out);
+        out
+    }
+}
+
+impl<'a, T: AsRef<[u8]> + ?Sized> From<&'a T> for Body<'a> {
+    fn from(b: &'a T) -> Self {
+        Body::Bytes(b.as_ref())
+    }
 }
 
 /// What the caller must do with a response.
@@ -200,7 +248,7 @@ impl Poller {
                 );
                 Decision::Failed
             }
-            200 => match peek_version(resp.body) {
+            200 => match peek_version(resp.body.reader()) {
                 Err(e) => {
                     self.fail(now_ms, ErrorKind::Invalid, format!("invalid key-set document: {e}"));
                     Decision::Failed
@@ -229,7 +277,7 @@ impl Poller {
                 },
             },
             s => {
-                let body = snippet(resp.body);
+                let body = snippet(&resp.body.prefix());
                 let (kind, message) = if is_envoy_upstream_failure(s, &body) {
                     (
                         ErrorKind::Unreachable,
@@ -342,7 +390,7 @@ mod tests {
         Response {
             status: Some(200),
             etag: Some(etag),
-            body: body.as_bytes(),
+            body: body.as_bytes().into(),
         }
     }
 
@@ -376,12 +424,12 @@ mod tests {
             self.token += 1;
             self.p.dispatched(self.token);
             let running = self.running();
-            let body = resp.body;
+            let doc = resp.body.prefix_all();
             match self.p.on_response(self.now, self.token, resp, running) {
                 Decision::Unchanged => "unchanged",
                 Decision::Failed => "failed",
                 Decision::Ignored => "ignored",
-                Decision::Apply(_) => match push_stream(&self.store, body, self.now, false) {
+                Decision::Apply(_) => match push_stream(&self.store, &doc[..], self.now, false) {
                     Ok(r) => {
                         self.p.applied(self.now, &r);
                         "applied"
@@ -436,7 +484,7 @@ mod tests {
         let not_modified = Response {
             status: Some(304),
             etag: Some("\"v1\""),
-            body: b"",
+            body: b"".into(),
         };
         assert_eq!(r.poll(not_modified), "unchanged");
         assert_eq!(r.sent.as_deref(), Some("\"v1\""));
@@ -476,7 +524,7 @@ mod tests {
         let resp = Response {
             status: Some(304),
             etag: None,
-            body: b"",
+            body: b"".into(),
         };
         assert_eq!(r.poll(resp), "failed");
         assert_eq!(r.error().0, ErrorKind::Http);
@@ -505,7 +553,7 @@ mod tests {
         r.poll(Response {
             status: Some(304),
             etag: None,
-            body: b"",
+            body: b"".into(),
         });
         assert_eq!(r.sent.as_deref(), Some("\"v3\""));
         assert_eq!(r.p.health.state, State::Ok);
@@ -564,7 +612,7 @@ mod tests {
         let down = Response {
             status: Some(500),
             etag: None,
-            body: b"<h1>Internal\n Server Error</h1>",
+            body: b"<h1>Internal\n Server Error</h1>".into(),
         };
         let mut delays = vec![];
         for _ in 0..6 {
@@ -592,7 +640,7 @@ mod tests {
         let none = Response {
             status: None,
             etag: None,
-            body: b"",
+            body: b"".into(),
         };
         assert_eq!(r.poll(none), "failed");
         assert_eq!(r.error().0, ErrorKind::Unreachable);
@@ -611,7 +659,7 @@ mod tests {
                 r.poll(Response {
                     status: Some(status),
                     etag: None,
-                    body
+                    body: body.into()
                 }),
                 "failed"
             );
@@ -626,7 +674,7 @@ mod tests {
         r.poll(Response {
             status: Some(503),
             etag: None,
-            body: b"maintenance",
+            body: b"maintenance".into(),
         });
         assert_eq!(r.error().0, ErrorKind::Http);
         r.skip_to_next_poll();

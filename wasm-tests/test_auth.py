@@ -205,3 +205,34 @@ def test_bad_plugin_config_is_refused_with_the_field_named(start_envoy, envoy_bi
     with pytest.raises(harness.EnvoyError) as e:
         start_envoy(filter_conf=conf, ready_timeout=15)
     assert field in str(e.value)
+
+
+def raw_request(port: int, head: bytes) -> bytes:
+    """Sends bytes as they are (http.client refuses non-ASCII header values)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(head)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"x-api-key: \xff\xfe", b"authorization: Bearer \xc3\x28", b"authorization: Basic \xff", b"x-other: \xff"],
+)
+def test_non_utf8_header_values_are_refused_not_fatal(env, header):
+    # HTTP allows obs-text bytes in values; proxy-wasm's string getters panic on them,
+    # which would kill the worker's VM and fail every later request.
+    envoy, k, backend = env
+    for _ in range(2):  # both workers, probably
+        resp = raw_request(envoy.public_port, b"GET /v1/x HTTP/1.1\r\nhost: a\r\n" + header + b"\r\nconnection: close\r\n\r\n")
+        assert resp.startswith(b"HTTP/1.1 401"), resp[:200]
+    admin = raw_request(
+        envoy.admin_api_port, b"GET /v1/status HTTP/1.1\r\nhost: a\r\nauthorization: Bearer \xff\r\nconnection: close\r\n\r\n"
+    )
+    assert admin.startswith(b"HTTP/1.1 401"), admin[:200]
+    for _ in range(4):
+        assert get(envoy, headers={"x-api-key": k["plain"].key}).status == 200

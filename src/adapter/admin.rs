@@ -75,7 +75,7 @@ impl AdminRequest {
         let Some(want) = self.shared.config.admin_token_sha256 else {
             return false;
         };
-        let Some(auth) = self.get_http_request_header("authorization") else {
+        let Some(auth) = host::request_header("authorization") else {
             return false;
         };
         let Some(token) = auth.strip_prefix("Bearer ").map(str::trim) else {
@@ -319,8 +319,8 @@ impl Context for AdminRequest {}
 
 impl HttpContext for AdminRequest {
     fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
-        let method = self.get_http_request_header(":method").unwrap_or_default();
-        let full_path = self.get_http_request_header(":path").unwrap_or_default();
+        let method = host::request_header(":method").unwrap_or_default();
+        let full_path = host::request_header(":path").unwrap_or_default();
         let (path, query) = full_path.split_once('?').unwrap_or((&full_path, ""));
         self.force = query.split('&').any(|p| p == "force=true" || p == "force=1");
         let (route, allow) = match path {

@@ -209,8 +209,8 @@ impl FilterRequest {
             plan,
             override_rec: None,
         };
-        let method = self.get_http_request_header(":method").unwrap_or_default();
-        let path = self.get_http_request_header(":path").unwrap_or_default();
+        let method = host::request_header(":method").unwrap_or_default();
+        let path = host::request_header(":path").unwrap_or_default();
         self.anonymous_plan = Some(plan_name.to_string());
         if let Some(refused) = self.enforce(store, &subject, &method, &path) {
             return refused;
@@ -238,10 +238,10 @@ impl FilterRequest {
         let cfg = &shared.config;
         let mut path: Option<String> = None;
         let found = credential::find(&cfg.sources, |f| match f {
-            Field::ApiKeyHeader => self.get_http_request_header(cfg.sources.header.as_deref()?),
-            Field::Authorization => self.get_http_request_header("authorization"),
+            Field::ApiKeyHeader => host::request_header(cfg.sources.header.as_deref()?),
+            Field::Authorization => host::request_header("authorization"),
             Field::Path => {
-                path = self.get_http_request_header(":path");
+                path = host::request_header(":path");
                 path.clone()
             }
         });
@@ -276,9 +276,9 @@ impl FilterRequest {
         // calls when the key has neither (the common case).
         let mut method = String::new();
         if !rec.scopes.is_empty() || plan.is_some_and(|p| !p.costs.is_empty()) {
-            method = self.get_http_request_header(":method").unwrap_or_default();
+            method = host::request_header(":method").unwrap_or_default();
             if path.is_none() {
-                path = self.get_http_request_header(":path");
+                path = host::request_header(":path");
             }
         }
         let path_str = path.as_deref().unwrap_or("/");
@@ -368,8 +368,7 @@ impl HttpContext for FilterRequest {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if self.status.get() == 0 && (self.record.is_some() || self.anonymous_plan.is_some()) {
-            let status = self
-                .get_http_response_header(":status")
+            let status = host::response_header(":status")
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(0);
             self.status.set(status);

@@ -93,3 +93,34 @@ impl std::io::Read for HostBuffer {
         Ok(got)
     }
 }
+
+/// Header values as text. The SDK's own string getters `unwrap()` a UTF-8 conversion,
+/// so one request carrying a non-UTF-8 byte (HTTP allows obs-text) would panic and
+/// kill the worker's VM: every header is read as bytes here, and invalid bytes become
+/// U+FFFD, which no key, path or method matches.
+fn text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+pub fn request_header(name: &str) -> Option<String> {
+    hostcalls::get_map_value_bytes(proxy_wasm::types::MapType::HttpRequestHeaders, name)
+        .ok()
+        .flatten()
+        .map(text)
+}
+
+pub fn response_header(name: &str) -> Option<String> {
+    hostcalls::get_map_value_bytes(proxy_wasm::types::MapType::HttpResponseHeaders, name)
+        .ok()
+        .flatten()
+        .map(text)
+}
+
+/// All headers of an HTTP call's response (names are tokens, values may be any bytes).
+pub fn call_response_headers() -> Vec<(String, String)> {
+    hostcalls::get_map_bytes(proxy_wasm::types::MapType::HttpCallResponseHeaders)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, text(v)))
+        .collect()
+}

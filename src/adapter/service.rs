@@ -17,7 +17,7 @@ use crate::core::store::Store;
 use crate::core::time::format_rfc3339;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, BufferType, MapType};
+use proxy_wasm::types::{Action, BufferType};
 use serde_json::json;
 use std::time::Duration;
 
@@ -65,7 +65,7 @@ pub(super) struct CallResponse {
 impl CallResponse {
     pub fn read(num_headers: usize, body_size: usize, max_body: usize) -> Self {
         let headers = if num_headers > 0 {
-            hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default()
+            host::call_response_headers()
         } else {
             Vec::new()
         };

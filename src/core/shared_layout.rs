@@ -871,7 +871,7 @@ pub fn apply_delta(
                     }
                 })?;
                 if existed {
-                    meta.keys -= 1;
+                    meta.keys = meta.keys.saturating_sub(1);
                     report.removed += 1;
                 }
             }

@@ -377,6 +377,48 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_input_never_panics() {
+        // xorshift: deterministic junk, biased towards the characters the parsers care about
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let alphabet = "km_aZ09:=&?/ %\u{fffd}é\u{0}Bearer Basic QUFB=";
+        let chars: Vec<char> = alphabet.chars().collect();
+        for _ in 0..20_000 {
+            let mut sample = String::new();
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            for i in 0..(x % 80) {
+                sample.push(chars[((x >> (i % 50)) as usize + i as usize) % chars.len()]);
+            }
+            let _ = ApiKey::parse(&sample);
+            let _ = run(
+                &all(),
+                &RequestFields {
+                    api_key_header: Some(&sample),
+                    ..Default::default()
+                },
+            );
+            let auth = format!("Basic {sample}");
+            let _ = run(
+                &all(),
+                &RequestFields {
+                    authorization: Some(&auth),
+                    ..Default::default()
+                },
+            );
+            let _ = run(
+                &all(),
+                &RequestFields {
+                    authorization: Some(&sample),
+                    path: Some(&sample),
+                    ..Default::default()
+                },
+            );
+            let _ = strip_query_param(&sample, "api_key");
+        }
+    }
+
+    #[test]
     fn query_helpers() {
         assert_eq!(query_value("/a?x=1&api_key=v#f", "api_key"), Some("v"));
         assert_eq!(query_value("/a?api_keyx=1", "api_key"), None);

@@ -503,6 +503,32 @@ mod tests {
     }
 
     #[test]
+    fn truncated_and_mangled_documents_are_errors_not_panics() {
+        let s = MemStore::default();
+        let doc = format!(
+            r#"{{"version":2,"plans":{{"p":{{"rate_limits":[{{"name":"r","rate":5,"per":"1s"}}]}}}},"keys":[{},{}]}}"#,
+            key("aaaaaaaaaaa1", "p"),
+            key("aaaaaaaaaaa2", "p")
+        );
+        for cut in 0..doc.len() {
+            assert!(
+                push(&s, &doc[..cut]).is_err(),
+                "a truncated document was accepted at {cut}"
+            );
+            assert!(peek_version(doc[..cut].as_bytes()).is_err() || cut > doc.len() - 2);
+        }
+        let mut bytes = doc.clone().into_bytes();
+        for i in (0..bytes.len()).step_by(7) {
+            let saved = bytes[i];
+            let junk = b"\xff{}[]\":,0";
+            bytes[i] = junk[i % junk.len()];
+            let _ = push_stream(&s, &bytes[..], 1_000, true);
+            bytes[i] = saved;
+        }
+        assert!(push(&s, &doc).is_ok() || read_meta(&s).is_some());
+    }
+
+    #[test]
     fn stale_and_forced() {
         let s = MemStore::default();
         push(

@@ -515,7 +515,7 @@ mod tests {
                 push(&s, &doc[..cut]).is_err(),
                 "a truncated document was accepted at {cut}"
             );
-            assert!(peek_version(doc[..cut].as_bytes()).is_err() || cut > doc.len() - 2);
+            assert!(peek_version(&doc.as_bytes()[..cut]).is_err() || cut > doc.len() - 2);
         }
         let mut bytes = doc.clone().into_bytes();
         for i in (0..bytes.len()).step_by(7) {

@@ -234,14 +234,7 @@ impl AdminRequest {
                     Route::UploadCommit => "upload",
                     _ => "delta",
                 };
-                let record =
-                    json!({"source": source, "at": format_rfc3339((opts.now_ms / 1000) as i64), "result": &report});
-                let _ = store.set(STATUS, record.to_string().as_bytes(), None);
-                log::info!(
-                    "keymeter: key set {source} applied: version {} keys {}",
-                    report.version,
-                    report.keys
-                );
+                host::record_update(source, opts.now_ms, &report);
                 self.reply(200, &serde_json::to_string(&report).unwrap_or_default())
             }
         }

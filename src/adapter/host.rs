@@ -124,3 +124,20 @@ pub fn call_response_headers() -> Vec<(String, String)> {
         .map(|(k, v)| (k, text(v)))
         .collect()
 }
+
+/// Records an applied key-set update (push, upload, delta or pull) in `km/status` for
+/// the admin status, and logs it.
+pub fn record_update(source: &str, now_ms: u64, report: &crate::core::shared_layout::ApplyReport) {
+    let record = serde_json::json!({
+        "source": source,
+        "at": crate::core::time::format_rfc3339((now_ms / 1000) as i64),
+        "result": report,
+    });
+    let _ = HostStore.set(crate::core::shared_layout::STATUS, record.to_string().as_bytes(), None);
+    log::info!(
+        "keymeter: key set {source} applied: version {} keys {} removed {}",
+        report.version,
+        report.keys,
+        report.removed
+    );
+}

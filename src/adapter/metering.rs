@@ -127,9 +127,13 @@ impl Meter {
             Some([1]) => true,
             Some([0]) => false,
             _ => {
+                // Another worker may decide for the same lineage at the same time: the
+                // marker it creates first is the decision everyone uses.
                 let won = claim_series(store, self.config.max_key_series);
-                let _ = store.set(&marker, &[won as u8], None);
-                won
+                match crate::core::store::ensure_exists(store, &marker, &[won as u8], super::host::now_ms()) {
+                    Ok(true) => won,
+                    _ => store.get(&marker).0.as_deref() == Some(&[1]),
+                }
             }
         };
         self.labelled.insert(lineage.to_string(), decided);

@@ -12,13 +12,11 @@ use crate::core::config::SourceConfig;
 use crate::core::keyset_stream::{push_stream, PushError};
 use crate::core::problem::admin_body;
 use crate::core::pull::{Body, Decision, Poller, Response, State, SOURCE};
-use crate::core::shared_layout::{read_meta, STATUS};
+use crate::core::shared_layout::read_meta;
 use crate::core::store::Store;
-use crate::core::time::format_rfc3339;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType};
-use serde_json::json;
 use std::time::Duration;
 
 /// How often the service checks whether a poll is due. Well below the minimum interval
@@ -69,7 +67,7 @@ impl CallResponse {
         } else {
             Vec::new()
         };
-        let body = if body_size > 0 {
+        let body = if body_size > 0 && max_body > 0 {
             hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size.min(max_body))
                 .ok()
                 .flatten()
@@ -191,18 +189,7 @@ impl Service {
                 match push_stream(&HostStore, open_body(), now, false) {
                     Ok(report) => {
                         self.poller.applied(now, &report);
-                        let record = json!({
-                            "source": "pull",
-                            "at": format_rfc3339((now / 1000) as i64),
-                            "result": &report,
-                        });
-                        let _ = HostStore.set(STATUS, record.to_string().as_bytes(), None);
-                        log::info!(
-                            "keymeter: key set pull applied: version {} keys {} removed {}",
-                            report.version,
-                            report.keys,
-                            report.removed
-                        );
+                        host::record_update("pull", now, &report);
                     }
                     Err(PushError::Doc(e)) => {
                         self.poller.invalid(now, &e);

@@ -255,11 +255,6 @@ impl Exporter {
         Some(b.body.clone())
     }
 
-    /// The frozen batch (if any), for inspection.
-    pub fn batch(&self) -> Option<&Batch> {
-        self.batch.as_ref()
-    }
-
     fn build(&mut self, now_ms: u64, store: &dyn Store, instance_id: &str) -> Option<Batch> {
         let mut events = Vec::new();
         let mut ids = Vec::new();

@@ -1,7 +1,7 @@
 //! End-to-end tests of the `keymeter` CLI: the built binary in a temp dir, and admin
 //! calls against a tiny fake HTTP server.
 
-use keymeter::core::api_key::{hash_key, ApiKey};
+use keymeter::core::auth::api_key::{hash_key, ApiKey};
 use keymeter::core::time::parse_rfc3339;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};

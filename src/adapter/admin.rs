@@ -7,13 +7,13 @@
 
 use super::host::{self, HostBuffer, HostStore};
 use super::root::Shared;
-use crate::core::api_key::hashes_equal;
-use crate::core::keyset::{parse_json, DeltaDoc};
-use crate::core::keyset_stream::{
+use crate::core::auth::api_key::hashes_equal;
+use crate::core::auth::problem::admin_body;
+use crate::core::keyset::document::{parse_json, DeltaDoc};
+use crate::core::keyset::layout::{self, read_meta, read_plans, ApplyError, ApplyOptions, ApplyReport, STATUS};
+use crate::core::keyset::stream::{
     push_stream, upload_abort, upload_begin, upload_commit, upload_keys, PushError, UploadError,
 };
-use crate::core::problem::admin_body;
-use crate::core::shared_layout::{self, read_meta, read_plans, ApplyError, ApplyOptions, ApplyReport, STATUS};
 use crate::core::store::Store;
 use crate::core::time::format_rfc3339;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -95,9 +95,9 @@ impl AdminRequest {
         };
         let last = json_at(STATUS);
         // The pull service's health (null when no pull service runs in this Envoy).
-        let source = json_at(crate::core::pull::SOURCE);
+        let source = json_at(crate::core::remote::pull::SOURCE);
         // The usage export's health (null when no export runs in this Envoy).
-        let export = json_at(crate::core::export::HEALTH);
+        let export = json_at(crate::core::metering::export::HEALTH);
         let body = match read_meta(&store) {
             None => json!({"loaded": false, "last_update": last, "source": source, "export": export}),
             Some(m) => json!({
@@ -139,7 +139,7 @@ impl AdminRequest {
             }
         }
         let store = HostStore;
-        let (rows, next) = crate::core::usage::page(&store, consumer.as_deref(), cursor, limit);
+        let (rows, next) = crate::core::metering::usage::page(&store, consumer.as_deref(), cursor, limit);
         let instance: serde_json::Value = store
             .get(super::host::INSTANCE)
             .0
@@ -193,7 +193,7 @@ impl AdminRequest {
                 {
                     Err(e) => Err(self.problem(400, "invalid-delta", "Invalid key-set delta", &e.to_string())),
                     Ok((version, ops)) => {
-                        shared_layout::apply_delta(&store, version, &ops, opts).map_err(|e| self.apply_error(e))
+                        layout::apply_delta(&store, version, &ops, opts).map_err(|e| self.apply_error(e))
                     }
                 }
             }
@@ -303,7 +303,7 @@ fn upload_path(path: &str) -> Option<(&str, Route, &'static str)> {
 
 /// A fresh upload id: unguessable enough to not collide with a previous upload's.
 fn new_upload_id(now_ms: u64) -> String {
-    let gen = HostStore.get(crate::core::shared_layout::GEN).0.unwrap_or_default();
+    let gen = HostStore.get(crate::core::keyset::layout::GEN).0.unwrap_or_default();
     let seed = format!("{now_ms}:{gen:?}:{:p}", &gen);
     hex::encode(&Sha256::digest(seed.as_bytes())[..12])
 }

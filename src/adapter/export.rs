@@ -6,7 +6,7 @@
 use super::host::{self, HostStore};
 use super::service::{dispatch, publish, CallResponse};
 use crate::core::config::ExportConfig;
-use crate::core::export::{Decision, Exporter, CONTENT_TYPE, HEALTH};
+use crate::core::metering::export::{Decision, Exporter, CONTENT_TYPE, HEALTH};
 use crate::core::store::Store;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;

@@ -3,16 +3,16 @@
 use super::host::{self, HostStore};
 use super::metering::{Unauthenticated, Who};
 use super::root::Shared;
-use crate::core::api_key::hashes_equal;
+use crate::core::auth::api_key::hashes_equal;
+use crate::core::auth::credential::{self, CredentialError, Field, Source};
+use crate::core::auth::key_record::{KeyRecord, Refusal};
+use crate::core::auth::problem::Problem;
 use crate::core::config::{NoKeySet, OnContention};
-use crate::core::credential::{self, CredentialError, Field, Source};
-use crate::core::key_record::{KeyRecord, Refusal};
-use crate::core::limiter::{self, Denial, LimitOutcome, Verdict};
-use crate::core::plan::{LimitBy, Plan};
-use crate::core::problem::Problem;
-use crate::core::shared_layout::{key_entry_name, read_meta, KeyEntry, Meta};
+use crate::core::keyset::layout::{key_entry_name, read_meta, KeyEntry, Meta};
+use crate::core::limits::limiter::{self, Denial, LimitOutcome, Verdict};
+use crate::core::limits::plan::{LimitBy, Plan};
+use crate::core::metering::usage::Outcome;
 use crate::core::store::Store;
-use crate::core::usage::Outcome;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::cell::Cell;
@@ -205,7 +205,7 @@ impl FilterRequest {
             return self.refuse(Problem::MissingCredential);
         };
         let subject = Subject {
-            state_key: format!("km/rl/ip/{}", crate::core::cidr::limit_subject(ip)),
+            state_key: format!("km/rl/ip/{}", crate::core::auth::cidr::limit_subject(ip)),
             plan,
             override_rec: None,
         };

@@ -37,7 +37,7 @@ pub fn now_ms() -> u64 {
 /// The downstream client's address (Envoy's `source.address`).
 pub fn peer_ip() -> Option<IpAddr> {
     let raw = hostcalls::get_property(vec!["source", "address"]).ok()??;
-    crate::core::cidr::parse_peer(std::str::from_utf8(&raw).ok()?)
+    crate::core::auth::cidr::parse_peer(std::str::from_utf8(&raw).ok()?)
 }
 
 /// Where this Envoy process's identity for usage collectors lives: shared data is wiped
@@ -127,13 +127,13 @@ pub fn call_response_headers() -> Vec<(String, String)> {
 
 /// Records an applied key-set update (push, upload, delta or pull) in `km/status` for
 /// the admin status, and logs it.
-pub fn record_update(source: &str, now_ms: u64, report: &crate::core::shared_layout::ApplyReport) {
+pub fn record_update(source: &str, now_ms: u64, report: &crate::core::keyset::layout::ApplyReport) {
     let record = serde_json::json!({
         "source": source,
         "at": crate::core::time::format_rfc3339((now_ms / 1000) as i64),
         "result": report,
     });
-    let _ = HostStore.set(crate::core::shared_layout::STATUS, record.to_string().as_bytes(), None);
+    let _ = HostStore.set(crate::core::keyset::layout::STATUS, record.to_string().as_bytes(), None);
     log::info!(
         "keymeter: key set {source} applied: version {} keys {} removed {}",
         report.version,

@@ -7,8 +7,8 @@
 
 use super::host::HostStore;
 use crate::core::config::Metering;
+use crate::core::metering::usage::{self, Aggregator, Counters, Outcome, Subject, STATUS_CLASSES};
 use crate::core::store::{Store, StoreError};
-use crate::core::usage::{self, Aggregator, Counters, Outcome, Subject, STATUS_CLASSES};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 use std::collections::HashMap;

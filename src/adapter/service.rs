@@ -8,11 +8,11 @@
 //! the admin status. All decisions are in `core::pull`; this file only talks to the host.
 
 use super::host::{self, HostBuffer, HostStore};
+use crate::core::auth::problem::admin_body;
 use crate::core::config::SourceConfig;
-use crate::core::keyset_stream::{push_stream, PushError};
-use crate::core::problem::admin_body;
-use crate::core::pull::{Body, Decision, Poller, Response, State, SOURCE};
-use crate::core::shared_layout::read_meta;
+use crate::core::keyset::layout::read_meta;
+use crate::core::keyset::stream::{push_stream, PushError};
+use crate::core::remote::pull::{Body, Decision, Poller, Response, State, SOURCE};
 use crate::core::store::Store;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};

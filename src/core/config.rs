@@ -4,7 +4,7 @@
 //! `on_configure`, so Envoy refuses a bad config with a message naming the field instead
 //! of running half-configured.
 
-use super::credential::CredentialSources;
+use crate::core::auth::credential::CredentialSources;
 use serde::Deserialize;
 
 /// What one plugin instance does. All roles share one `vm_id`, hence one key set.
@@ -244,11 +244,11 @@ impl Config {
             }
         }
         if let Some(a) = &doc.anonymous {
-            if !super::plan::is_valid_name(&a.plan) {
+            if !crate::core::limits::plan::is_valid_name(&a.plan) {
                 return field("anonymous.plan", "must be a plan name (A-Z a-z 0-9 _ -)");
             }
         }
-        let flush_ms = match super::time::parse_duration(&doc.metering.flush_interval) {
+        let flush_ms = match crate::core::time::parse_duration(&doc.metering.flush_interval) {
             Ok(ms) if (100..=60_000).contains(&ms) => ms,
             Ok(_) => return field("metering.flush_interval", "must be between 100ms and 60s"),
             Err(e) => return field("metering.flush_interval", &e.to_string()),
@@ -430,7 +430,7 @@ fn endpoint(
         ));
     }
     let duration = |f: &str, v: &str, min: u64, max: u64, range: &str| {
-        let ms = super::time::parse_duration(v).map_err(|e| field(f, &e.to_string()))?;
+        let ms = crate::core::time::parse_duration(v).map_err(|e| field(f, &e.to_string()))?;
         if !(min..=max).contains(&ms) {
             return Err(field(f, &format!("must be between {range}")));
         }

@@ -1,21 +1,18 @@
-pub mod api_key;
-pub mod cidr;
-pub mod config;
-pub mod credential;
-pub mod export;
-pub mod key_record;
+//! The pure core: every decision keymeter makes, testable on the host. Nothing here
+//! touches the proxy-wasm host; the adapter fetches what the core asks for and applies
+//! what it returns.
+
+/// Who is calling: key format, credentials, key records, scopes, CIDRs, problem bodies.
+pub mod auth;
+/// The key set: its document, how it is streamed into shared data and updated.
 pub mod keyset;
-pub mod keyset_stream;
-pub mod limiter;
-pub mod outbound;
-pub mod plan;
-pub mod problem;
-pub mod pull;
-pub mod quota;
-pub mod ratelimit_headers;
-pub mod scope;
-pub mod shared_layout;
+/// Token buckets, calendar quotas, plans and the limiter that applies them.
+pub mod limits;
+/// Usage counting and the CloudEvents export.
+pub mod metering;
+/// Periodic outbound calls: key-set pull (and export scheduling).
+pub mod remote;
+
+pub mod config;
 pub mod store;
 pub mod time;
-pub mod token_bucket;
-pub mod usage;

@@ -5,11 +5,11 @@
 //! `KeySetDoc::compile`, so the CLI and the filter never disagree.
 
 use crate::error::{usage, Fail};
-use keymeter::core::api_key::{is_valid_id, ApiKey};
-use keymeter::core::cidr::Cidr;
-use keymeter::core::keyset::ScopeDoc;
-use keymeter::core::plan::is_valid_name;
-use keymeter::core::scope::Scope;
+use keymeter::core::auth::api_key::{is_valid_id, ApiKey};
+use keymeter::core::auth::cidr::Cidr;
+use keymeter::core::auth::scope::Scope;
+use keymeter::core::keyset::document::ScopeDoc;
+use keymeter::core::limits::plan::is_valid_name;
 use keymeter::core::time::{parse_duration, parse_rfc3339};
 
 /// `--scope`: `METHODS:PREFIX` (`GET,HEAD:/v1/reports`) or just `PREFIX` (`/v1`, all methods).
@@ -132,7 +132,7 @@ mod tests {
         assert!(cidr("10.0.0.0/8").is_ok() && cidr("10.0.0.1/8").is_err());
         assert!(plan_name("pro-2").is_ok() && plan_name("a b").is_err());
         assert_eq!(key_id("AbCdEf012345").unwrap(), "AbCdEf012345");
-        let k = keymeter::core::api_key::assemble("AbCdEf012345", "0123456789abcdefghijABCDEFGHIJkl");
+        let k = keymeter::core::auth::api_key::assemble("AbCdEf012345", "0123456789abcdefghijABCDEFGHIJkl");
         let e = key_id(&k).unwrap_err();
         assert_eq!(e.code(), 2);
         assert!(e.to_string().contains("AbCdEf012345") && !e.to_string().contains(&k));

@@ -6,8 +6,8 @@
 //! Writes are atomic (temp file in the same directory, fsync, rename), pretty-printed.
 
 use crate::error::{failed, Result};
-use keymeter::core::keyset::{parse_json, KeyDoc, KeySetDoc};
-use keymeter::core::plan::PlanDoc;
+use keymeter::core::keyset::document::{parse_json, KeyDoc, KeySetDoc};
+use keymeter::core::limits::plan::PlanDoc;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use std::fs;

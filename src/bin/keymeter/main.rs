@@ -17,7 +17,7 @@ mod random;
 use admin_client::Admin;
 use clap::{Args, Parser, Subcommand};
 use error::{usage, Result};
-use keymeter::core::keyset::ScopeDoc;
+use keymeter::core::keyset::document::ScopeDoc;
 use output::Output;
 use std::path::PathBuf;
 

@@ -114,7 +114,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keymeter::core::api_key::assemble;
+    use keymeter::core::auth::api_key::assemble;
 
     #[test]
     fn redacts_keys_anywhere() {

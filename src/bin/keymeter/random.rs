@@ -1,6 +1,6 @@
 //! Key material from the kernel CSPRNG.
 
-use keymeter::core::api_key::random_base62;
+use keymeter::core::auth::api_key::random_base62;
 use std::fs::File;
 use std::io::{self, Read};
 

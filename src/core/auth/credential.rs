@@ -5,7 +5,7 @@
 //! malformed key there is an error even if another source holds a good one, so a
 //! request never authenticates in a way its sender did not obviously intend.
 
-use super::api_key::{ApiKey, KeyFormatError, ID_LEN, KEY_LEN, PREFIX};
+use crate::core::auth::api_key::{ApiKey, KeyFormatError, ID_LEN, KEY_LEN, PREFIX};
 use base64::Engine;
 
 /// Which sources are enabled; built from the plugin configuration.
@@ -195,8 +195,8 @@ pub fn strip_query_param(path: &str, name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::api_key::assemble;
     use super::*;
+    use crate::core::auth::api_key::assemble;
 
     fn key() -> String {
         assemble("AbCdEf012345", "0123456789abcdefghijABCDEFGHIJkl")

@@ -20,12 +20,12 @@
 //!   shared-data CAS is not checked for keys that do not exist yet.
 //! - `km/gen`: generation counter, so a failed or interrupted push leaves only inert slots.
 
-use super::key_record::KeyRecord;
-use super::keyset::CompiledOp;
+use crate::core::auth::key_record::KeyRecord;
+use crate::core::keyset::document::CompiledOp;
 #[cfg(test)]
-use super::keyset::KeySet;
-use super::plan::Plan;
-use super::store::{Store, StoreError};
+use crate::core::keyset::document::KeySet;
+use crate::core::limits::plan::Plan;
+use crate::core::store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -553,7 +553,7 @@ pub(crate) fn check_version(running: Option<&Meta>, pushed: u64, force: bool) ->
 }
 
 /// Replaces the whole key set atomically from an in-memory set (see the module doc).
-/// Production paths stream documents through `keyset_stream` instead; this is the
+/// Production paths stream documents through `keyset::stream` instead; this is the
 /// compact form for tests.
 #[cfg(test)]
 pub(crate) fn apply_full(store: &dyn Store, set: &KeySet, opts: ApplyOptions) -> Result<ApplyReport, ApplyError> {
@@ -904,9 +904,9 @@ pub fn apply_delta(
 
 #[cfg(test)]
 mod tests {
-    use super::super::keyset::{parse_json, DeltaDoc, KeySetDoc};
-    use super::super::store::MemStore;
     use super::*;
+    use crate::core::keyset::document::{parse_json, DeltaDoc, KeySetDoc};
+    use crate::core::store::MemStore;
 
     const H: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 

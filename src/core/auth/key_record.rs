@@ -1,9 +1,9 @@
 //! A key as the filter sees it: the compiled, validated form stored per key in shared
 //! data (bincode, a few hundred bytes), so one request copies one small entry.
 
-use super::cidr::Cidr;
-use super::plan::Limits;
-use super::scope::{self, Scope};
+use crate::core::auth::cidr::Cidr;
+use crate::core::auth::scope::{self, Scope};
+use crate::core::limits::plan::Limits;
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 

@@ -6,11 +6,11 @@
 //! their name, so a plan change that edits numbers keeps the consumed state, and one
 //! that renames a limit starts it fresh (documented rule).
 
-use super::plan::{NamedBucket, NamedQuota};
-use super::quota::{self, QuotaState};
-use super::ratelimit_headers::{push_ratelimit, push_ratelimit_policy};
-use super::store::{ensure_exists, Store, StoreError};
-use super::token_bucket::{self, BucketState};
+use crate::core::limits::plan::{NamedBucket, NamedQuota};
+use crate::core::limits::quota::{self, QuotaState};
+use crate::core::limits::ratelimit_headers::{push_ratelimit, push_ratelimit_policy};
+use crate::core::limits::token_bucket::{self, BucketState};
+use crate::core::store::{ensure_exists, Store, StoreError};
 use serde::{Deserialize, Serialize};
 
 /// Stored per subject.
@@ -242,9 +242,9 @@ pub fn headers(verdict: &Verdict) -> Option<(String, String)> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::quota::Period;
-    use super::super::token_bucket::BucketLimit;
     use super::*;
+    use crate::core::limits::quota::Period;
+    use crate::core::limits::token_bucket::BucketLimit;
 
     fn bucket(rate: u64, interval_ms: u64, burst: u64) -> Vec<NamedBucket> {
         vec![NamedBucket {
@@ -352,7 +352,7 @@ mod tests {
 
     #[test]
     fn apply_shares_state_through_the_store_and_denials_do_not_write() {
-        use super::super::store::MemStore;
+        use crate::core::store::MemStore;
         let s = MemStore::default();
         let b = bucket(1, 3_600_000, 2);
         assert!(matches!(
@@ -383,7 +383,7 @@ mod tests {
 
     #[test]
     fn apply_retries_a_racing_writer_and_reports_endless_contention() {
-        use super::super::store::MemStore;
+        use crate::core::store::MemStore;
         use std::rc::Rc;
         let s = Rc::new(MemStore::default());
         let b = bucket(1, 3_600_000, 100);

@@ -3,17 +3,17 @@
 //! A million-key document is over 100 MiB of JSON; parsing it into memory first would
 //! grow the wasm heap (which never shrinks) by several times that. Instead each key is
 //! validated and written into the inactive slot as soon as it is read
-//! (`shared_layout::FullPush`), and the set becomes visible only at the final commit.
+//! (`layout::FullPush`), and the set becomes visible only at the final commit.
 //! Checks that need the whole document (plan references, the version, which may come
 //! after the keys) run before the commit; any error abandons the push, leaving the
 //! running set untouched.
 
-use super::keyset::{compile_plan, DocError, KeyDoc};
-use super::plan::PlanDoc;
-use super::shared_layout::{
+use crate::core::keyset::document::{compile_plan, DocError, KeyDoc};
+use crate::core::keyset::layout::{
     read_upload, write_upload, AddError, ApplyError, ApplyReport, FullPush, UploadState, CLEANUP_STEP_CHUNKS,
 };
-use super::store::Store;
+use crate::core::limits::plan::PlanDoc;
+use crate::core::store::Store;
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -220,7 +220,7 @@ pub fn push_stream(
 /// The first key (lowest index) that refers to a plan the document does not define.
 fn check_plan_refs(
     plan_refs: &BTreeMap<String, (u64, String)>,
-    plans: &BTreeMap<String, super::plan::Plan>,
+    plans: &BTreeMap<String, crate::core::limits::plan::Plan>,
 ) -> Result<(), PushError> {
     let missing = plan_refs
         .iter()
@@ -286,7 +286,7 @@ fn resume<'a>(store: &'a dyn Store, id: &str, now_ms: u64) -> Result<(UploadStat
         Ok(push) => Ok((st, push)),
         Err(_) => {
             // Its lock expired: whoever takes the lock next cleans up; do it now if free.
-            drop(super::shared_layout::Lock::acquire(store, now_ms));
+            drop(crate::core::keyset::layout::Lock::acquire(store, now_ms));
             Err(UploadError::Expired)
         }
     }
@@ -399,10 +399,10 @@ pub fn upload_abort(store: &dyn Store, id: &str, now_ms: u64) -> Result<(), Uplo
 
 #[cfg(test)]
 mod tests {
-    use super::super::keyset::{parse_json, KeySetDoc};
-    use super::super::shared_layout::{lookup, read_meta, read_plans};
-    use super::super::store::MemStore;
     use super::*;
+    use crate::core::keyset::document::{parse_json, KeySetDoc};
+    use crate::core::keyset::layout::{lookup, read_meta, read_plans};
+    use crate::core::store::MemStore;
 
     const H: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
@@ -553,7 +553,7 @@ mod tests {
 
     // ------------------------------------------------------------ staged uploads
 
-    use super::super::shared_layout::{apply_delta, cleanup_step, ApplyOptions, KeyEntry, KEY_ENTRY_PREFIX};
+    use crate::core::keyset::layout::{apply_delta, cleanup_step, ApplyOptions, KeyEntry, KEY_ENTRY_PREFIX};
 
     const PLANS: &str = r#"{"p":{}}"#;
 
@@ -751,7 +751,7 @@ mod tests {
         push(&s, &doc(1, &ids(100, 2))).unwrap();
         upload_begin(&s, "u", 1_000).unwrap();
         upload_keys(&s, "u", chunk(&ids(0, 2)).as_bytes(), 1_000).unwrap();
-        let d = super::super::keyset::parse_json::<super::super::keyset::DeltaDoc>(
+        let d = crate::core::keyset::document::parse_json::<crate::core::keyset::document::DeltaDoc>(
             br#"{"version":7,"ops":[{"op":"revoke","id":"k00000000000"}]}"#,
         )
         .unwrap()

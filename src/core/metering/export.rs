@@ -24,11 +24,11 @@
 //! - Any non-2xx answer (4xx included) is retried: the batch is never dropped; the
 //!   health shows the error until an operator fixes the collector.
 
-use super::config::ExportConfig;
-use super::outbound::{answered, is_envoy_upstream_failure, snippet, ts, CallError, Outbound};
-pub use super::outbound::{State, LOST_CALL_GRACE_MS, MIN_BACKOFF_MS};
-use super::store::Store;
-use super::usage::{entries, Counters, UsageRecord};
+use crate::core::config::ExportConfig;
+use crate::core::metering::usage::{entries, Counters, UsageRecord};
+use crate::core::remote::outbound::{answered, is_envoy_upstream_failure, snippet, ts, CallError, Outbound};
+pub use crate::core::remote::outbound::{State, LOST_CALL_GRACE_MS, MIN_BACKOFF_MS};
+use crate::core::store::Store;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -402,8 +402,8 @@ impl Exporter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::metering::usage::{merge, Outcome, Subject};
     use crate::core::store::{MemStore, StoreError};
-    use crate::core::usage::{merge, Outcome, Subject};
     use std::collections::{HashMap, HashSet};
 
     const T0: u64 = 1_700_000_000_000;

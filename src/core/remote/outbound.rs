@@ -7,7 +7,7 @@
 //! - After `n` consecutive failures the next call comes after
 //!   `min(interval, 1s * 2^(n-1))`: 1s, 2s, 4s, ... capped at the interval.
 
-use super::time::format_rfc3339;
+use crate::core::time::format_rfc3339;
 use serde::{Deserialize, Serialize};
 
 /// First retry delay after a failure; doubles per consecutive failure up to the interval.

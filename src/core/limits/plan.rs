@@ -4,10 +4,10 @@
 //! as text); `Plan`/`Limits` are the compiled form the filter keeps in shared data and
 //! uses per request without parsing anything.
 
-use super::quota::Period;
-use super::scope::Scope;
-use super::time::parse_duration;
-use super::token_bucket::BucketLimit;
+use crate::core::auth::scope::Scope;
+use crate::core::limits::quota::Period;
+use crate::core::limits::token_bucket::BucketLimit;
+use crate::core::time::parse_duration;
 use serde::{Deserialize, Serialize};
 
 /// A token bucket as written in a key set: `rate` tokens per `per`, up to `burst`.

@@ -21,12 +21,12 @@
 //!   failure keeps the running set; the ETag of a refused document is not remembered,
 //!   so the source is read again in full next time.
 
-use super::config::SourceConfig;
-use super::keyset::DocError;
-use super::keyset_stream::peek_version;
-use super::outbound::{answered, is_envoy_upstream_failure, snippet, ts, CallError, Outbound};
-pub use super::outbound::{State, LOST_CALL_GRACE_MS, MIN_BACKOFF_MS};
-use super::shared_layout::{ApplyError, ApplyReport};
+use crate::core::config::SourceConfig;
+use crate::core::keyset::document::DocError;
+use crate::core::keyset::layout::{ApplyError, ApplyReport};
+use crate::core::keyset::stream::peek_version;
+use crate::core::remote::outbound::{answered, is_envoy_upstream_failure, snippet, ts, CallError, Outbound};
+pub use crate::core::remote::outbound::{State, LOST_CALL_GRACE_MS, MIN_BACKOFF_MS};
 use serde::{Deserialize, Serialize};
 
 /// Shared-data key holding the pull health (JSON of `Health`) for the admin status.
@@ -142,7 +142,7 @@ pub enum Decision {
     /// Nothing changed (304, or the running version); health already updated.
     Unchanged,
     /// A newer document (of this version): apply the response body with
-    /// `keyset_stream::push_stream`, then report with `applied`, `apply_failed` or
+    /// `keyset::stream::push_stream`, then report with `applied`, `apply_failed` or
     /// `invalid`.
     Apply(u64),
     /// The poll failed; the running set stays. Health already updated.
@@ -356,9 +356,9 @@ impl Poller {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::keyset::{parse_json, KeySetDoc};
-    use crate::core::keyset_stream::{push_stream, PushError};
-    use crate::core::shared_layout::{apply_full, read_meta, ApplyOptions};
+    use crate::core::keyset::document::{parse_json, KeySetDoc};
+    use crate::core::keyset::layout::{apply_full, read_meta, ApplyOptions};
+    use crate::core::keyset::stream::{push_stream, PushError};
     use crate::core::store::{MemStore, Store};
 
     const H: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -714,7 +714,7 @@ mod tests {
         let mut r = Rig::new(10_000);
         // another writer holds the lock
         r.store
-            .set(crate::core::shared_layout::LOCK, &(T0 + 60_000).to_le_bytes(), None)
+            .set(crate::core::keyset::layout::LOCK, &(T0 + 60_000).to_le_bytes(), None)
             .unwrap();
         assert_eq!(r.poll(ok("\"v1\"", &doc(1, &[]))), "apply failed");
         let (kind, msg) = r.error();
@@ -723,7 +723,7 @@ mod tests {
         assert_eq!(r.p.health.etag, None, "not applied: no ETag");
         assert_eq!(r.skip_to_next_poll(), 1_000);
         r.store
-            .set(crate::core::shared_layout::LOCK, &0u64.to_le_bytes(), None)
+            .set(crate::core::keyset::layout::LOCK, &0u64.to_le_bytes(), None)
             .unwrap();
         assert_eq!(r.poll(ok("\"v1\"", &doc(1, &[]))), "applied");
         assert_eq!(r.p.health.etag.as_deref(), Some("\"v1\""));

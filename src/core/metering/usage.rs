@@ -10,7 +10,7 @@
 //! Shared data cannot be listed, so lineages with a record are also appended to an
 //! index (`km/uidx/...`) when their record is created; the usage API pages through it.
 
-use super::store::{ensure_exists, Store, StoreError};
+use crate::core::store::{ensure_exists, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -309,8 +309,8 @@ pub fn entries(
 
 #[cfg(test)]
 mod tests {
-    use super::super::store::MemStore;
     use super::*;
+    use crate::core::store::MemStore;
 
     fn subj(l: &str, c: &str) -> Subject {
         Subject {

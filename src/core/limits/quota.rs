@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::time::{civil_from_days, days_from_civil, SECS_PER_DAY};
+use crate::core::time::{civil_from_days, days_from_civil, SECS_PER_DAY};
 
 /// Calendar period a quota resets on, all in UTC.
 ///

@@ -4,12 +4,12 @@
 //! Validation is all-or-nothing and happens before anything is applied, so a bad push
 //! never leaves a half-updated set; every error names the entry and the field.
 
-use super::api_key::is_valid_id;
-use super::cidr::Cidr;
-use super::key_record::KeyRecord;
-use super::plan::{is_valid_name, LimitsDoc, Plan, PlanDoc};
-use super::scope::Scope;
-use super::time::parse_rfc3339;
+use crate::core::auth::api_key::is_valid_id;
+use crate::core::auth::cidr::Cidr;
+use crate::core::auth::key_record::KeyRecord;
+use crate::core::auth::scope::Scope;
+use crate::core::limits::plan::{is_valid_name, LimitsDoc, Plan, PlanDoc};
+use crate::core::time::parse_rfc3339;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 

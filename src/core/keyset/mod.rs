@@ -1,0 +1,3 @@
+pub mod document;
+pub mod layout;
+pub mod stream;

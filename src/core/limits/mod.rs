@@ -1,0 +1,5 @@
+pub mod limiter;
+pub mod plan;
+pub mod quota;
+pub mod ratelimit_headers;
+pub mod token_bucket;

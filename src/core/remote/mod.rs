@@ -1,0 +1,2 @@
+pub mod outbound;
+pub mod pull;

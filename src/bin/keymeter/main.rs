@@ -8,11 +8,11 @@ mod admin_client;
 mod args;
 mod cmd_key;
 mod cmd_keyset;
-mod cmd_usage;
 mod error;
 mod keyfile;
 mod output;
 mod random;
+mod usage;
 
 use admin_client::Admin;
 use clap::{Args, Parser, Subcommand};
@@ -99,10 +99,10 @@ struct UsageArgs {
     consumer: Option<String>,
     /// Output format (--json means --format json)
     #[arg(long, value_enum)]
-    format: Option<cmd_usage::Format>,
+    format: Option<usage::Format>,
     /// One row per consumer, per key (lineage) or per plan
     #[arg(long, value_enum, default_value = "consumer")]
-    by: cmd_usage::By,
+    by: usage::By,
     /// Print only the change since the last run with this file, and update it
     #[arg(long, value_name = "FILE")]
     since_file: Option<PathBuf>,
@@ -338,19 +338,19 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status => cmd_keyset::status(&ctx),
         Command::Usage(a) => {
             let format = match (ctx.out.json, a.format) {
-                (true, None | Some(cmd_usage::Format::Json)) => cmd_usage::Format::Json,
+                (true, None | Some(usage::Format::Json)) => usage::Format::Json,
                 (true, Some(_)) => return Err(usage("--json conflicts with --format csv/table")),
-                (false, f) => f.unwrap_or(cmd_usage::Format::Table),
+                (false, f) => f.unwrap_or(usage::Format::Table),
             };
             let ctx = Ctx {
                 out: Output {
-                    json: format == cmd_usage::Format::Json,
+                    json: format == usage::Format::Json,
                 },
                 ..ctx
             };
-            cmd_usage::run(
+            usage::run(
                 &ctx,
-                cmd_usage::Options {
+                usage::Options {
                     consumer: a.consumer.as_deref(),
                     format,
                     by: a.by,
@@ -525,7 +525,7 @@ mod tests {
         .unwrap();
         assert_eq!(cli.global.admin, ["http://a:1", "http://b:2"]);
         let Command::Usage(a) = cli.command else { panic!() };
-        assert_eq!((a.by, a.format), (cmd_usage::By::Plan, Some(cmd_usage::Format::Csv)));
+        assert_eq!((a.by, a.format), (usage::By::Plan, Some(usage::Format::Csv)));
         assert_eq!(a.since_file, Some(PathBuf::from("s.json")));
         let ctx = Ctx {
             out: Output { json: false },

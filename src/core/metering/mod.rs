@@ -1,2 +1,3 @@
+pub mod counts;
 pub mod export;
 pub mod usage;

@@ -88,22 +88,9 @@ impl Counters {
         }
     }
 
+    /// The usage API's JSON shape (`counts::UsageCounts`).
     pub fn to_json(&self) -> serde_json::Value {
-        let mut requests = serde_json::Map::new();
-        for (o, n) in Outcome::ALL.iter().zip(self.requests) {
-            requests.insert(o.label().into(), n.into());
-        }
-        let mut responses = serde_json::Map::new();
-        for (c, n) in STATUS_CLASSES.iter().zip(self.responses) {
-            responses.insert((*c).into(), n.into());
-        }
-        serde_json::json!({
-            "requests": requests,
-            "responses": responses,
-            "request_bytes": self.request_bytes,
-            "response_bytes": self.response_bytes,
-            "cost_units": self.cost_units,
-        })
+        serde_json::to_value(crate::core::metering::counts::UsageCounts::from(self)).expect("counts serialize")
     }
 }
 

@@ -9,8 +9,8 @@
 //! RateLimit: "burst";r=50;t=30
 //! ```
 //!
-//! The writers append to a caller-provided `String` so the filter can reuse one buffer
-//! per response.
+//! The writers append to a caller-provided `String`, so a caller can render both fields
+//! into buffers sized once for the common case.
 
 use core::fmt::Write;
 

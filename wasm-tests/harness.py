@@ -284,6 +284,12 @@ def _http_listener(
                             "http_connection_manager.v3.HttpConnectionManager",
                             "stat_prefix": stat_prefix,
                             "codec_type": "AUTO",
+                            # The client address (source.address: CIDR allow-lists, the
+                            # anonymous per-IP subject) is the TCP peer, never what a
+                            # client writes into X-Forwarded-For. Behind a load balancer
+                            # set xff_num_trusted_hops to the number of trusted proxies
+                            # instead (README "Client address").
+                            "use_remote_address": True,
                             # Paths are normalized before the filter sees them, so a key's
                             # path rules cannot be dodged with "/a/../b", "//b" or "%2F".
                             "normalize_path": True,

@@ -113,3 +113,79 @@ def test_a_429_reports_the_quota_that_really_remains(start_envoy):
     assert_problem(refused, 429, "rate-limited")
     # Not charged, so the day quota still has 8 (it said 7 before the fix).
     assert refused.headers.get("ratelimit").startswith('"hourly";r=0;t=3600, "daily";r=8;'), refused.headers
+
+
+# --------------------------------------------------------------------------- 10.7 metric labels
+
+FAMILIES = {
+    "keymeter_requests_total": ("consumer", "plan", "key_id", "outcome"),
+    "keymeter_responses_total": ("consumer", "plan", "key_id", "status_class"),
+    "keymeter_request_bytes_total": ("consumer", "plan", "key_id"),
+    "keymeter_response_bytes_total": ("consumer", "plan", "key_id"),
+    "keymeter_cost_units_total": ("consumer", "plan", "key_id"),
+    "keymeter_plan_requests_total": ("plan", "outcome"),
+    "keymeter_plan_cost_units_total": ("plan",),
+    "keymeter_unauthenticated_total": ("reason",),
+    "keymeter_limit_contention_total": (),
+    "keymeter_export_events_total": (),
+    "keymeter_export_failures_total": (),
+}
+
+
+def prometheus_samples(text: str) -> list[tuple[str, dict, float]]:
+    """(family, labels, value) of every keymeter sample in a /stats/prometheus page."""
+    import re
+
+    out = []
+    for line in text.splitlines():
+        if not line.startswith("keymeter_"):
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9_:]+)(?:\{(.*)\})? (\S+)", line)
+        assert m, f"unparseable line {line!r}"
+        labels = dict(re.findall(r'([A-Za-z0-9_]+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        out.append((m.group(1), labels, float(m.group(3))))
+    return out
+
+
+# Valid names (1-64 of A-Z a-z 0-9 _ -) chosen to look like the label names the
+# stats_tags regexes look for, or like Envoy's own tag patterns.
+ADVERSARIAL_CONSUMERS = ["plan", "key_id", "outcome", "consumer", "status_class", "reason", "x_rq_200", "-"]
+ADVERSARIAL_PLANS = ["outcome", "consumer", "key_id", "plan", "status_class"]
+
+
+def test_metric_labels_cannot_be_forged_by_names(start_envoy):
+    envoy = start_envoy(filter_conf={"role": "filter", "metering": {"flush_interval": "200ms"}})
+    keys = []
+    for i, consumer in enumerate(ADVERSARIAL_CONSUMERS):
+        keys.append(Key(consumer=consumer, plan=ADVERSARIAL_PLANS[i % len(ADVERSARIAL_PLANS)]))
+    load(envoy, 1, keys, {p: {} for p in ADVERSARIAL_PLANS})
+    for k in keys:
+        assert get(envoy, headers={"x-api-key": k.key}).status == 200
+    expected = {(k.doc["consumer"], k.doc["plan"], k.id) for k in keys}
+
+    def all_counted():
+        seen = {
+            (l.get("consumer"), l.get("plan"), l.get("key_id"))
+            for f, l, v in prometheus_samples(envoy.prometheus())
+            if f == "keymeter_requests_total" and l.get("outcome") == "admitted" and v == 1
+        }
+        return expected <= seen
+
+    harness.wait_until(all_counted, timeout=10, message=f"per-key series\n{envoy.prometheus()}")
+    samples = prometheus_samples(envoy.prometheus())
+    for family, labels, _ in samples:
+        assert family in FAMILIES, f"forged metric family {family!r} {labels}"
+        assert set(labels) == set(FAMILIES[family]), f"{family}: labels {labels}"
+        if "key_id" in labels:
+            assert (labels["consumer"], labels["plan"], labels["key_id"]) in expected, labels
+        if "outcome" in labels:
+            assert labels["outcome"] in ("admitted", "unauthorized", "forbidden", "rate_limited", "quota_exceeded")
+        if "status_class" in labels:
+            assert labels["status_class"] in ("1xx", "2xx", "3xx", "4xx", "5xx")
+    per_plan = {
+        l["plan"]: v for f, l, v in samples if f == "keymeter_plan_requests_total" and l["outcome"] == "admitted"
+    }
+    want = {}
+    for k in keys:
+        want[k.doc["plan"]] = want.get(k.doc["plan"], 0) + 1
+    assert per_plan == want

@@ -284,6 +284,12 @@ def _http_listener(
                             "http_connection_manager.v3.HttpConnectionManager",
                             "stat_prefix": stat_prefix,
                             "codec_type": "AUTO",
+                            # The client address (source.address: CIDR allow-lists, the
+                            # anonymous per-IP subject) is the TCP peer, never what a
+                            # client writes into X-Forwarded-For. Behind a load balancer
+                            # set xff_num_trusted_hops to the number of trusted proxies
+                            # instead (README "Client address").
+                            "use_remote_address": True,
                             # Paths are normalized before the filter sees them, so a key's
                             # path rules cannot be dodged with "/a/../b", "//b" or "%2F".
                             "normalize_path": True,
@@ -313,12 +319,23 @@ def default_admin_conf(token: str = TEST_ADMIN_TOKEN) -> dict:
 
 # keymeter encodes metric labels in the stat name (`keymeter_requests_total.consumer.acme.
 # plan.pro...`); these extractors turn them into tags, i.e. Prometheus labels. Label
-# values never contain dots (the key-set validation guarantees it).
+# values never contain dots (the key-set validation guarantees it), but they can be
+# any allowed name, including a label name (a consumer called "plan"). So every
+# extractor is positional: anchored at the metric name, it walks the fixed label order
+# (consumer, plan, key_id, then outcome | status_class; or plan, outcome; or reason)
+# segment by segment, and a value can never be taken for a label name.
+_KM = r"^wasmcustom\.keymeter_[a-z_]+"
+_V = r"[^.]+"
+_PER_KEY = rf"\.consumer\.{_V}\.plan\.{_V}\.key_id\.{_V}"
 KEYMETER_LABELS = ("consumer", "plan", "key_id", "outcome", "status_class", "reason")
 KEYMETER_STATS_CONFIG = {
     "stats_tags": [
-        {"tag_name": label, "regex": rf"^wasmcustom\.keymeter_.*?(\.{label}\.([^.]+))"}
-        for label in KEYMETER_LABELS
+        {"tag_name": "consumer", "regex": rf"{_KM}(\.consumer\.({_V}))"},
+        {"tag_name": "plan", "regex": rf"{_KM}(?:\.consumer\.{_V})?(\.plan\.({_V}))"},
+        {"tag_name": "key_id", "regex": rf"{_KM}\.consumer\.{_V}\.plan\.{_V}(\.key_id\.({_V}))"},
+        {"tag_name": "outcome", "regex": rf"{_KM}(?:{_PER_KEY}|\.plan\.{_V})(\.outcome\.({_V}))$"},
+        {"tag_name": "status_class", "regex": rf"{_KM}{_PER_KEY}(\.status_class\.({_V}))$"},
+        {"tag_name": "reason", "regex": rf"{_KM}(\.reason\.({_V}))$"},
     ]
 }
 

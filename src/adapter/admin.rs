@@ -280,6 +280,7 @@ impl AdminRequest {
             ApplyError::NoKeySet => (409, "no-keyset", "No key set loaded"),
             ApplyError::Busy => (409, "update-in-progress", "Another key-set update is in progress"),
             ApplyError::UnknownKey { .. } => (400, "unknown-key", "Delta refers to an unknown key"),
+            ApplyError::UnknownPlan { .. } => (400, "unknown-plan", "Delta key refers to an unknown plan"),
             ApplyError::Host => (500, "store-failure", "Shared-data write failed"),
         };
         self.problem(status, slug, title, &e.to_string())

@@ -3,8 +3,9 @@
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 
-/// One allowed network. IPv4 is kept as an IPv4-mapped IPv6 address so a single
-/// comparison covers both families; `::ffff:a.b.c.d` clients match IPv4 CIDRs too.
+/// One allowed network. IPv4 is kept as an IPv4-mapped IPv6 address (so the stored
+/// form is one integer and a prefix length); matching checks the family first, see
+/// [`Cidr::contains`]. `::ffff:a.b.c.d` clients are IPv4 clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cidr {
     addr: u128,
@@ -42,9 +43,22 @@ impl Cidr {
         Ok(Cidr { addr, bits })
     }
 
+    /// Whether `ip` is in this network. Families never mix: an IPv4 CIDR (including
+    /// `0.0.0.0/0`) matches IPv4 clients and IPv4-mapped IPv6 clients, an IPv6 CIDR
+    /// (including `::/0`) matches only genuine IPv6 clients, even when its prefix
+    /// is short enough to cover the mapped range `::ffff:0:0/96`.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        to_u128(ip) & mask(self.bits) == self.addr
+        let addr = to_u128(ip);
+        is_v4(addr, 128) == is_v4(self.addr, self.bits) && addr & mask(self.bits) == self.addr
     }
+}
+
+/// The IPv4-mapped range `::ffff:0:0/96`, where IPv4 addresses live in our 128-bit space.
+const V4_MAPPED: u128 = 0xffff << 32;
+
+/// Whether `addr/bits` lies inside the IPv4-mapped range, i.e. is an IPv4 network.
+fn is_v4(addr: u128, bits: u8) -> bool {
+    bits >= 96 && addr & mask(96) == V4_MAPPED
 }
 
 fn mask(bits: u8) -> u128 {
@@ -110,6 +124,32 @@ mod tests {
         assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("8.8.8.8")));
         assert!(!Cidr::parse("0.0.0.0/0").unwrap().contains(ip("::1")));
         assert!(Cidr::parse("::/0").unwrap().contains(ip("::1")));
+    }
+
+    /// Each CIDR matches clients of its own family only: `0.0.0.0/0` is every IPv4
+    /// client (also seen as `::ffff:a.b.c.d` on dual-stack listeners), `::/0` every
+    /// IPv6 client and no IPv4 one. A CIDR inside `::ffff:0:0/96` is an IPv4 CIDR.
+    #[test]
+    fn families_are_matched_as_documented() {
+        let any4 = Cidr::parse("0.0.0.0/0").unwrap();
+        let any6 = Cidr::parse("::/0").unwrap();
+        for v4 in ["8.8.8.8", "127.0.0.1", "::ffff:10.1.2.3", "0.0.0.0"] {
+            assert!(any4.contains(ip(v4)), "0.0.0.0/0 must admit {v4}");
+            assert!(!any6.contains(ip(v4)), "::/0 must not admit IPv4 {v4}");
+        }
+        for v6 in ["::1", "2001:db8::1", "::", "fe80::1", "::1.2.3.4"] {
+            assert!(any6.contains(ip(v6)), "::/0 must admit {v6}");
+            assert!(!any4.contains(ip(v6)), "0.0.0.0/0 must not admit IPv6 {v6}");
+        }
+        // Short IPv6 prefixes that cover the mapped range do not reach IPv4 clients.
+        assert!(!Cidr::parse("::/64").unwrap().contains(ip("10.1.2.3")));
+        assert!(!Cidr::parse("::/8").unwrap().contains(ip("::ffff:10.1.2.3")));
+        // Mapped notation is the IPv4 CIDR it spells.
+        let mapped = Cidr::parse("::ffff:10.0.0.0/104").unwrap();
+        assert_eq!(mapped, Cidr::parse("10.0.0.0/8").unwrap());
+        assert!(mapped.contains(ip("10.9.9.9")) && !mapped.contains(ip("11.0.0.1")));
+        assert!(Cidr::parse("::ffff:0:0/96").unwrap().contains(ip("1.2.3.4")));
+        assert!(!Cidr::parse("::ffff:0:0/96").unwrap().contains(ip("::1")));
     }
 
     #[test]

@@ -163,6 +163,14 @@ pub enum ApplyError {
         at: String,
         id: String,
     },
+    /// A delta upserts a key whose plan is neither in the running set nor set by the
+    /// delta (the set was replaced after the delta was validated): never applied, since
+    /// a key without its plan would have no limits.
+    UnknownPlan {
+        at: String,
+        id: String,
+        plan: String,
+    },
     Host,
 }
 
@@ -180,6 +188,10 @@ impl std::fmt::Display for ApplyError {
             ApplyError::UnknownKey { at, id } => {
                 write!(f, "{at}: no key with id \"{id}\" in the running set")
             }
+            ApplyError::UnknownPlan { at, id, plan } => write!(
+                f,
+                "{at} (id \"{id}\").plan: unknown plan '{plan}' (not in the running set nor set by this delta)"
+            ),
             ApplyError::Host => f.write_str("shared-data write failed"),
         }
     }
@@ -837,6 +849,23 @@ pub fn apply_delta(
             CompiledOp::SetPlan(..) => {}
         }
     }
+    // Plan references were validated against the plans read before the lock; the set
+    // may have been replaced since. Re-checked here, under the lock.
+    if ops.iter().any(|o| matches!(o, CompiledOp::Upsert(_))) {
+        let running = read_plans(store, &meta);
+        let set_here = |name: &str| ops.iter().any(|o| matches!(o, CompiledOp::SetPlan(n, _) if n == name));
+        for (i, op) in ops.iter().enumerate() {
+            if let CompiledOp::Upsert(r) = op {
+                if !running.contains_key(&r.plan) && !set_here(&r.plan) {
+                    return Err(ApplyError::UnknownPlan {
+                        at: format!("ops[{i}].key"),
+                        id: r.id.clone(),
+                        plan: r.plan.clone(),
+                    });
+                }
+            }
+        }
+    }
 
     let slot = meta.slot as usize & 1;
     let mut plans: Option<BTreeMap<String, Plan>> = None;
@@ -1065,6 +1094,34 @@ mod tests {
         let plans = m.map(|m| read_plans(s, &m)).unwrap_or_default();
         let ops = d.compile(|p| plans.contains_key(p)).unwrap();
         apply_delta(s, d.version, &ops, opts())
+    }
+
+    /// The admin API compiles a delta against the plans it read before taking the
+    /// writer lock; a full push landing in between can drop a plan the delta's keys
+    /// name. Checked again under the lock, so no key ever points at a missing plan.
+    #[test]
+    fn a_delta_key_whose_plan_vanished_before_the_lock_is_refused() {
+        let s = MemStore::default();
+        apply_full(&s, &set(1, &["aaaaaaaaaaa1"]), opts()).unwrap();
+        let up = format!(
+            r#"{{"version":5,"ops":[{{"op":"upsert","key":{{"id":"aaaaaaaaaaa3","hash":"{H}","consumer":"c","plan":"gone"}}}}]}}"#
+        );
+        let d: DeltaDoc = parse_json(up.as_bytes()).unwrap();
+        // Compiled while the running set still had plan "gone" ...
+        let ops = d.compile(|p| p == "p" || p == "gone").unwrap();
+        // ... then applied to a set that has not (plan "p" only).
+        let e = apply_delta(&s, d.version, &ops, opts()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "ops[0].key (id \"aaaaaaaaaaa3\").plan: unknown plan 'gone' (not in the running set nor set by this delta)"
+        );
+        assert_eq!(active(&s), ["aaaaaaaaaaa1"], "nothing applied");
+        assert_eq!(read_meta(&s).unwrap().version, 1);
+        // The same delta with a set_plan for it goes through.
+        let ok = format!(
+            r#"{{"version":5,"ops":[{{"op":"upsert","key":{{"id":"aaaaaaaaaaa3","hash":"{H}","consumer":"c","plan":"gone"}}}},{{"op":"set_plan","name":"gone","plan":{{}}}}]}}"#
+        );
+        assert!(delta(&ok, &s).is_ok());
     }
 
     #[test]

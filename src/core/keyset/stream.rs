@@ -623,6 +623,59 @@ mod tests {
         assert!(read_upload(&two).is_none());
     }
 
+    /// Issue 10.3: a key naming a plan the set does not define is refused on every
+    /// path, with an error naming the key and the plan, and the running set is kept.
+    #[test]
+    fn a_key_whose_plan_is_missing_is_refused_on_every_path() {
+        use crate::core::keyset::document::{parse_json, DeltaDoc};
+        let s = MemStore::default();
+        push(&s, &doc(1, &ids(0, 2))).unwrap();
+        let before = s.value_bytes();
+        let orphan = key("orphan000001", "gold");
+        // One-shot push (the plan check runs after the keys were streamed).
+        let one_shot = format!(
+            r#"{{"version":2,"plans":{PLANS},"keys":[{},{orphan}]}}"#,
+            key("k00000000000", "p")
+        );
+        let Err(PushError::Doc(e)) = push(&s, &one_shot) else {
+            panic!("accepted")
+        };
+        assert_eq!(e.to_string(), "keys[1] (id \"orphan000001\").plan: unknown plan 'gold'");
+        // Staged upload: the key comes in a later chunk, the plans only with the commit.
+        upload_begin(&s, "u", 1_000).unwrap();
+        upload_keys(&s, "u", chunk(&ids(0, 3)).as_bytes(), 1_000).unwrap();
+        upload_keys(&s, "u", format!("[{orphan}]").as_bytes(), 1_000).unwrap();
+        let Err(UploadError::Push(PushError::Doc(e))) = upload_commit(&s, "u", commit_body(2).as_bytes(), 1_000, false)
+        else {
+            panic!("commit accepted")
+        };
+        assert_eq!(e.to_string(), "keys[3] (id \"orphan000001\").plan: unknown plan 'gold'");
+        drain(&s);
+        assert_eq!(s.value_bytes(), before, "running set untouched");
+        assert_eq!(read_meta(&s).unwrap().version, 1);
+        // Delta upsert: against the running plans, or a plan the same delta sets.
+        let d: DeltaDoc =
+            parse_json(format!(r#"{{"version":2,"ops":[{{"op":"upsert","key":{orphan}}}]}}"#).as_bytes()).unwrap();
+        let running = |p: &str| p == "p";
+        assert_eq!(
+            d.compile(running).unwrap_err().to_string(),
+            "ops[0].key (id \"orphan000001\").plan: unknown plan 'gold'"
+        );
+        let d: DeltaDoc = parse_json(
+            format!(r#"{{"version":2,"ops":[{{"op":"upsert","key":{orphan}}},{{"op":"set_plan","name":"gold","plan":{{}}}}]}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        assert!(d.compile(running).is_ok());
+        // A set_plan whose plan is itself invalid fails the batch, key and all.
+        let d: DeltaDoc = parse_json(
+            format!(r#"{{"version":2,"ops":[{{"op":"upsert","key":{orphan}}},{{"op":"set_plan","name":"gold","plan":{{"rate_limits":[{{"name":"x","rate":0,"per":"1s"}}]}}}}]}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        assert!(d.compile(running).unwrap_err().to_string().starts_with("ops[1].gold:"));
+    }
+
     #[test]
     fn removed_keys_work_until_the_commit() {
         let s = MemStore::default();

@@ -54,6 +54,11 @@ pub struct LimitView {
     pub remaining: u64,
     /// Seconds until more is available (0 when something remains).
     pub reset_secs: u64,
+    /// This limit alone had room for the request (its numbers above count it as taken
+    /// until [`evaluate`] finds that another limit refused it).
+    pub fit: bool,
+    /// A token bucket (more becomes available continuously), not a calendar quota.
+    pub bucket: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +125,8 @@ pub fn evaluate(
             } else {
                 ceil_div(d.retry_after_ms.unwrap_or(refill_one_ms), 1000)
             },
+            fit: d.allowed,
+            bucket: true,
         });
     }
     for q in quotas {
@@ -145,12 +152,25 @@ pub fn evaluate(
             window_secs: (end - start).max(0) as u64,
             remaining: d.remaining,
             reset_secs: d.reset_secs,
+            fit: d.allowed,
+            bucket: false,
         });
     }
     let retry_after_secs = match denial {
         Some(Denial::CostExceedsBurst) | None => None,
         Some(_) => Some(ceil_div(retry_ms.unwrap_or(1000), 1000).max(1)),
     };
+    if denial.is_some() {
+        // Nothing is charged for a refused request, so the limits it would have fit in
+        // still have `cost` more than their decision (taken as if charged) says. Exact:
+        // a bucket's remaining is whole tokens of its debt, a quota's whole units.
+        for view in views.iter_mut().filter(|v| v.fit) {
+            view.remaining = view.remaining.saturating_add(cost);
+            if view.bucket && view.remaining > 0 {
+                view.reset_secs = 0;
+            }
+        }
+    }
     let verdict = Verdict {
         denial,
         retry_after_secs,
@@ -315,6 +335,43 @@ mod tests {
         assert_eq!(v.denial, Some(Denial::QuotaExceeded));
         assert_eq!(v.retry_after_secs, Some(60));
         assert_eq!(run(&b, &q, &mut st, now + 60_000, 1).denial, None);
+    }
+
+    /// A refused request is not charged to any limit, so the views (the `RateLimit`
+    /// field) must report what really remains, also for the limits it would have fit in.
+    #[test]
+    fn a_denied_request_reports_uncharged_remaining_for_every_limit() {
+        // The bucket refuses while the quota still has room.
+        let b = bucket(2, 3_600_000, 2);
+        let q = daily(10);
+        let mut st = LimitState::default();
+        assert_eq!(run(&b, &q, &mut st, T0, 1).views[1].remaining, 9);
+        assert_eq!(run(&b, &q, &mut st, T0, 1).views[1].remaining, 8);
+        let v = run(&b, &q, &mut st, T0, 1);
+        assert_eq!(v.denial, Some(Denial::RateLimited));
+        assert_eq!((v.views[0].remaining, v.views[1].remaining), (0, 8));
+        // Weighted: a cost of 3 that the quota could take is not subtracted either.
+        let v = run(&b, &q, &mut st, T0, 3);
+        assert_eq!(v.views[1].remaining, 8);
+
+        // The quota refuses while the bucket still has tokens: the bucket reports its
+        // tokens as they are, and "more available" (reset 0) since some remain.
+        let b = bucket(100, 1000, 100);
+        let q = daily(2);
+        let mut st = LimitState::default();
+        run(&b, &q, &mut st, T0, 1);
+        run(&b, &q, &mut st, T0, 1);
+        let v = run(&b, &q, &mut st, T0, 1);
+        assert_eq!(v.denial, Some(Denial::QuotaExceeded));
+        assert_eq!((v.views[0].remaining, v.views[0].reset_secs), (98, 0));
+        assert_eq!(v.views[1].remaining, 0);
+        // A bucket emptied by exactly this (refused) request still reports its last tokens.
+        let b = bucket(1, 3_600_000, 3);
+        let mut st = LimitState::default();
+        run(&b, &daily(2), &mut st, T0, 2);
+        let v = run(&b, &daily(2), &mut st, T0, 1);
+        assert_eq!(v.denial, Some(Denial::QuotaExceeded));
+        assert_eq!((v.views[0].remaining, v.views[0].reset_secs), (1, 0));
     }
 
     #[test]

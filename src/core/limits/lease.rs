@@ -22,9 +22,14 @@
 //!   heals lost answers), what it gave up since the last ask (`returned`, for token
 //!   buckets) and its cumulative spend (`spent_total`, so a replay after an outage is
 //!   idempotent: the lender counts only the growth).
-//! * Chunks shrink as the lender nears its limit: a grant is at most
+//! * Quota chunks shrink as the lender nears its limit: a grant is at most
 //!   `available / share` (at least 1), with `share = 2 × fleet size`, so at the cap
-//!   every holder gets single units and the last units are exact.
+//!   every holder gets single units and the last units are exact. Token-bucket grants
+//!   are only capped by the tokens in the fleet bucket (it refills continuously; a
+//!   shrinking chunk would starve a fast limit whose bucket is always nearly empty).
+//! * A grant smaller than asked comes with a time to wait (the next bucket token, or a
+//!   backoff for an exhausted quota): no new ask before then, so the calls per subject
+//!   are bounded by the limit's refill rate, not by the request rate.
 //!
 //! Everything here is pure and clock-injected; the adapter stores the lease in shared
 //! data and the limit service applies the same chunk rule in its Lua script.
@@ -114,6 +119,8 @@ pub struct Lease {
     pub returned_pending: u64,
     /// When the refill in flight was sent; 0 when none is.
     pub refill_sent_ms: u64,
+    /// No new ask before this instant (the lender said to wait).
+    pub retry_at_ms: u64,
 }
 
 impl Lease {
@@ -180,7 +187,7 @@ impl Lease {
 
     /// Starts a refill at `now_ms` unless one is in flight; the caller sends the `Ask`.
     pub fn begin_refill(&mut self, now_ms: u64, policy: &LeasePolicy) -> Option<Ask> {
-        if self.refill_in_flight(now_ms, policy) {
+        if self.refill_in_flight(now_ms, policy) || now_ms < self.retry_at_ms {
             return None;
         }
         self.expire(now_ms);
@@ -220,6 +227,11 @@ impl Lease {
             self.last_grant = granted;
             self.spent_since_grant = 0;
         }
+    }
+
+    /// The lender had less than asked: ask again no earlier than `until_ms`.
+    pub fn back_off(&mut self, until_ms: u64) {
+        self.retry_at_ms = until_ms;
     }
 
     /// The ask failed (timeout, error): held units stay valid until their own expiry and
@@ -351,6 +363,12 @@ mod tests {
         // Demand since the grant was 10: ask for twice that.
         let ask = l.begin_refill(1_200, &P).unwrap();
         assert_eq!((ask.want, ask.hold, ask.spent_total), (20, 0, 10));
+        // Only 3 of 20 granted, the lender says wait 30 ms: no ask before then.
+        l.on_grant(&ask, 3, 3_000);
+        l.back_off(1_230);
+        assert!(l.try_spend(3, 1_201));
+        assert!(l.begin_refill(1_229, &P).is_none());
+        assert!(l.begin_refill(1_230, &P).is_some());
     }
 
     #[test]

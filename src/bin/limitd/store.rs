@@ -15,10 +15,12 @@ pub enum Backend {
     Single(ConnectionManager),
     /// Connected on first use and again after a failed connect, so limitd starts (and
     /// answers health checks with 503) while the cluster is down.
-    Cluster {
-        client: ClusterClient,
-        conn: Mutex<Option<ClusterConnection>>,
-    },
+    Cluster(Box<Cluster>),
+}
+
+pub struct Cluster {
+    client: ClusterClient,
+    conn: Mutex<Option<ClusterConnection>>,
 }
 
 /// Why a Redis call did not answer.
@@ -63,10 +65,10 @@ impl Store {
             .response_timeout(timeout)
             .build()?;
         Ok(Store {
-            backend: Backend::Cluster {
+            backend: Backend::Cluster(Box::new(Cluster {
                 client,
                 conn: Mutex::new(None),
-            },
+            })),
             timeout,
         })
     }
@@ -105,9 +107,9 @@ impl Store {
                 let mut m = m.clone();
                 self.bounded(inv.invoke_async(&mut m)).await
             }
-            Backend::Cluster { client, conn } => {
+            Backend::Cluster(cl) => {
                 self.bounded(async {
-                    let mut c = Self::cluster_conn(client, conn).await?;
+                    let mut c = Self::cluster_conn(&cl.client, &cl.conn).await?;
                     inv.invoke_async(&mut c).await
                 })
                 .await
@@ -124,9 +126,9 @@ impl Store {
                 let mut m = m.clone();
                 self.bounded(cmd.query_async(&mut m)).await?
             }
-            Backend::Cluster { client, conn } => {
+            Backend::Cluster(cl) => {
                 self.bounded(async {
-                    let mut c = Self::cluster_conn(client, conn).await?;
+                    let mut c = Self::cluster_conn(&cl.client, &cl.conn).await?;
                     cmd.query_async(&mut c).await
                 })
                 .await?
@@ -143,9 +145,9 @@ impl Store {
                 let mut m = m.clone();
                 self.bounded(cmd.query_async(&mut m)).await?
             }
-            Backend::Cluster { client, conn } => {
+            Backend::Cluster(cl) => {
                 self.bounded(async {
-                    let mut c = Self::cluster_conn(client, conn).await?;
+                    let mut c = Self::cluster_conn(&cl.client, &cl.conn).await?;
                     cmd.query_async(&mut c).await
                 })
                 .await?

@@ -18,6 +18,7 @@ PY        := $(VENV)/bin/python
 ENVOY_BIN := $(TOOLS)/bin/envoy
 WASM      := $(ROOT)/target/$(WASM_TARGET)/release/keymeter.wasm
 CLI       := $(ROOT)/target/release/keymeter
+LIMITD    := $(ROOT)/target/release/keymeter-limitd
 
 # Stamp names carry the pinned versions so that bumping a pin re-runs the install.
 STAMP_RUST  := $(TOOLS)/.stamp-rust-$(WASM_TARGET)
@@ -32,7 +33,7 @@ SHELL       := /bin/bash
 
 .DEFAULT_GOAL := test
 
-.PHONY: tools wasm cli check test run bench-tools bench bench-quick demo-config clean distclean
+.PHONY: tools wasm cli limitd fleet-tools check test run bench-tools bench bench-quick demo-config clean distclean
 
 # --------------------------------------------------------------------------- tools
 
@@ -72,6 +73,23 @@ wasm: $(STAMP_RUST)
 cli:
 	cargo build --release --bin keymeter
 
+# Fleet mode's limit service (host binary; its deps never reach the wasm).
+limitd:
+	cargo build --release --bin keymeter-limitd
+
+# Redis for fleet mode's tests and demo: Debian's redis-server (7.x), installed like the
+# bench tools (`apt-get update` only when the install fails on stale package lists).
+# The distribution's service is not used: tests start their own servers on free ports.
+fleet-tools:
+	@if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then \
+		echo "fleet-tools: redis-server already installed"; \
+	else \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$$sudo apt-get install -y redis-server \
+			|| { $$sudo apt-get update && $$sudo apt-get install -y redis-server; }; \
+	fi
+
 # --------------------------------------------------------------------------- check/test
 
 check: $(STAMP_RUST)
@@ -80,10 +98,10 @@ check: $(STAMP_RUST)
 	cargo clippy --lib --target $(WASM_TARGET) -- -D warnings
 
 # check runs via a sub-make (not as a prerequisite) so the order is fixed even under -j.
-test: tools wasm cli
+test: tools fleet-tools wasm cli limitd
 	$(MAKE) --no-print-directory check
 	cargo test
-	cd $(ROOT) && KEYMETER_WASM=$(WASM) KEYMETER_CLI=$(CLI) ENVOY_BIN=$(ENVOY_BIN) \
+	cd $(ROOT) && KEYMETER_WASM=$(WASM) KEYMETER_CLI=$(CLI) KEYMETER_LIMITD=$(LIMITD) ENVOY_BIN=$(ENVOY_BIN) \
 		$(PY) -m pytest wasm-tests -q $(PYTEST_ARGS)
 
 # --------------------------------------------------------------------------- demo

@@ -1,3 +1,4 @@
+pub mod lease;
 pub mod limiter;
 pub mod plan;
 pub mod quota;

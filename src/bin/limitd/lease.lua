@@ -1,0 +1,171 @@
+-- keymeter-limitd: one lease call for one subject, atomically.
+--
+-- Every key of the subject carries the same hash tag (km:{<subject>}:...), so this runs
+-- on one Redis Cluster slot; every key is passed in KEYS (no KEYS/SCAN, no computed key
+-- names), so it runs unchanged on Redis, Redis Cluster and Valkey.
+--
+-- KEYS[1]                  km:{S}:n          per-node sequence, cumulative spend, last seen
+-- KEYS[1 + i], i = 1..nb   km:{S}:b:<name>   token bucket: tk (units of 1/interval_ms
+--                                            token), ts (ms), iv (interval_ms)
+-- KEYS[1 + nb + j]         km:{S}:q:<name>:<period start>
+--                                            quota period: c (consumed), o:<node> (held),
+--                                            e:<node> (expiry ms)
+-- ARGV: node, seq, ttl_ms, share, nb, nq, want, hold, returned, spent_total, forget_ms,
+--       then rate, interval_ms, burst per bucket, then limit, period_end_ms per quota.
+--
+-- Returns {applied, now_ms, granted, valid_ms, then per bucket: tokens, wait_ms, then
+-- per quota: consumed, outstanding, available}; applied = 0 (nothing changed) when seq
+-- is not newer than the last one applied for this node (a replayed or reordered call).
+
+local node = ARGV[1]
+local seq = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+local share = tonumber(ARGV[4])
+local nb = tonumber(ARGV[5])
+local nq = tonumber(ARGV[6])
+local want = tonumber(ARGV[7])
+local hold = tonumber(ARGV[8])
+local returned = tonumber(ARGV[9])
+local spent_total = tonumber(ARGV[10])
+local forget = tonumber(ARGV[11])
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+-- Integers are stored as plain decimal text (a Lua number would be written in the
+-- shortest float form, e.g. 1e+15).
+local function int(x) return string.format('%d', x) end
+
+-- The chunk rule of core::limits::lease::chunk_cap.
+local function chunk_cap(avail)
+  if avail <= 0 then return 0 end
+  local c = math.floor(avail / share)
+  if c < 1 then c = 1 end
+  if c > avail then c = avail end
+  return c
+end
+
+-- Per-node sequence: only a call newer than the last applied one changes anything.
+local nk = KEYS[1]
+local last = redis.call('HGET', nk, 's:' .. node)
+if last and seq <= tonumber(last) then
+  return {0, now}
+end
+local prev_spent = tonumber(redis.call('HGET', nk, 'u:' .. node) or '0') or 0
+local delta = spent_total - prev_spent
+if delta < 0 then delta = 0 end
+redis.call('HSET', nk, 's:' .. node, int(seq), 't:' .. node, int(now))
+if delta > 0 then redis.call('HSET', nk, 'u:' .. node, int(spent_total)) end
+-- Forget nodes not heard from for forget_ms (restarted Envoys get new node ids).
+local nf = redis.call('HGETALL', nk)
+for i = 1, #nf, 2 do
+  local f = nf[i]
+  if string.sub(f, 1, 2) == 't:' and now - tonumber(nf[i + 1]) > forget then
+    local m = string.sub(f, 3)
+    redis.call('HDEL', nk, 's:' .. m, 'u:' .. m, 't:' .. m)
+  end
+end
+redis.call('PEXPIRE', nk, int(forget))
+
+local grant = want
+local valid = ttl
+
+-- Token buckets: refill to now, take back returned units, cap the grant at the tokens.
+local bk = {}
+for i = 1, nb do
+  local a = 11 + (i - 1) * 3
+  local rate, iv, burst = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local cap = burst * iv
+  local h = redis.call('HMGET', KEYS[1 + i], 'tk', 'ts', 'iv')
+  local tk, ts, oiv = tonumber(h[1]), tonumber(h[2]), tonumber(h[3])
+  if not tk or not ts then
+    tk, ts = cap, now
+  else
+    if oiv and oiv ~= iv and oiv > 0 then tk = math.floor(tk * iv / oiv) end
+    if tk > cap then tk = cap end
+    if now > ts then
+      local to_full = math.ceil((cap - tk) / rate)
+      if now - ts >= to_full then tk = cap else tk = tk + (now - ts) * rate end
+      ts = now
+    end
+  end
+  tk = tk + returned * iv
+  if tk > cap then tk = cap end
+  -- A bucket refills continuously: the grant is only capped by the tokens there are
+  -- (first come, first served; nodes ask for twice their recent spend). Shrinking it
+  -- would starve a fast limit whose bucket is always nearly empty under load.
+  local c = math.floor(tk / iv)
+  if c < grant then grant = c end
+  bk[i] = {tk, ts, iv, rate, cap}
+end
+
+-- Quotas: reclaim expired leases of other nodes, count the reported spend, cap the
+-- grant at the chunk of what is neither consumed nor held.
+local qk = {}
+for j = 1, nq do
+  local key = KEYS[1 + nb + j]
+  local a = 11 + nb * 3 + (j - 1) * 2
+  local limit, pend = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local all = redis.call('HGETALL', key)
+  local f = {}
+  for i = 1, #all, 2 do f[all[i]] = all[i + 1] end
+  local consumed = (tonumber(f['c'] or '0') or 0) + delta
+  local others = 0
+  for field, v in pairs(f) do
+    if string.sub(field, 1, 2) == 'o:' then
+      local m = string.sub(field, 3)
+      if m ~= node then
+        local e = tonumber(f['e:' .. m] or '0') or 0
+        if e <= now then
+          redis.call('HDEL', key, 'o:' .. m, 'e:' .. m)
+        else
+          others = others + tonumber(v)
+        end
+      end
+    end
+  end
+  local avail = limit - consumed - others - hold
+  local c = chunk_cap(avail)
+  if c < grant then grant = c end
+  if pend - now < valid then valid = pend - now end
+  qk[j] = {key, limit, pend, consumed, others}
+end
+
+if valid <= 0 then
+  valid = 0
+  grant = 0
+end
+if grant < 0 then grant = 0 end
+
+local res = {1, now, grant, valid}
+for i = 1, nb do
+  local b = bk[i]
+  local tk = b[1] - grant * b[3]
+  redis.call('HSET', KEYS[1 + i], 'tk', int(tk), 'ts', int(b[2]), 'iv', int(b[3]))
+  redis.call('PEXPIRE', KEYS[1 + i], int(math.ceil(b[5] / b[4]) + ttl + 60000))
+  local tokens = math.floor(tk / b[3])
+  local wait = 0
+  if tokens < 1 then wait = math.ceil((b[3] - tk) / b[4]) end
+  res[#res + 1] = tokens
+  res[#res + 1] = wait
+end
+for j = 1, nq do
+  local q = qk[j]
+  local own = hold + grant
+  if valid <= 0 then own = 0 end
+  if own > 0 then
+    redis.call('HSET', q[1], 'c', int(q[4]), 'o:' .. node, int(own), 'e:' .. node, int(now + valid))
+  else
+    redis.call('HSET', q[1], 'c', int(q[4]))
+    redis.call('HDEL', q[1], 'o:' .. node, 'e:' .. node)
+  end
+  -- Kept a day past the period so usage can still be read after the reset.
+  redis.call('PEXPIREAT', q[1], int(q[3] + 86400000))
+  local out = q[5] + own
+  local avail = q[2] - q[4] - out
+  if avail < 0 then avail = 0 end
+  res[#res + 1] = q[4]
+  res[#res + 1] = out
+  res[#res + 1] = avail
+end
+return res

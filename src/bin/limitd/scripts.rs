@@ -1,0 +1,197 @@
+//! The Redis side: key layout and the Lua script that applies one lease call
+//! atomically (`lease.lua`, documented at its top).
+//!
+//! Keys of a subject share the hash tag `{<subject>}`, so on a Redis Cluster one
+//! subject's keys live in one slot and the script can touch them all. Quota period
+//! bounds are computed here with the core's `period_bounds` (UTC calendar periods,
+//! exactly as a single node computes them) and passed to the script, which keys each
+//! period separately: a new period is a new key, the old one expires a day after its end.
+
+use crate::protocol::{BucketView, LeaseRequest, LeaseResponse, QuotaSpec, QuotaView};
+use keymeter::core::limits::lease::share;
+use keymeter::core::limits::quota::{period_bounds, Period};
+
+pub const LEASE_LUA: &str = include_str!("lease.lua");
+
+/// How long a node's sequence number and cumulative spend are remembered after its
+/// last call: a node partitioned for longer than this replays its spend as new.
+pub const DEFAULT_FORGET_MS: u64 = 7 * 86_400_000;
+
+pub fn node_key(subject: &str) -> String {
+    format!("km:{{{subject}}}:n")
+}
+
+pub fn bucket_key(subject: &str, name: &str) -> String {
+    format!("km:{{{subject}}}:b:{name}")
+}
+
+pub fn quota_key(subject: &str, name: &str, period_start: i64) -> String {
+    format!("km:{{{subject}}}:q:{name}:{period_start}")
+}
+
+fn period_letter(p: Period) -> &'static str {
+    match p {
+        Period::Day => "d",
+        Period::Week => "w",
+        Period::Month => "m",
+    }
+}
+
+/// The quota's key in the period containing `now_secs`, with the period bounds. The
+/// period kind is part of the name, so a plan change from daily to monthly starts a
+/// fresh count rather than reading another period's.
+pub fn quota_key_at(subject: &str, q: &QuotaSpec, now_secs: i64) -> (String, i64, i64) {
+    let (start, end) = period_bounds(q.period, now_secs);
+    let name = format!("{}.{}", q.name, period_letter(q.period));
+    (quota_key(subject, &name, start), start, end)
+}
+
+/// KEYS and ARGV of the lease script for a validated request at `now_secs`, and the
+/// quota period bounds used.
+pub fn lease_call(req: &LeaseRequest, now_secs: i64, forget_ms: u64) -> (Vec<String>, Vec<String>, Vec<(i64, i64)>) {
+    let mut keys = Vec::with_capacity(1 + req.buckets.len() + req.quotas.len());
+    keys.push(node_key(&req.subject));
+    let mut args = vec![
+        req.node.clone(),
+        req.seq.to_string(),
+        req.ttl_ms.to_string(),
+        share(req.fleet_size).to_string(),
+        req.buckets.len().to_string(),
+        req.quotas.len().to_string(),
+        req.want.to_string(),
+        req.hold.to_string(),
+        req.returned.to_string(),
+        req.spent_total.to_string(),
+        forget_ms.to_string(),
+    ];
+    for b in &req.buckets {
+        keys.push(bucket_key(&req.subject, &b.name));
+        args.extend([b.rate.to_string(), b.interval_ms.to_string(), b.burst.to_string()]);
+    }
+    let mut periods = Vec::with_capacity(req.quotas.len());
+    for q in &req.quotas {
+        let (key, start, end) = quota_key_at(&req.subject, q, now_secs);
+        keys.push(key);
+        args.extend([q.limit.to_string(), (end.saturating_mul(1000)).to_string()]);
+        periods.push((start, end));
+    }
+    (keys, args, periods)
+}
+
+/// Turns the script's integer array into the response; `None` if it has the wrong shape
+/// (which would be a bug in the script, reported as a server error).
+pub fn lease_response(req: &LeaseRequest, periods: &[(i64, i64)], r: &[i64]) -> Option<LeaseResponse> {
+    let u = |i: usize| r.get(i).map(|&v| v.max(0) as u64);
+    let applied = *r.first()? == 1;
+    let now_ms = u(1)?;
+    if !applied {
+        return Some(LeaseResponse {
+            applied,
+            granted: 0,
+            valid_ms: 0,
+            now_ms,
+            buckets: Vec::new(),
+            quotas: Vec::new(),
+        });
+    }
+    let (granted, valid_ms) = (u(2)?, u(3)?);
+    let mut at = 4;
+    let mut buckets = Vec::with_capacity(req.buckets.len());
+    for b in &req.buckets {
+        buckets.push(BucketView {
+            name: b.name.clone(),
+            tokens: u(at)?,
+            wait_ms: u(at + 1)?,
+        });
+        at += 2;
+    }
+    let mut quotas = Vec::with_capacity(req.quotas.len());
+    for (q, &(start, end)) in req.quotas.iter().zip(periods) {
+        quotas.push(QuotaView {
+            name: q.name.clone(),
+            period_start: start,
+            period_end: end,
+            consumed: u(at)?,
+            outstanding: u(at + 1)?,
+            available: u(at + 2)?,
+        });
+        at += 3;
+    }
+    (at == r.len()).then_some(LeaseResponse {
+        applied,
+        granted,
+        valid_ms,
+        now_ms,
+        buckets,
+        quotas,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::BucketSpec;
+
+    #[test]
+    fn keys_share_the_subject_hash_tag_and_periods_come_from_the_core() {
+        let req = LeaseRequest {
+            node: "n1".into(),
+            seq: 3,
+            subject: "c:acme".into(),
+            fleet_size: 3,
+            ttl_ms: 5000,
+            want: 7,
+            hold: 2,
+            returned: 1,
+            spent_total: 40,
+            buckets: vec![BucketSpec {
+                name: "s".into(),
+                rate: 10,
+                interval_ms: 1000,
+                burst: 20,
+            }],
+            quotas: vec![QuotaSpec {
+                name: "m".into(),
+                period: Period::Month,
+                limit: 1000,
+            }],
+        };
+        // 2024-02-29T12:00:00Z: the month is February 2024.
+        let now = 1_709_208_000;
+        let (keys, args, periods) = lease_call(&req, now, 99);
+        assert_eq!(
+            keys,
+            ["km:{c:acme}:n", "km:{c:acme}:b:s", "km:{c:acme}:q:m.m:1706745600"]
+        );
+        assert!(keys.iter().all(|k| k.contains("{c:acme}")));
+        assert_eq!(periods, [(1_706_745_600, 1_709_251_200)]);
+        assert_eq!(
+            args,
+            [
+                "n1",
+                "3",
+                "5000",
+                "6",
+                "1",
+                "1",
+                "7",
+                "2",
+                "1",
+                "40",
+                "99",
+                "10",
+                "1000",
+                "20",
+                "1000",
+                "1709251200000"
+            ]
+        );
+        let r = lease_response(&req, &periods, &[1, 5, 7, 5000, 12, 0, 40, 9, 951]).unwrap();
+        assert_eq!(
+            (r.granted, r.valid_ms, r.buckets[0].tokens, r.quotas[0].available),
+            (7, 5000, 12, 951)
+        );
+        assert!(lease_response(&req, &periods, &[1, 5, 7]).is_none());
+        assert!(!lease_response(&req, &periods, &[0, 5]).unwrap().applied);
+    }
+}

@@ -10,7 +10,7 @@
 use super::host::{self, HostBuffer, HostStore};
 use crate::core::auth::problem::admin_body;
 use crate::core::config::SourceConfig;
-use crate::core::keyset::layout::read_meta;
+use crate::core::keyset::meta::read_meta;
 use crate::core::keyset::stream::{push_stream, PushError};
 use crate::core::remote::pull::{Body, Decision, Poller, Response, State, SOURCE};
 use crate::core::store::Store;

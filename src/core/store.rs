@@ -23,6 +23,24 @@ pub trait Store {
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError>;
 }
 
+/// The value of `key`, with an empty value (a "removed" entry) read as absent, and its
+/// CAS token.
+pub fn read_value(store: &dyn Store, key: &str) -> (Option<Vec<u8>>, u32) {
+    let (v, cas) = store.get(key);
+    (v.filter(|v| !v.is_empty()), cas)
+}
+
+/// Decodes the little-endian u64 that counters, deadlines and lengths are stored as;
+/// `None` unless `bytes` is exactly 8 bytes long.
+pub fn decode_u64(bytes: &[u8]) -> Option<u64> {
+    bytes.try_into().ok().map(u64::from_le_bytes)
+}
+
+/// A little-endian u64 entry; 0 when missing, removed or malformed.
+pub fn read_u64(store: &dyn Store, key: &str) -> u64 {
+    store.get(key).0.as_deref().and_then(decode_u64).unwrap_or(0)
+}
+
 /// Serializes creation of shared-data keys process-wide (see `ensure_exists`).
 pub const CREATE_LOCK: &str = "km/create-lock";
 /// A creator that died holding the lock loses it after this long.

@@ -18,7 +18,7 @@ use crate::core::keyset::plans::read_plans;
 use crate::core::keyset::stream::{push_stream, PushError};
 use crate::core::keyset::upload::{upload_abort, upload_begin, upload_commit, upload_keys, UploadError};
 use crate::core::store::Store;
-use crate::core::time::format_rfc3339;
+use crate::core::time::{format_rfc3339, Clock};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use proxy_wasm::types::BufferType;
@@ -179,7 +179,7 @@ impl AdminRequest {
                 // Parsed straight from Envoy's buffer and applied key by key: the
                 // document is never held whole in the wasm heap (which cannot shrink).
                 let reader = HostBuffer::reader(BufferType::HttpRequestBody, body_size);
-                match push_stream(&store, reader, opts.now_ms, opts.force) {
+                match push_stream(&store, reader, Clock::Live(&host::now_ms), opts.force) {
                     Ok(report) => Ok(report),
                     Err(PushError::Doc(e)) => {
                         Err(self.problem(400, "invalid-keyset", "Invalid key set", &e.to_string()))

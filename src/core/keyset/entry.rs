@@ -1,10 +1,11 @@
 //! `k/<id>`: the per-key entry with its two generation slots.
 
 use crate::core::auth::key_record::KeyRecord;
+use crate::core::cas::{cas_update, Create, Step};
 use crate::core::keyset::apply::ApplyError;
 use crate::core::keyset::meta::Meta;
 use crate::core::keyset::names::key_entry_name;
-use crate::core::store::{read_value, Store, StoreError};
+use crate::core::store::{read_value, Store};
 use serde::{Deserialize, Serialize};
 
 const CAS_RETRIES: usize = 16;
@@ -77,15 +78,11 @@ pub(crate) fn update_entry(
 ) -> Result<KeyEntry, ApplyError> {
     let mut buf = [0u8; 32];
     let name = key_entry_name(id, &mut buf);
-    for _ in 0..CAS_RETRIES {
-        let (v, cas) = read_value(store, name);
-        let mut entry = v.and_then(|b| KeyEntry::decode(&b)).unwrap_or_default();
+    // Key entries are created only by a key-set writer holding the writer lock (the
+    // sweep, which runs without it, only touches entries that exist).
+    Ok(cas_update(store, name, CAS_RETRIES, Create::Exclusive, |v| {
+        let mut entry = v.and_then(KeyEntry::decode).unwrap_or_default();
         f(&mut entry);
-        match store.set(name, &entry.encode(), Some(cas)) {
-            Ok(()) => return Ok(entry),
-            Err(StoreError::CasMismatch) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(ApplyError::Busy)
+        Step::Write(entry.encode(), entry)
+    })?)
 }

@@ -16,6 +16,7 @@ use crate::core::keyset::sweep::{queue_abort_cleanup, queue_cleanup, run_cleanup
 use crate::core::keyset::writer_lock::Lock;
 use crate::core::limits::plan::Plan;
 use crate::core::store::{read_u64, read_value, Store};
+use crate::core::time::Clock;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -24,7 +25,7 @@ use std::collections::BTreeMap;
 /// compact form for tests.
 #[cfg(test)]
 pub(crate) fn apply_full(store: &dyn Store, set: &KeySet, opts: ApplyOptions) -> Result<ApplyReport, ApplyError> {
-    let mut push = FullPush::begin(store, opts.now_ms)?;
+    let mut push = FullPush::begin(store, Clock::Fixed(opts.now_ms))?;
     for rec in &set.keys {
         if let Err(e) = push.add(rec) {
             push.abort();
@@ -37,6 +38,9 @@ pub(crate) fn apply_full(store: &dyn Store, set: &KeySet, opts: ApplyOptions) ->
     }
     push.commit(set.version, &set.plans, opts.force)
 }
+
+/// How often (in keys added) a push looks at the clock to renew the writer lock.
+const RENEW_EVERY_KEYS: u64 = 256;
 
 /// Why a key could not be added to a full push.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +62,7 @@ pub enum AddError {
 pub struct FullPush<'a> {
     store: &'a dyn Store,
     lock: Lock<'a>,
+    clock: Clock<'a>,
     st: PushState,
 }
 
@@ -88,14 +93,22 @@ impl PushState {
 }
 
 impl<'a> FullPush<'a> {
-    /// Takes the writer lock and a fresh generation.
-    pub fn begin(store: &'a dyn Store, now_ms: u64) -> Result<FullPush<'a>, ApplyError> {
-        Self::begin_owned(store, now_ms, "")
+    /// Takes the writer lock and a fresh generation. `clock` renews the lock while
+    /// keys are added: a live clock for a push that may run for seconds.
+    pub fn begin(store: &'a dyn Store, clock: Clock<'a>) -> Result<FullPush<'a>, ApplyError> {
+        let now_ms = clock.now_ms();
+        let lock = Lock::acquire(store, now_ms)?;
+        Self::start(store, lock, clock, "")
     }
 
     /// `begin` for a staged upload: the lock is held by `owner` (the upload id).
     pub fn begin_owned(store: &'a dyn Store, now_ms: u64, owner: &str) -> Result<FullPush<'a>, ApplyError> {
         let lock = Lock::acquire_owned(store, now_ms, owner)?;
+        Self::start(store, lock, Clock::Fixed(now_ms), owner)
+    }
+
+    fn start(store: &'a dyn Store, lock: Lock<'a>, clock: Clock<'a>, owner: &str) -> Result<FullPush<'a>, ApplyError> {
+        let now_ms = clock.now_ms();
         // The slot about to be written must be clean (and its index free) first.
         run_cleanup(store, usize::MAX, true)?;
         let (meta_bytes, meta_cas) = read_value(store, META);
@@ -106,6 +119,7 @@ impl<'a> FullPush<'a> {
         Ok(FullPush {
             store,
             lock,
+            clock,
             st: PushState {
                 owner: owner.to_string(),
                 running,
@@ -128,7 +142,12 @@ impl<'a> FullPush<'a> {
         let lock = Lock::renew(store, now_ms, &st.owner)?;
         let mut st = st;
         st.now_ms = now_ms;
-        Ok(FullPush { store, lock, st })
+        Ok(FullPush {
+            store,
+            lock,
+            clock: Clock::Fixed(now_ms),
+            st,
+        })
     }
 
     /// Ends this request's part of the push, leaving the lock held by the owner.
@@ -170,6 +189,9 @@ impl<'a> FullPush<'a> {
         self.st.entry_bytes += bincode::Options::serialized_size(entry_codec(), &e.slots[slot]).unwrap_or(0);
         self.st.keys += 1;
         self.st.kept += u64::from(kept);
+        if self.st.keys.is_multiple_of(RENEW_EVERY_KEYS) {
+            self.lock.keep_alive(self.clock.now_ms()).map_err(AddError::Apply)?;
+        }
         self.st.index_buf.extend_from_slice(rec.id.as_bytes());
         if self.st.index_buf.len() == INDEX_CHUNK * 12 {
             self.flush_index_chunk().map_err(AddError::Apply)?;
@@ -210,6 +232,11 @@ impl<'a> FullPush<'a> {
             self.abort_with(budget);
             return Err(e);
         }
+        // Still ours? A writer that lost its lease must not flip the set (its slots are
+        // of a generation that never becomes active).
+        let now_ms = self.clock.now_ms();
+        self.lock.confirm(now_ms)?;
+        self.st.now_ms = now_ms;
         let store = self.store;
         let slot = self.st.slot;
         write_plans(store, slot, self.st.gen, plans)?;
@@ -369,7 +396,7 @@ mod tests {
         apply_full(&s, &set(1, &["aaaaaaaaaaa1"]), opts()).unwrap();
         let before = s.value_bytes();
         let new = set(2, &["aaaaaaaaaaa2", "aaaaaaaaaaa3"]);
-        let mut push = FullPush::begin(&s, 1).unwrap();
+        let mut push = FullPush::begin(&s, Clock::Fixed(1)).unwrap();
         push.add(&new.keys[0]).unwrap();
         assert_eq!(push.add(&new.keys[0]).unwrap_err(), AddError::Duplicate);
         push.add(&new.keys[1]).unwrap();
@@ -386,11 +413,43 @@ mod tests {
         let s = MemStore::default();
         apply_full(&s, &set(5, &["aaaaaaaaaaa1"]), opts()).unwrap();
         let new = set(3, &["aaaaaaaaaaa2"]);
-        let mut push = FullPush::begin(&s, 1).unwrap();
+        let mut push = FullPush::begin(&s, Clock::Fixed(1)).unwrap();
         push.add(&new.keys[0]).unwrap();
         let e = push.commit(3, &new.plans, false).unwrap_err();
         assert_eq!(e, ApplyError::Stale { running: 5, pushed: 3 });
         assert_eq!(active(&s), ["aaaaaaaaaaa1"]);
         assert_eq!(s.get("k/aaaaaaaaaaa2").0.unwrap().len(), 0);
+    }
+
+    /// Issue 10.12: a one-shot push that runs longer than the lock's lease renews it as
+    /// it goes, so no other writer gets in mid-push; and a push that lost its lease
+    /// (a clock jump past the TTL between renewals) does not flip the set.
+    #[test]
+    fn a_long_one_shot_push_keeps_the_lock_and_a_lost_one_does_not_commit() {
+        use crate::core::keyset::writer_lock::{Lock, ONE_SHOT_TTL_MS};
+        let s = MemStore::default();
+        let t = std::cell::Cell::new(1_000u64);
+        let tick = || t.get();
+        let new = set(2, &ids(3000).iter().map(String::as_str).collect::<Vec<_>>());
+        let mut push = FullPush::begin(&s, Clock::Live(&tick)).unwrap();
+        for (i, rec) in new.keys.iter().enumerate() {
+            push.add(rec).unwrap();
+            if i % 100 == 0 {
+                t.set(t.get() + 500); // 15 s in all, three leases
+                assert_eq!(Lock::acquire(&s, t.get()).err(), Some(ApplyError::Busy), "at key {i}");
+            }
+        }
+        assert!(t.get() > 1_000 + 2 * ONE_SHOT_TTL_MS);
+        push.commit(2, &new.plans, false).unwrap();
+        assert_eq!(active(&s).len(), 3000);
+
+        // Lost: the clock jumps past the lease and another writer takes the lock.
+        let mut push = FullPush::begin(&s, Clock::Live(&tick)).unwrap();
+        push.add(&new.keys[0]).unwrap();
+        t.set(t.get() + ONE_SHOT_TTL_MS + 1);
+        let other = Lock::acquire(&s, t.get()).unwrap();
+        assert_eq!(push.commit(3, &new.plans, false).unwrap_err(), ApplyError::Busy);
+        assert_eq!(read_meta(&s).unwrap().version, 2, "nothing flipped");
+        drop(other);
     }
 }

@@ -1,5 +1,6 @@
 //! `km/meta`: what a request reads first, and the generation counter.
 
+use crate::core::cas::{add_u64_capped, Create};
 use crate::core::keyset::apply::ApplyError;
 use crate::core::keyset::names::{GEN, META};
 use crate::core::store::{read_value, Store};
@@ -46,8 +47,7 @@ pub fn read_meta(store: &dyn Store) -> Option<Meta> {
 
 /// Takes the next generation number (CAS on `km/gen`).
 pub(crate) fn next_gen(store: &dyn Store) -> Result<u64, ApplyError> {
-    let (v, cas) = store.get(GEN);
-    let g = v.and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes) + 1;
-    store.set(GEN, &g.to_le_bytes(), Some(cas))?;
-    Ok(g)
+    // Only a writer holding the writer lock takes generations.
+    let g = add_u64_capped(store, GEN, 1, u64::MAX, 16, Create::Exclusive)?;
+    Ok(g.unwrap_or(u64::MAX))
 }

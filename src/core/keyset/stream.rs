@@ -13,6 +13,7 @@ use crate::core::keyset::document::{compile_plan, DocError, KeyDoc};
 use crate::core::keyset::full_push::{AddError, FullPush};
 use crate::core::limits::plan::PlanDoc;
 use crate::core::store::Store;
+use crate::core::time::Clock;
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -162,13 +163,15 @@ pub fn peek_version(reader: impl std::io::Read) -> Result<u64, DocError> {
 }
 
 /// Parses `reader` as a full key-set document and applies it through `FullPush`.
+/// `clock` keeps the writer lock renewed while a large document streams in: pass the
+/// host clock (`Clock::Live`) in production.
 pub fn push_stream(
     store: &dyn Store,
     reader: impl std::io::Read,
-    now_ms: u64,
+    clock: Clock<'_>,
     force: bool,
 ) -> Result<ApplyReport, PushError> {
-    let mut push = FullPush::begin(store, now_ms).map_err(PushError::Apply)?;
+    let mut push = FullPush::begin(store, clock).map_err(PushError::Apply)?;
     let mut sink = KeySink {
         push: &mut push,
         plan_refs: BTreeMap::new(),
@@ -356,7 +359,7 @@ mod tests {
             let saved = bytes[i];
             let junk = b"\xff{}[]\":,0";
             bytes[i] = junk[i % junk.len()];
-            let _ = push_stream(&s, &bytes[..], 1_000, true);
+            let _ = push_stream(&s, &bytes[..], Clock::Fixed(1_000), true);
             bytes[i] = saved;
         }
         assert!(push(&s, &doc).is_ok() || read_meta(&s).is_some());
@@ -381,7 +384,7 @@ mod tests {
             push(&s, &older).unwrap_err(),
             PushError::Apply(ApplyError::Stale { running: 5, pushed: 4 })
         );
-        assert!(push_stream(&s, older.as_bytes(), 1_000, true).is_ok());
+        assert!(push_stream(&s, older.as_bytes(), Clock::Fixed(1_000), true).is_ok());
         assert_eq!(read_meta(&s).unwrap().version, 4);
     }
 }

@@ -46,5 +46,5 @@ pub(crate) fn key(id: &str, plan: &str) -> String {
 }
 
 pub(crate) fn push(s: &MemStore, doc: &str) -> Result<ApplyReport, PushError> {
-    push_stream(s, doc.as_bytes(), 1_000, false)
+    push_stream(s, doc.as_bytes(), crate::core::time::Clock::Fixed(1_000), false)
 }

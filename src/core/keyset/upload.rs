@@ -53,7 +53,7 @@ pub(crate) fn reap_abandoned_upload(store: &dyn Store) -> Result<(), ApplyError>
 pub enum UploadError {
     /// No upload with that id (never begun, committed, aborted, or reaped).
     NotFound,
-    /// The upload's lock expired (no request for `LOCK_TTL`): it was aborted.
+    /// The upload's lock expired (no request for `writer_lock::UPLOAD_TTL_MS`): it was aborted.
     Expired,
     /// The upload was aborted because of this (except `Busy` at begin).
     Push(PushError),
@@ -212,6 +212,7 @@ mod tests {
     use crate::core::keyset::stream::push_stream;
     use crate::core::keyset::sweep::cleanup_step;
     use crate::core::keyset::test_support::*;
+    use crate::core::keyset::writer_lock::UPLOAD_TTL_MS;
     use crate::core::store::MemStore;
     use crate::core::store::Store;
 
@@ -435,18 +436,28 @@ mod tests {
         upload_keys(&s, "gone", chunk(&ids(5000, 10)).as_bytes(), 1_000).unwrap();
         // within the TTL the lock holds; a chunk renews it
         assert!(matches!(
-            push_stream(&s, doc(2, &ids(100, 1)).as_bytes(), 50_000, false),
+            push_stream(
+                &s,
+                doc(2, &ids(100, 1)).as_bytes(),
+                crate::core::time::Clock::Fixed(10_000),
+                false
+            ),
             Err(PushError::Apply(ApplyError::Busy))
         ));
-        upload_keys(&s, "gone", &b"[]"[..], 50_000).unwrap();
+        upload_keys(&s, "gone", &b"[]"[..], 10_000).unwrap();
         assert!(matches!(
-            push_stream(&s, doc(2, &ids(100, 1)).as_bytes(), 100_000, false),
+            push_stream(
+                &s,
+                doc(2, &ids(100, 1)).as_bytes(),
+                crate::core::time::Clock::Fixed(20_000),
+                false
+            ),
             Err(PushError::Apply(ApplyError::Busy))
         ));
-        // 60 s without a request: the next writer reaps it
-        upload_begin(&s, "next", 111_000).unwrap();
-        assert_eq!(upload_keys(&s, "gone", &b"[]"[..], 111_000), Err(UploadError::NotFound));
-        upload_abort(&s, "next", 111_000).unwrap();
+        // UPLOAD_TTL_MS (15 s) without a request: the next writer reaps it
+        upload_begin(&s, "next", 10_000 + UPLOAD_TTL_MS + 1).unwrap();
+        assert_eq!(upload_keys(&s, "gone", &b"[]"[..], 26_000), Err(UploadError::NotFound));
+        upload_abort(&s, "next", 26_000).unwrap();
         drain(&s);
         assert_eq!((s.value_bytes(), snapshot(&s), read_meta(&s)), before);
         // an expired upload nobody reaped yet answers Expired, and is reaped then
@@ -476,7 +487,12 @@ mod tests {
         };
         assert_eq!(apply_delta(&s, 7, &d, o), Err(ApplyError::Busy));
         assert!(matches!(
-            push_stream(&s, doc(3, &ids(0, 1)).as_bytes(), 2_000, false),
+            push_stream(
+                &s,
+                doc(3, &ids(0, 1)).as_bytes(),
+                crate::core::time::Clock::Fixed(2_000),
+                false
+            ),
             Err(PushError::Apply(ApplyError::Busy))
         ));
         assert_eq!(

@@ -431,20 +431,22 @@ mod tests {
                 Decision::Unchanged => "unchanged",
                 Decision::Failed => "failed",
                 Decision::Ignored => "ignored",
-                Decision::Apply(_) => match push_stream(&self.store, &doc[..], self.now, false) {
-                    Ok(r) => {
-                        self.p.applied(self.now, &r);
-                        "applied"
+                Decision::Apply(_) => {
+                    match push_stream(&self.store, &doc[..], crate::core::time::Clock::Fixed(self.now), false) {
+                        Ok(r) => {
+                            self.p.applied(self.now, &r);
+                            "applied"
+                        }
+                        Err(PushError::Doc(e)) => {
+                            self.p.invalid(self.now, &e);
+                            "failed"
+                        }
+                        Err(PushError::Apply(e)) => {
+                            self.p.apply_failed(self.now, &e);
+                            "apply failed"
+                        }
                     }
-                    Err(PushError::Doc(e)) => {
-                        self.p.invalid(self.now, &e);
-                        "failed"
-                    }
-                    Err(PushError::Apply(e)) => {
-                        self.p.apply_failed(self.now, &e);
-                        "apply failed"
-                    }
-                },
+                }
             }
         }
         fn advance(&mut self, ms: u64) {

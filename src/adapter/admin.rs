@@ -9,13 +9,16 @@ use super::host::{self, HostBuffer, HostStore};
 use super::root::Shared;
 use crate::core::auth::api_key::hashes_equal;
 use crate::core::auth::problem::admin_body;
+use crate::core::keyset::apply::{ApplyError, ApplyOptions, ApplyReport};
+use crate::core::keyset::delta::apply_delta;
 use crate::core::keyset::document::{parse_json, DeltaDoc};
-use crate::core::keyset::layout::{self, read_meta, read_plans, ApplyError, ApplyOptions, ApplyReport, STATUS};
-use crate::core::keyset::stream::{
-    push_stream, upload_abort, upload_begin, upload_commit, upload_keys, PushError, UploadError,
-};
+use crate::core::keyset::meta::read_meta;
+use crate::core::keyset::names::STATUS;
+use crate::core::keyset::plans::read_plans;
+use crate::core::keyset::stream::{push_stream, PushError};
+use crate::core::keyset::upload::{upload_abort, upload_begin, upload_commit, upload_keys, UploadError};
 use crate::core::store::Store;
-use crate::core::time::format_rfc3339;
+use crate::core::time::{format_rfc3339, Clock};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use proxy_wasm::types::BufferType;
@@ -176,7 +179,7 @@ impl AdminRequest {
                 // Parsed straight from Envoy's buffer and applied key by key: the
                 // document is never held whole in the wasm heap (which cannot shrink).
                 let reader = HostBuffer::reader(BufferType::HttpRequestBody, body_size);
-                match push_stream(&store, reader, opts.now_ms, opts.force) {
+                match push_stream(&store, reader, Clock::Live(&host::now_ms), opts.force) {
                     Ok(report) => Ok(report),
                     Err(PushError::Doc(e)) => {
                         Err(self.problem(400, "invalid-keyset", "Invalid key set", &e.to_string()))
@@ -192,9 +195,7 @@ impl AdminRequest {
                     .and_then(|d| Ok((d.version, d.compile(|p| running.contains_key(p))?)))
                 {
                     Err(e) => Err(self.problem(400, "invalid-delta", "Invalid key-set delta", &e.to_string())),
-                    Ok((version, ops)) => {
-                        layout::apply_delta(&store, version, &ops, opts).map_err(|e| self.apply_error(e))
-                    }
+                    Ok((version, ops)) => apply_delta(&store, version, &ops, opts).map_err(|e| self.apply_error(e)),
                 }
             }
             Route::UploadBegin => {
@@ -304,7 +305,7 @@ fn upload_path(path: &str) -> Option<(&str, Route, &'static str)> {
 
 /// A fresh upload id: unguessable enough to not collide with a previous upload's.
 fn new_upload_id(now_ms: u64) -> String {
-    let gen = HostStore.get(crate::core::keyset::layout::GEN).0.unwrap_or_default();
+    let gen = HostStore.get(crate::core::keyset::names::GEN).0.unwrap_or_default();
     let seed = format!("{now_ms}:{gen:?}:{:p}", &gen);
     hex::encode(&Sha256::digest(seed.as_bytes())[..12])
 }

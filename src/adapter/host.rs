@@ -127,13 +127,13 @@ pub fn call_response_headers() -> Vec<(String, String)> {
 
 /// Records an applied key-set update (push, upload, delta or pull) in `km/status` for
 /// the admin status, and logs it.
-pub fn record_update(source: &str, now_ms: u64, report: &crate::core::keyset::layout::ApplyReport) {
+pub fn record_update(source: &str, now_ms: u64, report: &crate::core::keyset::apply::ApplyReport) {
     let record = serde_json::json!({
         "source": source,
         "at": crate::core::time::format_rfc3339((now_ms / 1000) as i64),
         "result": report,
     });
-    let _ = HostStore.set(crate::core::keyset::layout::STATUS, record.to_string().as_bytes(), None);
+    let _ = HostStore.set(crate::core::keyset::names::STATUS, record.to_string().as_bytes(), None);
     log::info!(
         "keymeter: key set {source} applied: version {} keys {} removed {}",
         report.version,

@@ -6,9 +6,10 @@
 //! process-wide through a shared counter.
 
 use super::host::HostStore;
+use crate::core::cas::{add_u64_capped, Create};
 use crate::core::config::Metering;
-use crate::core::metering::usage::{self, Aggregator, Counters, Outcome, Subject, STATUS_CLASSES};
-use crate::core::store::{Store, StoreError};
+use crate::core::metering::usage::{Aggregator, Counters, Outcome, Subject, STATUS_CLASSES};
+use crate::core::store::Store;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 use std::collections::HashMap;
@@ -144,11 +145,7 @@ impl Meter {
     /// shared-data merge fails stay in the aggregator for the next flush.
     pub fn flush(&mut self) {
         let store = HostStore;
-        for (subject, c) in self.agg.drain() {
-            if usage::merge(&store, &subject, &c, super::host::now_ms()).is_err() {
-                self.agg.restore(subject, c);
-                continue;
-            }
+        for (subject, c) in self.agg.flush(&store, super::host::now_ms()) {
             self.metrics_for(&store, &subject, &c);
         }
         for (i, why) in Unauthenticated::ALL.iter().enumerate() {
@@ -185,25 +182,8 @@ impl Meter {
 }
 
 fn claim_series(store: &HostStore, max: u64) -> bool {
-    for _ in 0..32 {
-        let (v, cas) = store.get(SERIES_COUNT);
-        if cas == 0 {
-            if crate::core::store::ensure_exists(store, SERIES_COUNT, &0u64.to_le_bytes(), super::host::now_ms())
-                .is_err()
-            {
-                return false;
-            }
-            continue;
-        }
-        let n = v.and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
-        if n >= max {
-            return false;
-        }
-        match store.set(SERIES_COUNT, &(n + 1).to_le_bytes(), Some(cas)) {
-            Ok(()) => return true,
-            Err(StoreError::CasMismatch) => continue,
-            Err(_) => return false,
-        }
-    }
-    false
+    let create = Create::ViaLock {
+        now_ms: super::host::now_ms(),
+    };
+    matches!(add_u64_capped(store, SERIES_COUNT, 1, max, 32, create), Ok(Some(_)))
 }

@@ -7,7 +7,8 @@ use super::service::{Misplaced, Service};
 use super::{admin::AdminRequest, filter::FilterRequest};
 use crate::core::auth::problem::Problem;
 use crate::core::config::{Config, Role};
-use crate::core::keyset::layout::{read_plans, Meta};
+use crate::core::keyset::meta::Meta;
+use crate::core::keyset::plans::read_plans;
 use crate::core::limits::plan::Plan;
 use crate::core::store::Store;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -144,10 +145,10 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         if self.shared.as_ref().is_some_and(|s| s.config.role == Role::Admin) {
             let store = super::host::HostStore;
-            if let Err(e) = crate::core::keyset::layout::cleanup_step(
+            if let Err(e) = crate::core::keyset::sweep::cleanup_step(
                 &store,
                 super::host::now_ms(),
-                crate::core::keyset::layout::CLEANUP_STEP_CHUNKS,
+                crate::core::keyset::sweep::CLEANUP_STEP_CHUNKS,
             ) {
                 log::warn!("keymeter: key-set cleanup step failed: {e}");
             }

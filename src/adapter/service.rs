@@ -10,10 +10,11 @@
 use super::host::{self, HostBuffer, HostStore};
 use crate::core::auth::problem::admin_body;
 use crate::core::config::SourceConfig;
-use crate::core::keyset::layout::read_meta;
+use crate::core::keyset::meta::read_meta;
 use crate::core::keyset::stream::{push_stream, PushError};
 use crate::core::remote::pull::{Body, Decision, Poller, Response, State, SOURCE};
 use crate::core::store::Store;
+use crate::core::time::Clock;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType};
@@ -186,7 +187,7 @@ impl Service {
             Decision::Apply(_) => {
                 // Validated and applied while parsed, like an admin push: the pulled
                 // document is never turned into an in-memory key set.
-                match push_stream(&HostStore, open_body(), now, false) {
+                match push_stream(&HostStore, open_body(), Clock::Live(&host::now_ms), false) {
                     Ok(report) => {
                         self.poller.applied(now, &report);
                         host::record_update("pull", now, &report);

@@ -13,6 +13,9 @@ pub mod metering;
 /// Periodic outbound calls: key-set pull (and export scheduling).
 pub mod remote;
 
+pub mod cas;
 pub mod config;
+#[cfg(any(test, feature = "test-support"))]
+pub mod mem_store;
 pub mod store;
 pub mod time;

@@ -7,8 +7,10 @@
 //! `CasMismatch` only when the key exists and its token differs (a CAS on a missing key
 //! always succeeds); nothing can be deleted or listed, "removing" stores an empty value.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
+use crate::core::cas::{unique_owner, LockError, TtlLock};
+
+#[cfg(any(test, feature = "test-support"))]
+pub use crate::core::mem_store::MemStore;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreError {
@@ -21,6 +23,24 @@ pub trait Store {
     /// Value and CAS token; `None` value for a key never set. An empty value means removed.
     fn get(&self, key: &str) -> (Option<Vec<u8>>, u32);
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError>;
+}
+
+/// The value of `key`, with an empty value (a "removed" entry) read as absent, and its
+/// CAS token.
+pub fn read_value(store: &dyn Store, key: &str) -> (Option<Vec<u8>>, u32) {
+    let (v, cas) = store.get(key);
+    (v.filter(|v| !v.is_empty()), cas)
+}
+
+/// Decodes the little-endian u64 that counters, deadlines and lengths are stored as;
+/// `None` unless `bytes` is exactly 8 bytes long.
+pub fn decode_u64(bytes: &[u8]) -> Option<u64> {
+    bytes.try_into().ok().map(u64::from_le_bytes)
+}
+
+/// A little-endian u64 entry; 0 when missing, removed or malformed.
+pub fn read_u64(store: &dyn Store, key: &str) -> u64 {
+    store.get(key).0.as_deref().and_then(decode_u64).unwrap_or(0)
 }
 
 /// Serializes creation of shared-data keys process-wide (see `ensure_exists`).
@@ -45,101 +65,26 @@ pub fn init_create_lock(store: &dyn Store) {
 /// the lock is never on a steady-state path.
 pub fn ensure_exists(store: &dyn Store, key: &str, initial: &[u8], now_ms: u64) -> Result<bool, StoreError> {
     init_create_lock(store);
+    let owner = unique_owner("c");
     for _ in 0..CREATE_LOCK_SPINS {
-        let (v, cas) = store.get(CREATE_LOCK);
-        let held_until = v.and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
-        if held_until > now_ms {
-            continue;
-        }
-        match store.set(CREATE_LOCK, &(now_ms + CREATE_LOCK_TTL_MS).to_le_bytes(), Some(cas)) {
-            Ok(()) => {}
-            Err(StoreError::CasMismatch) => continue,
-            Err(e) => return Err(e),
-        }
-        let result = if store.get(key).1 == 0 {
+        let _lock = match TtlLock::acquire(store, CREATE_LOCK, &owner, CREATE_LOCK_TTL_MS, now_ms) {
+            Ok(lock) => lock,
+            Err(LockError::Store(e)) => return Err(e),
+            Err(LockError::Held { .. } | LockError::Lost) => continue,
+        };
+        return if store.get(key).1 == 0 {
             store.set(key, initial, None).map(|()| true)
         } else {
             Ok(false)
         };
-        let _ = store.set(CREATE_LOCK, &0u64.to_le_bytes(), None);
-        return result;
     }
     Err(StoreError::CasMismatch)
-}
-
-/// In-memory `Store` with the host's semantics, for tests (and host-side tooling).
-#[derive(Default)]
-pub struct MemStore {
-    map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
-    /// Called before each `set`; lets tests interleave a "concurrent" writer.
-    #[allow(clippy::type_complexity)]
-    pub before_set: RefCell<Option<Box<dyn FnMut(&str)>>>,
-}
-
-impl MemStore {
-    pub fn len(&self) -> usize {
-        self.map.borrow().len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.map.borrow().is_empty()
-    }
-    /// Bytes held in values (what an ABI-0.2 "remove" can free).
-    pub fn value_bytes(&self) -> usize {
-        self.map.borrow().values().map(|(v, _)| v.len()).sum()
-    }
-    /// Writes like a concurrent writer would (bumping the CAS), bypassing `before_set`.
-    pub fn map_set_raw(&self, key: &str, value: &[u8]) {
-        let mut map = self.map.borrow_mut();
-        let e = map.entry(key.to_string()).or_insert((Vec::new(), 0));
-        e.0 = value.to_vec();
-        e.1 = e.1.wrapping_add(1).max(1);
-    }
-
-    pub fn keys_with_prefix(&self, prefix: &str) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .map
-            .borrow()
-            .keys()
-            .filter(|k| k.starts_with(prefix))
-            .cloned()
-            .collect();
-        v.sort();
-        v
-    }
-}
-
-impl Store for MemStore {
-    fn get(&self, key: &str) -> (Option<Vec<u8>>, u32) {
-        match self.map.borrow().get(key) {
-            Some((v, cas)) => (Some(v.clone()), *cas),
-            None => (None, 0),
-        }
-    }
-
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
-        if let Some(hook) = self.before_set.borrow_mut().as_mut() {
-            hook(key);
-        }
-        let mut map = self.map.borrow_mut();
-        match map.get_mut(key) {
-            Some((v, c)) => {
-                if cas.is_some_and(|want| want != 0 && want != *c) {
-                    return Err(StoreError::CasMismatch);
-                }
-                *v = value.to_vec();
-                *c = c.wrapping_add(1).max(1);
-            }
-            None => {
-                map.insert(key.to_string(), (value.to_vec(), 1));
-            }
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::store::MemStore;
 
     #[test]
     fn ensure_exists_creates_once_and_never_overwrites() {

@@ -87,6 +87,24 @@ impl fmt::Display for TimeError {
 
 impl std::error::Error for TimeError {}
 
+/// Where long-running work reads the time: fixed for work that fits in one short
+/// callback (and in tests), live (the host clock) for work that may run long enough
+/// to outlast a lease it must renew, such as a million-key push.
+#[derive(Clone, Copy)]
+pub enum Clock<'a> {
+    Fixed(u64),
+    Live(&'a dyn Fn() -> u64),
+}
+
+impl Clock<'_> {
+    pub fn now_ms(&self) -> u64 {
+        match self {
+            Clock::Fixed(t) => *t,
+            Clock::Live(f) => f(),
+        }
+    }
+}
+
 /// Whether `year` is a Gregorian leap year; needed to validate Feb 29 and size February.
 pub fn is_leap_year(year: i64) -> bool {
     year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)

@@ -6,11 +6,12 @@
 //! their name, so a plan change that edits numbers keeps the consumed state, and one
 //! that renames a limit starts it fresh (documented rule).
 
+use crate::core::cas::{cas_update, Create, Step};
 use crate::core::limits::plan::{NamedBucket, NamedQuota};
 use crate::core::limits::quota::{self, QuotaState};
 use crate::core::limits::ratelimit_headers::{push_ratelimit, push_ratelimit_policy};
 use crate::core::limits::token_bucket::{self, BucketState};
-use crate::core::store::{ensure_exists, Store, StoreError};
+use crate::core::store::Store;
 use serde::{Deserialize, Serialize};
 
 /// Stored per subject.
@@ -213,30 +214,14 @@ pub fn apply(
             views: Vec::new(),
         });
     }
-    for _ in 0..CAS_RETRIES {
-        let (bytes, cas) = store.get(state_key);
-        if cas == 0 {
-            // CAS is not checked on a missing key: create it safely, then compete by CAS.
-            if ensure_exists(store, state_key, &[], now_ms).is_err() {
-                break;
-            }
-            continue;
+    let r = cas_update(store, state_key, CAS_RETRIES, Create::ViaLock { now_ms }, |bytes| {
+        let state = bytes.map(LimitState::decode).unwrap_or_default();
+        match evaluate(buckets, quotas, &state, now_ms, cost) {
+            (verdict, Some(next)) => Step::Write(next.encode(), LimitOutcome::Allowed(verdict)),
+            (verdict, None) => Step::Keep(LimitOutcome::Denied(verdict)),
         }
-        let state = bytes
-            .filter(|b| !b.is_empty())
-            .map(|b| LimitState::decode(&b))
-            .unwrap_or_default();
-        let (verdict, next) = evaluate(buckets, quotas, &state, now_ms, cost);
-        let Some(next) = next else {
-            return LimitOutcome::Denied(verdict);
-        };
-        match store.set(state_key, &next.encode(), Some(cas)) {
-            Ok(()) => return LimitOutcome::Allowed(verdict),
-            Err(StoreError::CasMismatch) => continue,
-            Err(StoreError::Host) => break,
-        }
-    }
-    LimitOutcome::Contended
+    });
+    r.unwrap_or(LimitOutcome::Contended)
 }
 
 /// `RateLimit-Policy` and `RateLimit` values for a verdict (`None` without limits).

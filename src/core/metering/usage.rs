@@ -10,7 +10,8 @@
 //! Shared data cannot be listed, so lineages with a record are also appended to an
 //! index (`km/uidx/...`) when their record is created; the usage API pages through it.
 
-use crate::core::store::{ensure_exists, Store, StoreError};
+use crate::core::cas::{add_u64_capped, cas_update, Create, Step};
+use crate::core::store::{read_u64, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -119,6 +120,9 @@ pub struct Subject {
 #[derive(Debug, Default)]
 pub struct Aggregator {
     rows: HashMap<String, (Subject, Counters)>,
+    /// Lineages whose record this worker created but could not index yet, with the
+    /// index position already claimed, if any.
+    unindexed: Vec<(String, Option<u64>)>,
 }
 
 impl Aggregator {
@@ -171,83 +175,86 @@ fn index_chunk_name(i: usize) -> String {
     format!("km/uidx/{i}")
 }
 
-fn read_u64(store: &dyn Store, key: &str) -> (u64, u32) {
-    let (v, cas) = store.get(key);
-    (v.and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes), cas)
-}
-
-/// Adds `delta` to the lineage's shared record. Returns whether the record was new
-/// (and so appended to the index).
-pub fn merge(store: &dyn Store, subject: &Subject, delta: &Counters, now_ms: u64) -> Result<bool, StoreError> {
+/// Adds `delta` to the lineage's shared record. Returns whether this call wrote the
+/// record's first counts: exactly one merge per record does (CAS), and that one must
+/// see the lineage indexed (`index_lineage`).
+fn merge_counts(store: &dyn Store, subject: &Subject, delta: &Counters, now_ms: u64) -> Result<bool, StoreError> {
     let name = record_name(&subject.lineage);
-    let mut created = false;
-    for _ in 0..CAS_RETRIES {
-        let (bytes, cas) = store.get(&name);
-        if cas == 0 {
-            // CAS is not checked on a missing key: create it safely, then compete by CAS.
-            created |= ensure_exists(store, &name, &[], now_ms)?;
-            continue;
-        }
-        let mut rec: UsageRecord = bytes
-            .filter(|b| !b.is_empty())
-            .and_then(|b| bincode::deserialize(&b).ok())
-            .unwrap_or_default();
+    cas_update(store, &name, CAS_RETRIES, Create::ViaLock { now_ms }, |bytes| {
+        let first = bytes.is_none();
+        let mut rec: UsageRecord = bytes.and_then(|b| bincode::deserialize(b).ok()).unwrap_or_default();
         rec.lineage.clone_from(&subject.lineage);
         rec.key_id.clone_from(&subject.key_id);
         rec.consumer.clone_from(&subject.consumer);
         rec.plan.clone_from(&subject.plan);
         rec.counters.add(delta);
-        match store.set(&name, &bincode::serialize(&rec).expect("usage encodes"), Some(cas)) {
-            Ok(()) => {
-                if created {
-                    append_index(store, &subject.lineage, now_ms)?;
-                }
-                return Ok(created);
-            }
-            Err(StoreError::CasMismatch) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(StoreError::CasMismatch)
+        Step::Write(bincode::serialize(&rec).expect("usage encodes"), first)
+    })
 }
 
-fn append_index(store: &dyn Store, lineage: &str, now_ms: u64) -> Result<(), StoreError> {
-    for _ in 0..CAS_RETRIES {
-        let (n, cas) = read_u64(store, INDEX_LEN);
-        if cas == 0 {
-            ensure_exists(store, INDEX_LEN, &0u64.to_le_bytes(), now_ms)?;
-            continue;
+/// Appends `lineage` to the usage index. `slot` remembers the position claimed (by
+/// bumping the count) across attempts, so a retry after a failed chunk write fills the
+/// same position instead of claiming another: a lineage is indexed exactly once.
+/// Both steps are bounded CAS loops; on error the caller retries later.
+fn index_lineage(store: &dyn Store, lineage: &str, slot: &mut Option<u64>, now_ms: u64) -> Result<(), StoreError> {
+    let create = Create::ViaLock { now_ms };
+    let n = match *slot {
+        Some(n) => n,
+        None => {
+            let len = add_u64_capped(store, INDEX_LEN, 1, u64::MAX, CAS_RETRIES, create)?.unwrap_or(u64::MAX);
+            *slot = Some(len - 1);
+            len - 1
         }
-        // Claim slot n by bumping the count first; only the winner writes the slot.
-        match store.set(INDEX_LEN, &(n + 1).to_le_bytes(), Some(cas)) {
-            Ok(()) => {}
-            Err(StoreError::CasMismatch) => continue,
-            Err(e) => return Err(e),
+    };
+    let chunk = index_chunk_name(n as usize / INDEX_CHUNK);
+    let at = n as usize % INDEX_CHUNK;
+    cas_update(store, &chunk, CAS_RETRIES, create, |v| {
+        let mut ids: Vec<String> = v.and_then(|b| bincode::deserialize(b).ok()).unwrap_or_default();
+        if ids.len() <= at {
+            ids.resize(at + 1, String::new());
         }
-        let chunk = index_chunk_name(n as usize / INDEX_CHUNK);
-        let slot = n as usize % INDEX_CHUNK;
-        loop {
-            if store.get(&chunk).1 == 0 {
-                ensure_exists(store, &chunk, &[], now_ms)?;
-            }
-            let (v, ccas) = store.get(&chunk);
-            let mut ids: Vec<String> = v
-                .filter(|b| !b.is_empty())
-                .and_then(|b| bincode::deserialize(&b).ok())
-                .unwrap_or_default();
-            if ids.len() <= slot {
-                ids.resize(slot + 1, String::new());
-            }
-            ids[slot] = lineage.to_string();
-            let bytes = bincode::serialize(&ids).expect("index encodes");
-            match store.set(&chunk, &bytes, Some(ccas)) {
-                Ok(()) => return Ok(()),
-                Err(StoreError::CasMismatch) => continue,
-                Err(e) => return Err(e),
-            }
-        }
+        ids[at] = lineage.to_string();
+        Step::Write(bincode::serialize(&ids).expect("index encodes"), ())
+    })
+}
+
+/// Merges and indexes in one call (tests and tools; the filter flushes through
+/// `Aggregator::flush`, which retries a failed index write without re-adding counts).
+#[cfg(test)]
+pub fn merge(store: &dyn Store, subject: &Subject, delta: &Counters, now_ms: u64) -> Result<bool, StoreError> {
+    let created = merge_counts(store, subject, delta, now_ms)?;
+    if created {
+        index_lineage(store, &subject.lineage, &mut None, now_ms)?;
     }
-    Err(StoreError::CasMismatch)
+    Ok(created)
+}
+
+impl Aggregator {
+    /// Merges every row into shared data. A row whose merge failed stays (nothing of
+    /// it was written); a row whose merge succeeded is gone for good, even if indexing
+    /// its new lineage failed: the index write is retried at the next flush on its
+    /// own, so counts are never added twice. Returns the merged rows (for metrics).
+    pub fn flush(&mut self, store: &dyn Store, now_ms: u64) -> Vec<(Subject, Counters)> {
+        let mut pending = std::mem::take(&mut self.unindexed);
+        let mut merged = Vec::new();
+        for (subject, c) in self.drain() {
+            match merge_counts(store, &subject, &c, now_ms) {
+                Ok(created) => {
+                    if created {
+                        pending.push((subject.lineage.clone(), None));
+                    }
+                    merged.push((subject, c));
+                }
+                Err(_) => self.restore(subject, c),
+            }
+        }
+        for (lineage, mut slot) in pending {
+            if index_lineage(store, &lineage, &mut slot, now_ms).is_err() {
+                self.unindexed.push((lineage, slot));
+            }
+        }
+        merged
+    }
 }
 
 /// One page of cumulative usage, in index order. `cursor` is an index position.
@@ -263,7 +270,7 @@ pub fn entries(
     cursor: u64,
     limit: usize,
 ) -> (Vec<(u64, UsageRecord)>, Option<u64>) {
-    let (n, _) = read_u64(store, INDEX_LEN);
+    let n = read_u64(store, INDEX_LEN);
     let mut out = Vec::new();
     let mut pos = cursor;
     let mut chunk_cache: Option<(usize, Vec<String>)> = None;
@@ -372,5 +379,67 @@ mod tests {
             a.restore(s, c);
         }
         assert_eq!(a.drain()[0].1.requests[2], 1);
+    }
+
+    fn flush(agg: &mut Aggregator, s: &MemStore, now: u64) {
+        agg.flush(s, now);
+    }
+
+    /// Issue 10.10: the index write fails after the record's counts were written. The
+    /// counts must not be merged again (double count), and the lineage must still end
+    /// up indexed (visible to /v1/usage and the export).
+    #[test]
+    fn a_failed_index_write_neither_double_counts_nor_hides_the_lineage() {
+        let s = MemStore::default();
+        let mut agg = Aggregator::default();
+        agg.counters("aaaaaaaaaaa1", "aaaaaaaaaaa1", "acme", "p")
+            .record(Outcome::Admitted, 200, 1, 1, 1);
+        let fails = std::rc::Rc::new(std::cell::Cell::new(0));
+        let f2 = fails.clone();
+        *s.fail_set.borrow_mut() = Some(Box::new(move |key: &str| {
+            (key.starts_with("km/uidx/") && f2.get() < 3).then(|| {
+                f2.set(f2.get() + 1);
+                StoreError::Host
+            })
+        }));
+        flush(&mut agg, &s, 0);
+        assert!(fails.get() > 0, "the index write was attempted and failed");
+        *s.fail_set.borrow_mut() = None;
+        for _ in 0..3 {
+            flush(&mut agg, &s, 0);
+        }
+        let rec: UsageRecord = bincode::deserialize(&s.get("km/u/aaaaaaaaaaa1").0.unwrap()).unwrap();
+        assert_eq!(rec.counters.requests[0], 1, "counted exactly once");
+        let (rows, _) = page(&s, None, 0, 10);
+        assert_eq!(rows.len(), 1, "indexed exactly once");
+    }
+
+    /// Issue 10.10: the chunk-write loop is bounded: a chunk that always loses its CAS
+    /// race gives up (and is retried at the next flush) instead of spinning forever.
+    #[test]
+    fn the_index_chunk_write_is_bounded() {
+        let s = std::rc::Rc::new(MemStore::default());
+        let weak = std::rc::Rc::downgrade(&s);
+        let writes = std::rc::Rc::new(std::cell::Cell::new(0u32));
+        let w2 = writes.clone();
+        *s.before_set.borrow_mut() = Some(Box::new(move |key: &str| {
+            if key.starts_with("km/uidx/") && key != INDEX_LEN {
+                w2.set(w2.get() + 1);
+                assert!(w2.get() < 1000, "unbounded chunk-write loop");
+                // a rival writes the chunk every time: our CAS always loses
+                weak.upgrade()
+                    .unwrap()
+                    .map_set_raw(key, &bincode::serialize(&Vec::<String>::new()).unwrap());
+            }
+        }));
+        let mut agg = Aggregator::default();
+        agg.counters("aaaaaaaaaaa1", "aaaaaaaaaaa1", "acme", "p")
+            .record(Outcome::Admitted, 200, 1, 1, 1);
+        flush(&mut agg, &s, 0);
+        *s.before_set.borrow_mut() = None;
+        assert!(writes.get() > 0);
+        flush(&mut agg, &s, 0);
+        let rec: UsageRecord = bincode::deserialize(&s.get("km/u/aaaaaaaaaaa1").0.unwrap()).unwrap();
+        assert_eq!(rec.counters.requests[0], 1);
     }
 }

@@ -22,8 +22,8 @@
 //!   so the source is read again in full next time.
 
 use crate::core::config::SourceConfig;
+use crate::core::keyset::apply::{ApplyError, ApplyReport};
 use crate::core::keyset::document::DocError;
-use crate::core::keyset::layout::{ApplyError, ApplyReport};
 use crate::core::keyset::stream::peek_version;
 use crate::core::remote::outbound::{answered, is_envoy_upstream_failure, snippet, ts, CallError, Outbound};
 pub use crate::core::remote::outbound::{State, LOST_CALL_GRACE_MS, MIN_BACKOFF_MS};
@@ -356,8 +356,10 @@ impl Poller {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::keyset::apply::ApplyOptions;
     use crate::core::keyset::document::{parse_json, KeySetDoc};
-    use crate::core::keyset::layout::{apply_full, read_meta, ApplyOptions};
+    use crate::core::keyset::full_push::apply_full;
+    use crate::core::keyset::meta::read_meta;
     use crate::core::keyset::stream::{push_stream, PushError};
     use crate::core::store::{MemStore, Store};
 
@@ -429,20 +431,22 @@ mod tests {
                 Decision::Unchanged => "unchanged",
                 Decision::Failed => "failed",
                 Decision::Ignored => "ignored",
-                Decision::Apply(_) => match push_stream(&self.store, &doc[..], self.now, false) {
-                    Ok(r) => {
-                        self.p.applied(self.now, &r);
-                        "applied"
+                Decision::Apply(_) => {
+                    match push_stream(&self.store, &doc[..], crate::core::time::Clock::Fixed(self.now), false) {
+                        Ok(r) => {
+                            self.p.applied(self.now, &r);
+                            "applied"
+                        }
+                        Err(PushError::Doc(e)) => {
+                            self.p.invalid(self.now, &e);
+                            "failed"
+                        }
+                        Err(PushError::Apply(e)) => {
+                            self.p.apply_failed(self.now, &e);
+                            "apply failed"
+                        }
                     }
-                    Err(PushError::Doc(e)) => {
-                        self.p.invalid(self.now, &e);
-                        "failed"
-                    }
-                    Err(PushError::Apply(e)) => {
-                        self.p.apply_failed(self.now, &e);
-                        "apply failed"
-                    }
-                },
+                }
             }
         }
         fn advance(&mut self, ms: u64) {
@@ -714,7 +718,7 @@ mod tests {
         let mut r = Rig::new(10_000);
         // another writer holds the lock
         r.store
-            .set(crate::core::keyset::layout::LOCK, &(T0 + 60_000).to_le_bytes(), None)
+            .set(crate::core::keyset::names::LOCK, &(T0 + 60_000).to_le_bytes(), None)
             .unwrap();
         assert_eq!(r.poll(ok("\"v1\"", &doc(1, &[]))), "apply failed");
         let (kind, msg) = r.error();
@@ -723,7 +727,7 @@ mod tests {
         assert_eq!(r.p.health.etag, None, "not applied: no ETag");
         assert_eq!(r.skip_to_next_poll(), 1_000);
         r.store
-            .set(crate::core::keyset::layout::LOCK, &0u64.to_le_bytes(), None)
+            .set(crate::core::keyset::names::LOCK, &0u64.to_le_bytes(), None)
             .unwrap();
         assert_eq!(r.poll(ok("\"v1\"", &doc(1, &[]))), "applied");
         assert_eq!(r.p.health.etag.as_deref(), Some("\"v1\""));

@@ -266,6 +266,7 @@ def _http_listener(
     http_filters: list,
     routes: list,
     extra: Mapping[str, Any] | None = None,
+    normalize_path: bool = True,
 ) -> dict:
     listener = {
         "name": name,
@@ -308,6 +309,11 @@ def _http_listener(
             }
         ],
     }
+    if not normalize_path:
+        # Envoy's defaults: the path reaches the filters (and the backend) as sent.
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        for k in ("normalize_path", "merge_slashes", "path_with_escaped_slashes_action"):
+            del hcm[k]
     if extra:
         listener.update(extra)
     return listener
@@ -358,8 +364,13 @@ def envoy_config(
     stats_config: Mapping[str, Any] | None = None,
     vm_id: str = WASM_VM_ID,
     lds_dir: str | os.PathLike | None = None,
+    normalize_path: bool = True,
 ) -> dict:
     """The Envoy bootstrap (as a dict, to be written as JSON).
+
+    - `normalize_path=False` leaves the public listener with Envoy's default path
+      handling (no normalize_path, merge_slashes or escaped-slash action), to check that
+      keymeter's own path rules hold without them.
 
     - `wasm=False` leaves the keymeter filter out of both listeners (harness self-tests,
       or checking Envoy behaviour without the filter).
@@ -396,7 +407,9 @@ def envoy_config(
     ]
 
     listeners = [
-        _http_listener("public", public_port, "public", filters(filter_conf), public_routes)
+        _http_listener(
+            "public", public_port, "public", filters(filter_conf), public_routes, normalize_path=normalize_path
+        )
     ]
     if admin_listener and admin_api_port is not None:
         listeners.append(

@@ -189,3 +189,90 @@ def test_metric_labels_cannot_be_forged_by_names(start_envoy):
     for k in keys:
         want[k.doc["plan"]] = want.get(k.doc["plan"], 0) + 1
     assert per_plan == want
+
+
+# --------------------------------------------------------------------------- 10.2 path forms
+
+# Paths that leave the scope /v1/reports on some backend (resolving '..', collapsing
+# '//', decoding %2f/%5c or '\\' into separators, stripping ';' parameters).
+SCOPE_ESCAPES = [
+    "/v1/reports/../admin",
+    "/v1/reports/./../admin",
+    "/v1/reports/%2e%2e/admin",
+    "/v1/reports/%2E%2E/admin",
+    "/v1/reports/.%2e/admin",
+    "/v1/reports/..%2fadmin",
+    "/v1/reports%2f..%2fadmin",
+    "/v1/reports/..%5cadmin",
+    "/v1/reports\\..\\admin",
+    "/v1/reports/..;/admin",
+    "/v1/reports;/../admin",
+    "/v1/reports//../../admin",
+]
+# Paths some backend serves as /v1/reports while the raw string misses the cost prefix.
+COST_DODGES = [
+    "/v1/reports;x",
+    "/v1/reports%3bx",
+    "/v1//reports",
+    "/v1/./reports",
+    "/v1/x/../reports",
+    "/v1/%2e/reports",
+    "/v1%2freports",
+    "/v1%2Freports",
+    "/v1\\reports",
+]
+ENVOY_REFUSALS = (301, 302, 307, 308, 400, 404)
+
+
+@pytest.fixture(params=[False, True], ids=["raw-path", "normalize_path"])
+def normalize(request):
+    return request.param
+
+
+def test_path_forms_cannot_leave_a_scope(start_envoy, backend, normalize):
+    envoy = start_envoy(normalize_path=normalize)
+    scoped = Key(scopes=[{"methods": ["GET"], "path_prefix": "/v1/reports"}])
+    plain = Key()
+    load(envoy, 1, [scoped, plain])
+    for path in SCOPE_ESCAPES:
+        backend.clear()
+        r = get(envoy, path, {"x-api-key": scoped.key})
+        if normalize and r.status != 403:
+            # Envoy itself refused or redirected the form before keymeter saw it.
+            assert r.status in ENVOY_REFUSALS, (path, r)
+        elif normalize:
+            assert r.json()["type"].endswith(("ambiguous-path", "out-of-scope")), (path, r)
+        else:
+            body = assert_problem(r, 403, "ambiguous-path")
+            assert path not in body["detail"]
+        assert backend.requests() == [], f"{path} reached the backend"
+    # Unambiguous spellings of an allowed path still work: %72 is 'r'.
+    for path in ("/v1/reports/1", "/v1/%72eports/1", "/v1/reports/a%20b", "/v1/reports?next=/../admin"):
+        assert get(envoy, path, {"x-api-key": scoped.key}).status == 200, path
+    # A key with no scopes and no route costs: keymeter has no path rule to protect.
+    if not normalize:
+        assert get(envoy, "/v1/reports/..;/admin", {"x-api-key": plain.key}).status == 200
+
+
+def test_path_forms_cannot_dodge_a_route_cost(start_envoy, backend, normalize):
+    envoy = start_envoy(normalize_path=normalize)
+    plan = {
+        "rate_limits": [{**SLOW, "burst": 10}],
+        "costs": [{"path_prefix": "/v1/reports", "cost": 10}],
+    }
+    forms = COST_DODGES + ["/v1/%72eports"]
+    keys = {path: Key(plan="costly") for path in forms}
+    load(envoy, 1, list(keys.values()), {"costly": plan})
+    for path, key in keys.items():
+        backend.clear()
+        r = get(envoy, path, {"x-api-key": key.key})
+        if r.status == 200:
+            # Served: then it was charged as /v1/reports (all 10 tokens).
+            assert r.headers.get("ratelimit", "").startswith('"hourly";r=0;'), (path, r.headers)
+            assert path == "/v1/%72eports" or normalize, f"{path} was served"
+        elif r.status == 403:
+            assert_problem(r, 403, "ambiguous-path")
+            assert backend.requests() == []
+        else:
+            assert normalize and r.status in ENVOY_REFUSALS, (path, r)
+            assert backend.requests() == []

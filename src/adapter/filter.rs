@@ -212,8 +212,12 @@ impl FilterRequest {
             override_rec: None,
         };
         let method = host::request_header(":method").unwrap_or_default();
-        let path = host::request_header(":path").unwrap_or_default();
+        let raw_path = host::request_header(":path").unwrap_or_default();
         self.anonymous_plan = Some(plan_name.to_string());
+        let Ok(path) = crate::core::auth::path::for_rules(&raw_path, !plan.costs.is_empty()) else {
+            self.set_outcome(Outcome::Forbidden);
+            return self.refuse(Problem::AmbiguousPath);
+        };
         if let Some(refused) = self.enforce(store, &subject, &method, &path) {
             return refused;
         }
@@ -283,7 +287,13 @@ impl FilterRequest {
                 path = host::request_header(":path");
             }
         }
-        let path_str = path.as_deref().unwrap_or("/");
+        // Scopes and route costs match the canonical path; forms backends disagree on are refused.
+        let has_rules = !rec.scopes.is_empty() || plan.is_some_and(|p| !p.costs.is_empty());
+        let Ok(path_str) = crate::core::auth::path::for_rules(path.as_deref().unwrap_or("/"), has_rules) else {
+            self.set_outcome(Outcome::Forbidden);
+            return self.refuse(Problem::AmbiguousPath);
+        };
+        let path_str: &str = &path_str;
         let peer = if rec.cidrs.is_empty() { None } else { host::peer_ip() };
         let now_secs = (self.now_ms() / 1000) as i64;
         if let Err(r) = rec.admit(now_secs, &method, path_str, peer) {

@@ -13,6 +13,9 @@ pub enum Problem {
     KeyExpired,
     KeyNotYetValid,
     OutOfScope,
+    /// The path has a form backends disagree on (see `core::auth::path`) and a scope or
+    /// route cost depends on it.
+    AmbiguousPath,
     AddressNotAllowed,
     KeySetUnavailable,
     RateLimited,
@@ -26,7 +29,7 @@ pub const TYPE_BASE: &str = "urn:keymeter:problem:";
 pub const QUOTA_EXCEEDED_TYPE: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
 
 impl Problem {
-    pub const ALL: [Problem; 12] = [
+    pub const ALL: [Problem; 13] = [
         Problem::MissingCredential,
         Problem::MalformedCredential,
         Problem::InvalidCredential,
@@ -34,6 +37,7 @@ impl Problem {
         Problem::KeyExpired,
         Problem::KeyNotYetValid,
         Problem::OutOfScope,
+        Problem::AmbiguousPath,
         Problem::AddressNotAllowed,
         Problem::KeySetUnavailable,
         Problem::RateLimited,
@@ -47,7 +51,7 @@ impl Problem {
             MissingCredential | MalformedCredential | InvalidCredential | KeyDisabled | KeyExpired | KeyNotYetValid => {
                 401
             }
-            OutOfScope | AddressNotAllowed => 403,
+            OutOfScope | AmbiguousPath | AddressNotAllowed => 403,
             KeySetUnavailable => 503,
             RateLimited | QuotaExceeded | CostExceedsBurst => 429,
         }
@@ -64,6 +68,7 @@ impl Problem {
             KeyExpired => "key-expired",
             KeyNotYetValid => "key-not-yet-valid",
             OutOfScope => "out-of-scope",
+            AmbiguousPath => "ambiguous-path",
             AddressNotAllowed => "address-not-allowed",
             KeySetUnavailable => "keyset-unavailable",
             RateLimited => "rate-limited",
@@ -82,6 +87,7 @@ impl Problem {
             KeyExpired => "API key expired",
             KeyNotYetValid => "API key not yet valid",
             OutOfScope => "API key not allowed for this request",
+            AmbiguousPath => "Ambiguous request path",
             AddressNotAllowed => "API key not allowed from this address",
             KeySetUnavailable => "Authentication temporarily unavailable",
             RateLimited => "Rate limit exceeded",
@@ -102,6 +108,9 @@ impl Problem {
             KeyExpired => "The API key has expired.",
             KeyNotYetValid => "The API key is not valid yet.",
             OutOfScope => "The API key does not grant this method on this path.",
+            AmbiguousPath => {
+                "The request path contains a form servers interpret differently ('.' or '..' segments, '//', ';' parameters, %2F, %5C, a backslash or an invalid escape); send the plain path."
+            }
             AddressNotAllowed => "The API key may not be used from this client address.",
             KeySetUnavailable => "No key set is loaded yet; retry shortly.",
             RateLimited => "Too many requests for this API key; retry after the time given in Retry-After.",

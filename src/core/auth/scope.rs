@@ -27,6 +27,17 @@ impl Scope {
         if !path_prefix.starts_with('/') {
             return Err(format!("path_prefix '{path_prefix}' must start with '/'"));
         }
+        // Requests are matched in canonical form (core::auth::path), so a prefix that is
+        // not canonical could never match, or only match forms that are refused.
+        match crate::core::auth::path::canonical(path_prefix) {
+            Ok(c) if c == path_prefix => {}
+            Ok(c) => {
+                return Err(format!(
+                    "path_prefix '{path_prefix}' is not in canonical form: write '{c}' (no query, no %-escaped letters, digits or -._~)"
+                ))
+            }
+            Err(a) => return Err(format!("path_prefix '{path_prefix}' contains {}", a.describe())),
+        }
         let mut bits = 0u16;
         for m in methods {
             bits |= method_bit(m).ok_or_else(|| format!("unknown HTTP method '{m}' (use upper case, e.g. GET)"))?;
@@ -87,5 +98,19 @@ mod tests {
         assert!(allowed(&[read, any], "DELETE", "/reports"));
         assert!(Scope::new(&["get".into()], "/").is_err());
         assert!(Scope::new(&[], "v1").is_err());
+        // prefixes must be canonical paths: requests are matched in that form
+        for bad in [
+            "/v1/../admin",
+            "/v1//x",
+            "/v1;x",
+            "/v1%2fx",
+            "/v1\\x",
+            "/v1/%72",
+            "/v1?x",
+            "/v1/%zz",
+        ] {
+            assert!(Scope::new(&[], bad).is_err(), "{bad}");
+        }
+        assert!(Scope::new(&[], "/v1/a%20b/").is_ok());
     }
 }

@@ -56,8 +56,9 @@ pub struct LimitView {
     pub reset_secs: u64,
 }
 
+/// What every limit said about one request: the denial, if any, and each limit's view.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verdict {
+pub struct LimitCheck {
     pub denial: Option<Denial>,
     /// Seconds to wait before retrying (denied requests only).
     pub retry_after_secs: Option<u64>,
@@ -77,7 +78,7 @@ pub fn evaluate(
     state: &LimitState,
     now_ms: u64,
     cost: u64,
-) -> (Verdict, Option<LimitState>) {
+) -> (LimitCheck, Option<LimitState>) {
     let now_ns = now_ms.saturating_mul(1_000_000);
     let now_secs = (now_ms / 1000) as i64;
     let mut next = LimitState {
@@ -151,15 +152,15 @@ pub fn evaluate(
         Some(Denial::CostExceedsBurst) | None => None,
         Some(_) => Some(ceil_div(retry_ms.unwrap_or(1000), 1000).max(1)),
     };
-    let verdict = Verdict {
+    let check = LimitCheck {
         denial,
         retry_after_secs,
         views,
     };
-    if verdict.denial.is_some() {
-        (verdict, None)
+    if check.denial.is_some() {
+        (check, None)
     } else {
-        (verdict, Some(next))
+        (check, Some(next))
     }
 }
 
@@ -169,8 +170,8 @@ pub const CAS_RETRIES: usize = 32;
 /// What applying limits to one request came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LimitOutcome {
-    Allowed(Verdict),
-    Denied(Verdict),
+    Allowed(LimitCheck),
+    Denied(LimitCheck),
     /// Other writers changed the state under every one of our CAS attempts (or the
     /// host failed): the caller decides, by configuration, and counts it.
     Contended,
@@ -187,7 +188,7 @@ pub fn apply(
     cost: u64,
 ) -> LimitOutcome {
     if buckets.is_empty() && quotas.is_empty() {
-        return LimitOutcome::Allowed(Verdict {
+        return LimitOutcome::Allowed(LimitCheck {
             denial: None,
             retry_after_secs: None,
             views: Vec::new(),
@@ -206,12 +207,12 @@ pub fn apply(
             .filter(|b| !b.is_empty())
             .map(|b| LimitState::decode(&b))
             .unwrap_or_default();
-        let (verdict, next) = evaluate(buckets, quotas, &state, now_ms, cost);
+        let (check, next) = evaluate(buckets, quotas, &state, now_ms, cost);
         let Some(next) = next else {
-            return LimitOutcome::Denied(verdict);
+            return LimitOutcome::Denied(check);
         };
         match store.set(state_key, &next.encode(), Some(cas)) {
-            Ok(()) => return LimitOutcome::Allowed(verdict),
+            Ok(()) => return LimitOutcome::Allowed(check),
             Err(StoreError::CasMismatch) => continue,
             Err(StoreError::Host) => break,
         }
@@ -219,17 +220,17 @@ pub fn apply(
     LimitOutcome::Contended
 }
 
-/// `RateLimit-Policy` and `RateLimit` values for a verdict (`None` without limits).
-pub fn headers(verdict: &Verdict) -> Option<(String, String)> {
-    if verdict.views.is_empty() {
+/// `RateLimit-Policy` and `RateLimit` values for a check (`None` without limits).
+pub fn headers(check: &LimitCheck) -> Option<(String, String)> {
+    if check.views.is_empty() {
         return None;
     }
-    let policies: Vec<(&str, u64, u64)> = verdict
+    let policies: Vec<(&str, u64, u64)> = check
         .views
         .iter()
         .map(|v| (v.name.as_str(), v.quota, v.window_secs))
         .collect();
-    let states: Vec<(&str, u64, u64)> = verdict
+    let states: Vec<(&str, u64, u64)> = check
         .views
         .iter()
         .map(|v| (v.name.as_str(), v.remaining, v.reset_secs))
@@ -265,7 +266,7 @@ mod tests {
     }
     const T0: u64 = 1_700_000_000_000; // ms
 
-    fn run(b: &[NamedBucket], q: &[NamedQuota], st: &mut LimitState, now: u64, cost: u64) -> Verdict {
+    fn run(b: &[NamedBucket], q: &[NamedQuota], st: &mut LimitState, now: u64, cost: u64) -> LimitCheck {
         let (v, next) = evaluate(b, q, st, now, cost);
         if let Some(n) = next {
             *st = n;

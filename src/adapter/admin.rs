@@ -6,7 +6,7 @@
 //! limit bounds them) and applied in one callback.
 
 use super::host::{self, HostBuffer, HostStore};
-use super::root::Shared;
+use super::root::PluginState;
 use crate::core::auth::api_key::hashes_equal;
 use crate::core::auth::problem::admin_body;
 use crate::core::keyset::apply::{ApplyError, ApplyOptions, ApplyReport};
@@ -40,14 +40,14 @@ enum Route {
 }
 
 pub struct AdminRequest {
-    shared: Rc<Shared>,
+    shared: Rc<PluginState>,
     route: Option<Route>,
     force: bool,
     upload_id: String,
 }
 
 impl AdminRequest {
-    pub fn new(shared: Rc<Shared>) -> Self {
+    pub fn new(shared: Rc<PluginState>) -> Self {
         AdminRequest {
             shared,
             route: None,

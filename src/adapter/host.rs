@@ -26,12 +26,18 @@ impl Store for HostStore {
     }
 }
 
-/// Wall-clock milliseconds since the Unix epoch, from the host.
+/// Wall-clock milliseconds since the Unix epoch, from the host (0 if it cannot say;
+/// the request path uses `try_now_ms` and fails closed instead).
 pub fn now_ms() -> u64 {
+    try_now_ms().unwrap_or(0)
+}
+
+/// Wall-clock milliseconds since the Unix epoch, `None` when the host clock fails.
+pub fn try_now_ms() -> Option<u64> {
     hostcalls::get_current_time()
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_millis() as u64)
+        .map(|d| d.as_millis() as u64)
 }
 
 /// The downstream client's address (Envoy's `source.address`).

@@ -9,41 +9,11 @@ use super::host::HostStore;
 use crate::core::cas::{add_u64_capped, Create};
 use crate::core::config::Metering;
 use crate::core::metering::usage::{Aggregator, Counters, Outcome, Subject, STATUS_CLASSES};
+use crate::core::request::Unauthenticated;
 use crate::core::store::Store;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 use std::collections::HashMap;
-
-/// Reasons a request had no authentic key; counted globally, not per key (anyone can
-/// send any key id, so these must not be charged to the id's owner).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unauthenticated {
-    Missing,
-    Malformed,
-    Invalid,
-    KeySetUnavailable,
-    /// Let through unauthenticated because no key set is loaded (`when_no_keyset: allow`).
-    FailOpen,
-}
-
-impl Unauthenticated {
-    const ALL: [Unauthenticated; 5] = [
-        Self::Missing,
-        Self::Malformed,
-        Self::Invalid,
-        Self::KeySetUnavailable,
-        Self::FailOpen,
-    ];
-    fn label(self) -> &'static str {
-        match self {
-            Self::Missing => "missing_credential",
-            Self::Malformed => "malformed_credential",
-            Self::Invalid => "invalid_credential",
-            Self::KeySetUnavailable => "keyset_unavailable",
-            Self::FailOpen => "fail_open",
-        }
-    }
-}
 
 const SERIES_COUNT: &str = "km/mseries";
 

@@ -7,37 +7,17 @@ use super::service::{Misplaced, Service};
 use super::{admin::AdminRequest, filter::FilterRequest};
 use crate::core::auth::problem::Problem;
 use crate::core::config::{Config, Role};
-use crate::core::keyset::meta::Meta;
-use crate::core::keyset::plans::read_plans;
-use crate::core::limits::plan::Plan;
-use crate::core::store::Store;
+use crate::core::request::PlansCache;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::rc::Rc;
 
-/// This worker's decoded copy of the active plans, re-read only when `km/meta` says
-/// they changed, so a request does not copy and decode the plans blob.
-#[derive(Default)]
-pub struct PlansCache {
-    key: Option<(u64, u64)>,
-    plans: Rc<BTreeMap<String, Plan>>,
-}
-
-impl PlansCache {
-    pub fn get(&mut self, store: &dyn Store, meta: &Meta) -> Rc<BTreeMap<String, Plan>> {
-        let key = (meta.gen, meta.plans_rev);
-        if self.key != Some(key) {
-            self.plans = Rc::new(read_plans(store, meta));
-            self.key = Some(key);
-        }
-        self.plans.clone()
-    }
-}
-
-/// Everything a request context needs that is computed once per configuration.
-pub struct Shared {
+/// The plugin's per-worker state for one configuration: the parsed config, what is
+/// rendered from it once, and this worker's caches and usage counts. (Not shared data:
+/// each worker VM has its own.)
+pub struct PluginState {
     pub config: Config,
     /// Problem bodies rendered at start-up so a refusal formats nothing.
     pub bodies: HashMap<Problem, String>,
@@ -54,7 +34,7 @@ const CLEANUP_TICK: std::time::Duration = std::time::Duration::from_millis(200);
 
 #[derive(Default)]
 pub struct Root {
-    shared: Option<Rc<Shared>>,
+    state: Option<Rc<PluginState>>,
     /// Role service only: the key-set pull (a root-only context, no HTTP contexts).
     service: Option<Service>,
     /// Role service with `export`: the usage export (independent of the pull).
@@ -79,9 +59,9 @@ impl Context for Root {
 
 impl Root {
     fn flush_usage(&self) {
-        if let Some(shared) = &self.shared {
-            if shared.config.role == Role::Filter {
-                shared.meter.borrow_mut().flush();
+        if let Some(state) = &self.state {
+            if state.config.role == Role::Filter {
+                state.meter.borrow_mut().flush();
             }
         }
     }
@@ -115,7 +95,7 @@ impl RootContext for Root {
                     let _ = proxy_wasm::hostcalls::set_tick_period(super::service::TICK);
                     self.export.insert(ExportService::new(export.clone())).start();
                 }
-                self.shared = Some(Rc::new(Shared {
+                self.state = Some(Rc::new(PluginState {
                     config,
                     bodies,
                     challenges,
@@ -134,16 +114,16 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let shared = self.shared.clone()?;
-        Some(match shared.config.role {
-            Role::Filter => Box::new(FilterRequest::new(shared)),
-            Role::Admin => Box::new(AdminRequest::new(shared)),
+        let state = self.state.clone()?;
+        Some(match state.config.role {
+            Role::Filter => Box::new(FilterRequest::new(state)),
+            Role::Admin => Box::new(AdminRequest::new(state)),
             Role::Service => Box::new(Misplaced),
         })
     }
 
     fn on_tick(&mut self) {
-        if self.shared.as_ref().is_some_and(|s| s.config.role == Role::Admin) {
+        if self.state.as_ref().is_some_and(|s| s.config.role == Role::Admin) {
             let store = super::host::HostStore;
             if let Err(e) = crate::core::keyset::sweep::cleanup_step(
                 &store,

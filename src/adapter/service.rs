@@ -12,7 +12,7 @@ use crate::core::auth::problem::admin_body;
 use crate::core::config::SourceConfig;
 use crate::core::keyset::meta::read_meta;
 use crate::core::keyset::stream::{push_stream, PushError};
-use crate::core::remote::pull::{Body, Decision, Poller, Response, State, SOURCE};
+use crate::core::remote::pull::{Body, PollResult, Poller, Response, State, SOURCE};
 use crate::core::store::Store;
 use crate::core::time::Clock;
 use proxy_wasm::hostcalls;
@@ -177,14 +177,14 @@ impl Service {
         };
         let was = self.poller.health.state;
         match self.poller.on_response(now, token, resp, running_version()) {
-            Decision::Ignored => return,
-            Decision::Unchanged => {
+            PollResult::Ignored => return,
+            PollResult::Unchanged => {
                 if was == State::Error {
                     log::info!("keymeter pull: source reachable again, key set unchanged");
                 }
             }
-            Decision::Failed => self.log_failure(),
-            Decision::Apply(_) => {
+            PollResult::Failed => self.log_failure(),
+            PollResult::Apply(_) => {
                 // Validated and applied while parsed, like an admin push: the pulled
                 // document is never turned into an in-memory key set.
                 match push_stream(&HostStore, open_body(), Clock::Live(&host::now_ms), false) {

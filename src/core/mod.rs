@@ -12,6 +12,8 @@ pub mod limits;
 pub mod metering;
 /// Periodic outbound calls: key-set pull (and export scheduling).
 pub mod remote;
+/// The request decision: authentication, authorization and limits for one request.
+pub mod request;
 
 pub mod cas;
 pub mod config;

@@ -62,8 +62,9 @@ pub struct LimitView {
     pub bucket: bool,
 }
 
+/// What every limit said about one request: the denial, if any, and each limit's view.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verdict {
+pub struct LimitCheck {
     pub denial: Option<Denial>,
     /// Seconds to wait before retrying (denied requests only).
     pub retry_after_secs: Option<u64>,
@@ -83,7 +84,7 @@ pub fn evaluate(
     state: &LimitState,
     now_ms: u64,
     cost: u64,
-) -> (Verdict, Option<LimitState>) {
+) -> (LimitCheck, Option<LimitState>) {
     let now_ns = now_ms.saturating_mul(1_000_000);
     let now_secs = (now_ms / 1000) as i64;
     let mut next = LimitState {
@@ -172,15 +173,15 @@ pub fn evaluate(
             }
         }
     }
-    let verdict = Verdict {
+    let check = LimitCheck {
         denial,
         retry_after_secs,
         views,
     };
-    if verdict.denial.is_some() {
-        (verdict, None)
+    if check.denial.is_some() {
+        (check, None)
     } else {
-        (verdict, Some(next))
+        (check, Some(next))
     }
 }
 
@@ -190,8 +191,8 @@ pub const CAS_RETRIES: usize = 32;
 /// What applying limits to one request came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LimitOutcome {
-    Allowed(Verdict),
-    Denied(Verdict),
+    Allowed(LimitCheck),
+    Denied(LimitCheck),
     /// Other writers changed the state under every one of our CAS attempts (or the
     /// host failed): the caller decides, by configuration, and counts it.
     Contended,
@@ -208,7 +209,7 @@ pub fn apply(
     cost: u64,
 ) -> LimitOutcome {
     if buckets.is_empty() && quotas.is_empty() {
-        return LimitOutcome::Allowed(Verdict {
+        return LimitOutcome::Allowed(LimitCheck {
             denial: None,
             retry_after_secs: None,
             views: Vec::new(),
@@ -217,24 +218,24 @@ pub fn apply(
     let r = cas_update(store, state_key, CAS_RETRIES, Create::ViaLock { now_ms }, |bytes| {
         let state = bytes.map(LimitState::decode).unwrap_or_default();
         match evaluate(buckets, quotas, &state, now_ms, cost) {
-            (verdict, Some(next)) => Step::Write(next.encode(), LimitOutcome::Allowed(verdict)),
-            (verdict, None) => Step::Keep(LimitOutcome::Denied(verdict)),
+            (check, Some(next)) => Step::Write(next.encode(), LimitOutcome::Allowed(check)),
+            (check, None) => Step::Keep(LimitOutcome::Denied(check)),
         }
     });
     r.unwrap_or(LimitOutcome::Contended)
 }
 
-/// `RateLimit-Policy` and `RateLimit` values for a verdict (`None` without limits).
-pub fn headers(verdict: &Verdict) -> Option<(String, String)> {
-    if verdict.views.is_empty() {
+/// `RateLimit-Policy` and `RateLimit` values for a check (`None` without limits).
+pub fn headers(check: &LimitCheck) -> Option<(String, String)> {
+    if check.views.is_empty() {
         return None;
     }
-    let policies: Vec<(&str, u64, u64)> = verdict
+    let policies: Vec<(&str, u64, u64)> = check
         .views
         .iter()
         .map(|v| (v.name.as_str(), v.quota, v.window_secs))
         .collect();
-    let states: Vec<(&str, u64, u64)> = verdict
+    let states: Vec<(&str, u64, u64)> = check
         .views
         .iter()
         .map(|v| (v.name.as_str(), v.remaining, v.reset_secs))
@@ -270,7 +271,7 @@ mod tests {
     }
     const T0: u64 = 1_700_000_000_000; // ms
 
-    fn run(b: &[NamedBucket], q: &[NamedQuota], st: &mut LimitState, now: u64, cost: u64) -> Verdict {
+    fn run(b: &[NamedBucket], q: &[NamedQuota], st: &mut LimitState, now: u64, cost: u64) -> LimitCheck {
         let (v, next) = evaluate(b, q, st, now, cost);
         if let Some(n) = next {
             *st = n;

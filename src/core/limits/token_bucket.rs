@@ -138,7 +138,7 @@ pub struct BucketState {
 /// Outcome of [`try_take`], with everything needed for `RateLimit` headers and
 /// `Retry-After`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Decision {
+pub struct Take {
     /// Whether the request may proceed (its cost has been taken from the bucket).
     pub allowed: bool,
     /// Whole tokens left in the bucket after this request (fractions are not promised).
@@ -146,8 +146,6 @@ pub struct Decision {
     /// When denied: milliseconds until `cost` tokens will be available, rounded up.
     /// `None` when allowed, or when `cost > burst` (no amount of waiting helps).
     pub retry_after_ms: Option<u64>,
-    /// Milliseconds until the bucket is full again, rounded up; 0 if it is full.
-    pub reset_ms: u64,
 }
 
 /// Takes `cost` tokens at time `now_ns` if they are available; returns the decision and
@@ -167,13 +165,12 @@ pub struct Decision {
 ///   from then on at the new rate. So an upgrade keeps past consumption (it does not hand
 ///   out a fresh full bucket) and a downgrade below the consumed amount leaves the bucket
 ///   empty rather than owing more than one new burst.
-pub fn try_take(limit: &BucketLimit, state: &BucketState, now_ns: u64, cost: u64) -> (Decision, BucketState) {
+pub fn try_take(limit: &BucketLimit, state: &BucketState, now_ns: u64, cost: u64) -> (Take, BucketState) {
     let Ok(p) = limit.params() else {
-        let decision = Decision {
+        let decision = Take {
             allowed: false,
             remaining: 0,
             retry_after_ms: None,
-            reset_ms: 0,
         };
         return (decision, *state);
     };
@@ -181,10 +178,10 @@ pub fn try_take(limit: &BucketLimit, state: &BucketState, now_ns: u64, cost: u64
     let debt = current_debt(&p, state, now);
 
     if cost == 0 {
-        return (decide(&p, debt, true, None), *state);
+        return (take_result(&p, debt, true, None), *state);
     }
     if cost > limit.burst {
-        return (decide(&p, debt, false, None), *state);
+        return (take_result(&p, debt, false, None), *state);
     }
     // cost <= burst, so cost * unit <= cap fits in u64.
     let need = cost * p.unit;
@@ -196,10 +193,10 @@ pub fn try_take(limit: &BucketLimit, state: &BucketState, now_ns: u64, cost: u64
             debt,
             unit: p.unit,
         };
-        (decide(&p, debt, true, None), next)
+        (take_result(&p, debt, true, None), next)
     } else {
         let retry = ms_to_repay(&p, need - free);
-        (decide(&p, debt, false, Some(retry)), *state)
+        (take_result(&p, debt, false, Some(retry)), *state)
     }
 }
 
@@ -227,13 +224,12 @@ fn ms_to_repay(p: &Params, units: u64) -> u64 {
     u128::from(units).div_ceil(per_ms) as u64
 }
 
-/// Builds the decision for a bucket left with `debt` units owed.
-fn decide(p: &Params, debt: u64, allowed: bool, retry_after_ms: Option<u64>) -> Decision {
-    Decision {
+/// Builds the result for a bucket left with `debt` units owed.
+fn take_result(p: &Params, debt: u64, allowed: bool, retry_after_ms: Option<u64>) -> Take {
+    Take {
         allowed,
         remaining: (p.cap - debt) / p.unit,
         retry_after_ms,
-        reset_ms: ms_to_repay(p, debt),
     }
 }
 
@@ -260,17 +256,16 @@ mod tests {
         }
     }
 
-    fn dec(allowed: bool, remaining: u64, retry: Option<u64>, reset_ms: u64) -> Decision {
-        Decision {
+    fn dec(allowed: bool, remaining: u64, retry: Option<u64>) -> Take {
+        Take {
             allowed,
             remaining,
             retry_after_ms: retry,
-            reset_ms,
         }
     }
 
     /// Runs `try_take` and stores the new state, like a worker whose CAS succeeded.
-    fn take(limit: &BucketLimit, state: &mut BucketState, now_ns: u64, cost: u64) -> Decision {
+    fn take(limit: &BucketLimit, state: &mut BucketState, now_ns: u64, cost: u64) -> Take {
         let (d, next) = try_take(limit, state, now_ns, cost);
         if !d.allowed || cost == 0 {
             assert_eq!(next, *state, "denied or free requests must not change the state");
@@ -310,7 +305,7 @@ mod tests {
     fn invalid_limit_denies_without_panicking() {
         let s = BucketState::default();
         for l in [lim(0, 1, 1), lim(1, 0, 1), lim(1, 1, 0), lim(1, u64::MAX, 1)] {
-            assert_eq!(try_take(&l, &s, 5, 1), (dec(false, 0, None, 0), s));
+            assert_eq!(try_take(&l, &s, 5, 1), (dec(false, 0, None), s));
         }
     }
 
@@ -342,12 +337,12 @@ mod tests {
         let mut s = BucketState::default();
         let t0 = 1_700_000_000 * SEC;
         for left in (0..5).rev() {
-            assert_eq!(take(&l, &mut s, t0, 1), dec(true, left, None, (5 - left) * 100));
+            assert_eq!(take(&l, &mut s, t0, 1), dec(true, left, None));
         }
-        assert_eq!(take(&l, &mut s, t0, 1), dec(false, 0, Some(100), 500));
+        assert_eq!(take(&l, &mut s, t0, 1), dec(false, 0, Some(100)));
         // 1 ns before the next token: still denied, retry rounds up to 1 ms.
-        assert_eq!(take(&l, &mut s, t0 + 100 * MS - 1, 1), dec(false, 0, Some(1), 401));
-        assert_eq!(take(&l, &mut s, t0 + 100 * MS, 1), dec(true, 0, None, 500));
+        assert_eq!(take(&l, &mut s, t0 + 100 * MS - 1, 1), dec(false, 0, Some(1)));
+        assert_eq!(take(&l, &mut s, t0 + 100 * MS, 1), dec(true, 0, None));
     }
 
     #[test]
@@ -355,7 +350,7 @@ mod tests {
         // 3 tokens per second: one every 333.33.. ms, which is not a whole number of ns.
         let l = lim(3, 1000, 3);
         let mut s = BucketState::default();
-        assert_eq!(take(&l, &mut s, 0, 3), dec(true, 0, None, 1000));
+        assert_eq!(take(&l, &mut s, 0, 3), dec(true, 0, None));
         // k tokens are back after exactly k * 10^9 / 3 ns: not one ns earlier.
         for k in 1..=3u64 {
             let exact = k * SEC / 3 + u64::from(!(k * SEC).is_multiple_of(3));
@@ -373,57 +368,57 @@ mod tests {
             assert!(!take(&l, &mut s, at - 1, 1).allowed, "k={k}");
             assert_eq!(take(&l, &mut s, at, 1).remaining, 0, "k={k}");
         }
-        assert_eq!(take(&l, &mut s, 1000 * SEC, 0), dec(true, 0, None, 1000));
-        assert_eq!(take(&l, &mut s, 1000 * SEC + 1, 0), dec(true, 0, None, 1000));
-        assert_eq!(take(&l, &mut s, 1001 * SEC, 0), dec(true, 3, None, 0));
+        assert_eq!(take(&l, &mut s, 1000 * SEC, 0), dec(true, 0, None));
+        assert_eq!(take(&l, &mut s, 1000 * SEC + 1, 0), dec(true, 0, None));
+        assert_eq!(take(&l, &mut s, 1001 * SEC, 0), dec(true, 3, None));
     }
 
     #[test]
     fn partial_refill() {
         let l = lim(10, 1000, 10); // one token per 100 ms
         let mut s = BucketState::default();
-        assert_eq!(take(&l, &mut s, 0, 10), dec(true, 0, None, 1000));
+        assert_eq!(take(&l, &mut s, 0, 10), dec(true, 0, None));
         // After 250 ms: 2.5 tokens are back, 2 whole ones are reported.
-        assert_eq!(take(&l, &mut s, 250 * MS, 0), dec(true, 2, None, 750));
-        assert_eq!(take(&l, &mut s, 250 * MS, 3), dec(false, 2, Some(50), 750));
-        assert_eq!(take(&l, &mut s, 250 * MS, 2), dec(true, 0, None, 950));
+        assert_eq!(take(&l, &mut s, 250 * MS, 0), dec(true, 2, None));
+        assert_eq!(take(&l, &mut s, 250 * MS, 3), dec(false, 2, Some(50)));
+        assert_eq!(take(&l, &mut s, 250 * MS, 2), dec(true, 0, None));
         // The half token is kept: the next one arrives 50 ms later, not 100 ms.
-        assert_eq!(take(&l, &mut s, 250 * MS, 1), dec(false, 0, Some(50), 950));
-        assert_eq!(take(&l, &mut s, 300 * MS, 1), dec(true, 0, None, 1000));
+        assert_eq!(take(&l, &mut s, 250 * MS, 1), dec(false, 0, Some(50)));
+        assert_eq!(take(&l, &mut s, 300 * MS, 1), dec(true, 0, None));
     }
 
     #[test]
     fn cost_greater_than_one() {
         let l = lim(1, 1000, 10);
         let mut s = BucketState::default();
-        assert_eq!(take(&l, &mut s, 0, 4), dec(true, 6, None, 4000));
-        assert_eq!(take(&l, &mut s, 0, 4), dec(true, 2, None, 8000));
-        assert_eq!(take(&l, &mut s, 0, 4), dec(false, 2, Some(2000), 8000));
-        assert_eq!(take(&l, &mut s, 1500 * MS, 4), dec(false, 3, Some(500), 6500));
-        assert_eq!(take(&l, &mut s, 2 * SEC, 4), dec(true, 0, None, 10_000));
-        assert_eq!(take(&l, &mut s, 2 * SEC, 10), dec(false, 0, Some(10_000), 10_000));
-        assert_eq!(take(&l, &mut s, 12 * SEC, 10), dec(true, 0, None, 10_000));
+        assert_eq!(take(&l, &mut s, 0, 4), dec(true, 6, None));
+        assert_eq!(take(&l, &mut s, 0, 4), dec(true, 2, None));
+        assert_eq!(take(&l, &mut s, 0, 4), dec(false, 2, Some(2000)));
+        assert_eq!(take(&l, &mut s, 1500 * MS, 4), dec(false, 3, Some(500)));
+        assert_eq!(take(&l, &mut s, 2 * SEC, 4), dec(true, 0, None));
+        assert_eq!(take(&l, &mut s, 2 * SEC, 10), dec(false, 0, Some(10_000)));
+        assert_eq!(take(&l, &mut s, 12 * SEC, 10), dec(true, 0, None));
     }
 
     #[test]
     fn cost_greater_than_burst_is_never_satisfiable() {
         let l = lim(10, 1000, 5);
         let s = BucketState::default();
-        assert_eq!(try_take(&l, &s, 0, 6), (dec(false, 5, None, 0), s));
-        assert_eq!(try_take(&l, &s, 0, u64::MAX), (dec(false, 5, None, 0), s));
+        assert_eq!(try_take(&l, &s, 0, 6), (dec(false, 5, None), s));
+        assert_eq!(try_take(&l, &s, 0, u64::MAX), (dec(false, 5, None), s));
         let mut s = s;
         take(&l, &mut s, 0, 2);
-        assert_eq!(try_take(&l, &s, 0, 6), (dec(false, 3, None, 200), s));
+        assert_eq!(try_take(&l, &s, 0, 6), (dec(false, 3, None), s));
     }
 
     #[test]
     fn cost_zero_changes_nothing() {
         let l = lim(10, 1000, 5);
         let mut s = BucketState::default();
-        assert_eq!(try_take(&l, &s, 7, 0), (dec(true, 5, None, 0), s));
+        assert_eq!(try_take(&l, &s, 7, 0), (dec(true, 5, None), s));
         take(&l, &mut s, 0, 5);
         // Allowed even on an empty bucket, and the state is returned untouched.
-        assert_eq!(try_take(&l, &s, 10 * MS, 0), (dec(true, 0, None, 490), s));
+        assert_eq!(try_take(&l, &s, 10 * MS, 0), (dec(true, 0, None), s));
     }
 
     #[test]
@@ -431,7 +426,7 @@ mod tests {
         let l = lim(5, 1000, 7);
         for now in [0, 1, SEC, u64::MAX] {
             let (d, s) = try_take(&l, &BucketState::default(), now, 7);
-            assert_eq!(d, dec(true, 0, None, 1400));
+            assert_eq!(d, dec(true, 0, None));
             assert_eq!(
                 s,
                 BucketState {
@@ -448,22 +443,22 @@ mod tests {
         let l = lim(10, 1000, 2);
         let mut s = BucketState::default();
         let t = 1_000 * SEC;
-        assert_eq!(take(&l, &mut s, t, 2), dec(true, 0, None, 200));
+        assert_eq!(take(&l, &mut s, t, 2), dec(true, 0, None));
         // Earlier than the state: no time elapsed, nothing refilled, durations from `t`.
-        assert_eq!(take(&l, &mut s, t - 5 * SEC, 1), dec(false, 0, Some(100), 200));
-        assert_eq!(take(&l, &mut s, 0, 1), dec(false, 0, Some(100), 200));
+        assert_eq!(take(&l, &mut s, t - 5 * SEC, 1), dec(false, 0, Some(100)));
+        assert_eq!(take(&l, &mut s, 0, 1), dec(false, 0, Some(100)));
         // Half refilled; going back again does not undo or double-count that time.
-        assert_eq!(take(&l, &mut s, t + 150 * MS, 1), dec(true, 0, None, 150));
+        assert_eq!(take(&l, &mut s, t + 150 * MS, 1), dec(true, 0, None));
         assert_eq!(s.last_ns, t + 150 * MS);
-        assert_eq!(take(&l, &mut s, t + 100 * MS, 1), dec(false, 0, Some(50), 150));
+        assert_eq!(take(&l, &mut s, t + 100 * MS, 1), dec(false, 0, Some(50)));
         // A free look later does not move the state's time...
-        assert_eq!(take(&l, &mut s, t + 300 * MS, 0), dec(true, 2, None, 0));
+        assert_eq!(take(&l, &mut s, t + 300 * MS, 0), dec(true, 2, None));
         assert_eq!(s.last_ns, t + 150 * MS);
         // ...so an allowed take at an earlier (but not backwards) time refills 0.5 only.
-        assert_eq!(take(&l, &mut s, t + 200 * MS, 1), dec(true, 0, None, 200));
+        assert_eq!(take(&l, &mut s, t + 200 * MS, 1), dec(true, 0, None));
         assert_eq!(s.last_ns, t + 200 * MS);
-        assert_eq!(take(&l, &mut s, t, 1), dec(false, 0, Some(100), 200));
-        assert_eq!(take(&l, &mut s, t + 300 * MS, 1), dec(true, 0, None, 200));
+        assert_eq!(take(&l, &mut s, t, 1), dec(false, 0, Some(100)));
+        assert_eq!(take(&l, &mut s, t + 300 * MS, 1), dec(true, 0, None));
     }
 
     #[test]
@@ -472,25 +467,22 @@ mod tests {
         const P: u64 = u64::MAX / MS;
         let l = lim(P * MS, 1, u64::MAX);
         let mut s = BucketState::default();
-        assert_eq!(take(&l, &mut s, 0, u64::MAX), dec(true, 0, None, 2));
+        assert_eq!(take(&l, &mut s, 0, u64::MAX), dec(true, 0, None));
         // 1 ns later P tokens are back; the rest takes just under 1 ms.
-        assert_eq!(take(&l, &mut s, 1, u64::MAX), dec(false, P, Some(1), 1));
+        assert_eq!(take(&l, &mut s, 1, u64::MAX), dec(false, P, Some(1)));
         // u64::MAX ns later everything is back (P * u64::MAX does not overflow).
-        assert_eq!(take(&l, &mut s, u64::MAX, u64::MAX), dec(true, 0, None, 2));
+        assert_eq!(take(&l, &mut s, u64::MAX, u64::MAX), dec(true, 0, None));
 
         // One token per 1000 days, burst 213 (213 * 8.64e16 units just fits).
         let slow = lim(1, 1_000 * 86_400_000, 213);
         let mut s = BucketState::default();
         assert!(take(&slow, &mut s, u64::MAX - 1, 213).allowed);
-        assert_eq!(
-            take(&slow, &mut s, u64::MAX, 1),
-            dec(false, 0, Some(86_400_000_000), 213 * 86_400_000_000)
-        );
+        assert_eq!(take(&slow, &mut s, u64::MAX, 1), dec(false, 0, Some(86_400_000_000)));
         // From time 0 to the end of time with a fast limit: a full bucket, no overflow.
         let fast = lim(1_000_000, 1, 1_000_000);
         let mut s = BucketState::default();
         take(&fast, &mut s, 0, 1_000_000);
-        assert_eq!(take(&fast, &mut s, u64::MAX, 0), dec(true, 1_000_000, None, 0));
+        assert_eq!(take(&fast, &mut s, u64::MAX, 0), dec(true, 1_000_000, None));
     }
 
     #[test]
@@ -528,12 +520,12 @@ mod tests {
         let small = lim(10, 1000, 10);
         let big = lim(100, 1000, 100);
         let mut s = BucketState::default();
-        assert_eq!(take(&small, &mut s, 0, 8), dec(true, 2, None, 800));
+        assert_eq!(take(&small, &mut s, 0, 8), dec(true, 2, None));
         // Same instant, bigger plan: the 8 consumed tokens stay consumed.
-        assert_eq!(take(&big, &mut s, 0, 0), dec(true, 92, None, 80));
-        assert_eq!(take(&big, &mut s, 0, 1), dec(true, 91, None, 90));
+        assert_eq!(take(&big, &mut s, 0, 0), dec(true, 92, None));
+        assert_eq!(take(&big, &mut s, 0, 1), dec(true, 91, None));
         // And refill at the new speed (one per 10 ms).
-        assert_eq!(take(&big, &mut s, 50 * MS, 0), dec(true, 96, None, 40));
+        assert_eq!(take(&big, &mut s, 50 * MS, 0), dec(true, 96, None));
     }
 
     #[test]
@@ -541,17 +533,17 @@ mod tests {
         let big = lim(100, 1000, 100);
         let small = lim(10, 1000, 10);
         let mut s = BucketState::default();
-        assert_eq!(take(&big, &mut s, 0, 30), dec(true, 70, None, 300));
+        assert_eq!(take(&big, &mut s, 0, 30), dec(true, 70, None));
         // 30 consumed > 10 new burst: the bucket is empty, but owes no more than 10.
-        assert_eq!(take(&small, &mut s, 0, 1), dec(false, 0, Some(100), 1000));
-        assert_eq!(take(&small, &mut s, SEC, 10), dec(true, 0, None, 1000));
+        assert_eq!(take(&small, &mut s, 0, 1), dec(false, 0, Some(100)));
+        assert_eq!(take(&small, &mut s, SEC, 10), dec(true, 0, None));
 
         let mut s = BucketState::default();
-        assert_eq!(take(&big, &mut s, 0, 5), dec(true, 95, None, 50));
-        assert_eq!(take(&small, &mut s, 0, 0), dec(true, 5, None, 500));
+        assert_eq!(take(&big, &mut s, 0, 5), dec(true, 95, None));
+        assert_eq!(take(&small, &mut s, 0, 0), dec(true, 5, None));
         // Burst-only change (same units): the cap applies too.
         let tiny = lim(100, 1000, 3);
-        assert_eq!(take(&tiny, &mut s, 0, 1), dec(false, 0, Some(10), 30));
+        assert_eq!(take(&tiny, &mut s, 0, 1), dec(false, 0, Some(10)));
     }
 
     #[test]
@@ -560,14 +552,14 @@ mod tests {
         let four = lim(4, 1000, 10);
         let three = lim(3, 1000, 10); // unit 1e9
         let mut s = BucketState::default();
-        assert_eq!(take(&four, &mut s, 0, 3), dec(true, 7, None, 750));
-        assert_eq!(take(&four, &mut s, 100 * MS, 1), dec(true, 6, None, 900));
+        assert_eq!(take(&four, &mut s, 0, 3), dec(true, 7, None));
+        assert_eq!(take(&four, &mut s, 100 * MS, 1), dec(true, 6, None));
         // Under 3/s the 3.6 owed tokens take 1200 ms to refill.
-        assert_eq!(take(&three, &mut s, 100 * MS, 0), dec(true, 6, None, 1200));
+        assert_eq!(take(&three, &mut s, 100 * MS, 0), dec(true, 6, None));
         // 6.4 tokens are free: 7 need 0.6 more, i.e. exactly 200 ms at 3/s.
-        assert_eq!(take(&three, &mut s, 100 * MS, 7), dec(false, 6, Some(200), 1200));
+        assert_eq!(take(&three, &mut s, 100 * MS, 7), dec(false, 6, Some(200)));
         assert!(!take(&three, &mut s, 300 * MS - 1, 7).allowed);
-        assert_eq!(take(&three, &mut s, 300 * MS, 7), dec(true, 0, None, 3334));
+        assert_eq!(take(&three, &mut s, 300 * MS, 7), dec(true, 0, None));
     }
 
     #[test]
@@ -579,7 +571,7 @@ mod tests {
         let mut s = BucketState::default();
         take(&four, &mut s, 0, 3);
         // 100 ms at 3/s = 0.3 tokens: 2.7 owed, 900 ms to full.
-        assert_eq!(take(&three, &mut s, 100 * MS, 0), dec(true, 7, None, 900));
+        assert_eq!(take(&three, &mut s, 100 * MS, 0), dec(true, 7, None));
     }
 
     #[test]
@@ -591,7 +583,7 @@ mod tests {
         let mut s = BucketState::default();
         assert!(take(&a, &mut s, 0, 1).allowed);
         let (d, _) = try_take(&b, &s, 1, 1);
-        assert_eq!(d, dec(false, 0, Some(2), 2));
+        assert_eq!(d, dec(false, 0, Some(2)));
         // 2e6 new units at 1 unit/ns, from the state's time (0).
         assert!(!try_take(&b, &s, 2 * MS - 1, 1).0.allowed);
         assert!(try_take(&b, &s, 2 * MS, 1).0.allowed);
@@ -671,7 +663,7 @@ mod tests {
             lo
         }
 
-        fn take(&mut self, now: u64, cost: u64) -> Decision {
+        fn take(&mut self, now: u64, cost: u64) -> Take {
             let at = now.max(self.last);
             let tokens = self.tokens_after(self.tokens, u128::from(at - self.last));
             let need = u128::from(cost) * self.scale();
@@ -688,11 +680,10 @@ mod tests {
             } else {
                 Some(self.ms_until(tokens, need))
             };
-            Decision {
+            Take {
                 allowed,
                 remaining: (left / self.scale()) as u64,
                 retry_after_ms: retry,
-                reset_ms: self.ms_until(left, self.cap()),
             }
         }
     }

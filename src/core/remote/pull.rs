@@ -136,9 +136,9 @@ impl<'a, T: AsRef<[u8]> + ?Sized> From<&'a T> for Body<'a> {
     }
 }
 
-/// What the caller must do with a response.
+/// What the caller must do with a poll's response.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Decision {
+pub enum PollResult {
     /// Nothing changed (304, or the running version); health already updated.
     Unchanged,
     /// A newer document (of this version): apply the response body with
@@ -217,9 +217,9 @@ impl Poller {
     }
 
     /// Interprets the answer to the call `token`. `running` as in `begin`, read now.
-    pub fn on_response(&mut self, now_ms: u64, token: u32, resp: Response<'_>, running: Option<u64>) -> Decision {
+    pub fn on_response(&mut self, now_ms: u64, token: u32, resp: Response<'_>, running: Option<u64>) -> PollResult {
         if !self.call.owns(token) {
-            return Decision::Ignored;
+            return PollResult::Ignored;
         }
         self.call.end();
         let sent_etag = self.sent_etag;
@@ -230,7 +230,7 @@ impl Poller {
                     ErrorKind::Unreachable,
                     "no response from the source (timeout or connection failure)".into(),
                 );
-                return Decision::Failed;
+                return PollResult::Failed;
             }
             Some(s) => s,
         };
@@ -238,7 +238,7 @@ impl Poller {
             304 if sent_etag => {
                 self.succeed(now_ms);
                 self.health.unchanged += 1;
-                Decision::Unchanged
+                PollResult::Unchanged
             }
             304 => {
                 self.fail(
@@ -246,12 +246,12 @@ impl Poller {
                     ErrorKind::Http,
                     "source answered 304 Not Modified to a request without If-None-Match".into(),
                 );
-                Decision::Failed
+                PollResult::Failed
             }
             200 => match peek_version(resp.body.reader()) {
                 Err(e) => {
                     self.fail(now_ms, ErrorKind::Invalid, format!("invalid key-set document: {e}"));
-                    Decision::Failed
+                    PollResult::Failed
                 }
                 Ok(version) => match running {
                     Some(r) if version == r => {
@@ -260,7 +260,7 @@ impl Poller {
                         self.health.etag = resp.etag.map(str::to_string);
                         self.succeed(now_ms);
                         self.health.unchanged += 1;
-                        Decision::Unchanged
+                        PollResult::Unchanged
                     }
                     Some(r) if version < r => {
                         self.fail(
@@ -268,11 +268,11 @@ impl Poller {
                             ErrorKind::Stale,
                             format!("source serves version {version}, older than the running version {r}; keeping {r}"),
                         );
-                        Decision::Failed
+                        PollResult::Failed
                     }
                     _ => {
                         self.pending_etag = Some(resp.etag.map(str::to_string));
-                        Decision::Apply(version)
+                        PollResult::Apply(version)
                     }
                 },
             },
@@ -287,12 +287,12 @@ impl Poller {
                     (ErrorKind::Http, answered("source", s, &body))
                 };
                 self.fail(now_ms, kind, message);
-                Decision::Failed
+                PollResult::Failed
             }
         }
     }
 
-    /// The set from `Decision::Apply` is running now.
+    /// The set from `PollResult::Apply` is running now.
     pub fn applied(&mut self, now_ms: u64, report: &ApplyReport) {
         self.health.etag = self.pending_etag.take().flatten();
         self.health.applied_version = Some(report.version);
@@ -301,14 +301,14 @@ impl Poller {
         self.succeed(now_ms);
     }
 
-    /// The document of `Decision::Apply` failed validation while being applied; the
+    /// The document of `PollResult::Apply` failed validation while being applied; the
     /// running set stays.
     pub fn invalid(&mut self, now_ms: u64, e: &DocError) {
         self.pending_etag = None;
         self.fail(now_ms, ErrorKind::Invalid, format!("invalid key-set document: {e}"));
     }
 
-    /// Writing the set from `Decision::Apply` failed; the running set stays.
+    /// Writing the set from `PollResult::Apply` failed; the running set stays.
     pub fn apply_failed(&mut self, now_ms: u64, e: &ApplyError) {
         self.pending_etag = None;
         let kind = match e {
@@ -428,10 +428,10 @@ mod tests {
             let running = self.running();
             let doc = resp.body.prefix_all();
             match self.p.on_response(self.now, self.token, resp, running) {
-                Decision::Unchanged => "unchanged",
-                Decision::Failed => "failed",
-                Decision::Ignored => "ignored",
-                Decision::Apply(_) => {
+                PollResult::Unchanged => "unchanged",
+                PollResult::Failed => "failed",
+                PollResult::Ignored => "ignored",
+                PollResult::Apply(_) => {
                     match push_stream(&self.store, &doc[..], crate::core::time::Clock::Fixed(self.now), false) {
                         Ok(r) => {
                             self.p.applied(self.now, &r);
@@ -704,10 +704,10 @@ mod tests {
         assert_eq!(r.error().0, ErrorKind::Unreachable);
         // the late answer is ignored
         let late = r.p.on_response(r.now, 7, ok("\"v1\"", &doc(1, &[])), None);
-        assert_eq!(late, Decision::Ignored);
+        assert_eq!(late, PollResult::Ignored);
         assert_eq!(
             r.p.on_response(r.now, 99, ok("\"v1\"", &doc(1, &[])), None),
-            Decision::Ignored
+            PollResult::Ignored
         );
         r.skip_to_next_poll();
         assert_eq!(r.poll(ok("\"v1\"", &doc(1, &[]))), "applied");

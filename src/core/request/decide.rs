@@ -1,0 +1,202 @@
+//! Authentication order, authorization, state-key naming and limit application for one
+//! request.
+
+use super::decision::{Caller, Decision, Strip, Unauthenticated};
+use super::fetch::Fetch;
+use crate::core::auth::api_key::hashes_equal;
+use crate::core::auth::cidr::limit_subject;
+use crate::core::auth::credential::{self, CredentialError, Field, Source};
+use crate::core::auth::key_record::{KeyRecord, Refusal};
+use crate::core::auth::path;
+use crate::core::auth::problem::Problem;
+use crate::core::config::{Config, NoKeySet, OnContention};
+use crate::core::keyset::entry::KeyEntry;
+use crate::core::keyset::meta::Meta;
+use crate::core::limits::limiter::{self, Denial, LimitOutcome};
+use crate::core::limits::plan::{LimitBy, Plan};
+use crate::core::metering::usage::Outcome;
+use crate::core::store::Store;
+use std::rc::Rc;
+
+/// Decides one request. Host reads happen in this order, each only when needed:
+/// `km/meta`; the credential sources in `credential::find` order; the key entry;
+/// (`:method` and `:path` only for scopes or route costs; the peer address only for
+/// CIDRs); the clock; then the limit state through `store`.
+pub fn decide(cfg: &Config, host: &mut impl Fetch, store: &dyn Store) -> Decision {
+    let Some(meta) = host.meta() else {
+        return match cfg.when_no_keyset {
+            NoKeySet::Deny => Decision::unauthenticated(Unauthenticated::KeySetUnavailable, Problem::KeySetUnavailable),
+            NoKeySet::Allow => {
+                let mut d = Decision::new(Caller::Nobody);
+                d.unauthenticated = Some(Unauthenticated::FailOpen);
+                d
+            }
+        };
+    };
+    let mut path: Option<String> = None;
+    let found = credential::find(&cfg.sources, |f| match f {
+        Field::ApiKeyHeader => host.api_key_header(cfg.sources.header.as_deref()?),
+        Field::Authorization => host.authorization(),
+        Field::Path => {
+            path = host.path();
+            path.clone()
+        }
+    });
+    let cred = match found {
+        Ok(c) => c,
+        Err(CredentialError::Missing) => {
+            return match &cfg.anonymous_plan {
+                Some(plan) => anonymous(cfg, host, store, &meta, plan),
+                None => Decision::unauthenticated(Unauthenticated::Missing, Problem::MissingCredential),
+            }
+        }
+        Err(CredentialError::Malformed(_) | CredentialError::BadChecksum(_)) => {
+            return Decision::unauthenticated(Unauthenticated::Malformed, Problem::MalformedCredential)
+        }
+    };
+    let key = cred.key();
+    let entry = host
+        .key_entry(key.id())
+        .filter(|b| !b.is_empty())
+        .and_then(|b| KeyEntry::decode(&b));
+    let Some(rec) = entry.and_then(|e| e.into_active(&meta)) else {
+        return Decision::unauthenticated(Unauthenticated::Invalid, Problem::InvalidCredential);
+    };
+    if !hashes_equal(&key.hash(), &rec.hash) {
+        return Decision::unauthenticated(Unauthenticated::Invalid, Problem::InvalidCredential);
+    }
+    // From here on the key is authentic: everything is counted against it.
+    let rec = Rc::new(rec);
+    let mut d = Decision::new(Caller::Key(rec.clone()));
+    let plans = host.plans(&meta);
+    let plan = plans.get(&rec.plan);
+    // Method and path only matter for scopes and route costs: skip the two host calls
+    // when the key has neither (the common case).
+    let mut method = String::new();
+    if !rec.scopes.is_empty() || plan.is_some_and(|p| !p.costs.is_empty()) {
+        method = host.method().unwrap_or_default();
+        if path.is_none() {
+            path = host.path();
+        }
+    }
+    // Scopes and route costs match the canonical path; forms backends disagree on are
+    // refused (see `core::auth::path`).
+    let has_rules = !rec.scopes.is_empty() || plan.is_some_and(|p| !p.costs.is_empty());
+    let Ok(path_str) = path::for_rules(path.as_deref().unwrap_or("/"), has_rules) else {
+        d.outcome = Outcome::Forbidden;
+        return d.refuse(Problem::AmbiguousPath, None);
+    };
+    let path_str: &str = &path_str;
+    let peer = if rec.cidrs.is_empty() { None } else { host.peer_ip() };
+    let now_ms = host.now_ms().unwrap_or(0);
+    if let Err(r) = rec.admit((now_ms / 1000) as i64, &method, path_str, peer) {
+        d.outcome = match r {
+            Refusal::OutOfScope | Refusal::AddressNotAllowed => Outcome::Forbidden,
+            _ => Outcome::Unauthorized,
+        };
+        let problem = match r {
+            Refusal::Disabled => Problem::KeyDisabled,
+            Refusal::NotYetValid => Problem::KeyNotYetValid,
+            Refusal::Expired => Problem::KeyExpired,
+            Refusal::OutOfScope => Problem::OutOfScope,
+            Refusal::AddressNotAllowed => Problem::AddressNotAllowed,
+        };
+        return d.refuse(problem, None);
+    }
+    if let Some(plan) = plan {
+        let state_key = match plan.limit_by {
+            LimitBy::Key => format!("km/rl/k/{}", rec.lineage()),
+            LimitBy::Consumer => format!("km/rl/c/{}", rec.consumer),
+        };
+        d = enforce(cfg, store, d, &state_key, plan, Some(&rec), &method, path_str, now_ms);
+        if d.refused.is_some() {
+            return d;
+        }
+    }
+    if !cfg.keep_credential {
+        d.strip = match cred.source {
+            Source::Header => Some(Strip::ApiKeyHeader),
+            Source::Bearer | Source::Basic => Some(Strip::Authorization),
+            Source::Query => match (&path, &cfg.sources.query_param) {
+                (Some(p), Some(name)) => Some(Strip::Path(credential::strip_query_param(p, name))),
+                _ => None,
+            },
+        };
+    }
+    d
+}
+
+/// A request without a credential under `anonymous_plan`: limited per client address.
+fn anonymous(cfg: &Config, host: &mut impl Fetch, store: &dyn Store, meta: &Meta, plan_name: &str) -> Decision {
+    let plans = host.plans(meta);
+    let Some(plan) = plans.get(plan_name) else {
+        log::warn!("keymeter: anonymous plan '{plan_name}' is not in the key set; refusing");
+        return Decision::new(Caller::Nobody).refuse(Problem::MissingCredential, None);
+    };
+    let Some(ip) = host.peer_ip() else {
+        return Decision::new(Caller::Nobody).refuse(Problem::MissingCredential, None);
+    };
+    let state_key = format!("km/rl/ip/{}", limit_subject(ip));
+    let method = host.method().unwrap_or_default();
+    let raw_path = host.path().unwrap_or_default();
+    let mut d = Decision::new(Caller::Anonymous(plan_name.to_string()));
+    let Ok(path) = path::for_rules(&raw_path, !plan.costs.is_empty()) else {
+        d.outcome = Outcome::Forbidden;
+        return d.refuse(Problem::AmbiguousPath, None);
+    };
+    let now_ms = host.now_ms().unwrap_or(0);
+    enforce(cfg, store, d, &state_key, plan, None, &method, &path, now_ms)
+}
+
+/// Applies the plan's limits (or the key's replacement limits) to the state at
+/// `state_key`, recording cost, `RateLimit` fields and any refusal in `d`.
+#[allow(clippy::too_many_arguments)]
+fn enforce(
+    cfg: &Config,
+    store: &dyn Store,
+    mut d: Decision,
+    state_key: &str,
+    plan: &Plan,
+    key: Option<&KeyRecord>,
+    method: &str,
+    path: &str,
+    now_ms: u64,
+) -> Decision {
+    let cost = plan.cost(method, path);
+    d.cost = cost;
+    let limits = key.and_then(|r| r.limits.as_ref());
+    let buckets = limits
+        .and_then(|l| l.rate_limits.as_deref())
+        .unwrap_or(&plan.rate_limits);
+    let quotas = limits.and_then(|l| l.quotas.as_deref()).unwrap_or(&plan.quotas);
+    match limiter::apply(store, state_key, buckets, quotas, now_ms, cost) {
+        LimitOutcome::Allowed(check) => {
+            if cfg.rate_limit_headers {
+                d.ratelimit = limiter::headers(&check);
+            }
+            d
+        }
+        LimitOutcome::Denied(check) => {
+            if cfg.rate_limit_headers {
+                d.ratelimit = limiter::headers(&check);
+            }
+            let (outcome, problem) = match check.denial {
+                Some(Denial::QuotaExceeded) => (Outcome::QuotaExceeded, Problem::QuotaExceeded),
+                Some(Denial::CostExceedsBurst) => (Outcome::RateLimited, Problem::CostExceedsBurst),
+                _ => (Outcome::RateLimited, Problem::RateLimited),
+            };
+            d.outcome = outcome;
+            d.refuse(problem, check.retry_after_secs)
+        }
+        LimitOutcome::Contended => {
+            d.contended = true;
+            match cfg.on_contention {
+                OnContention::Deny => {
+                    d.outcome = Outcome::RateLimited;
+                    d.refuse(Problem::RateLimited, Some(1))
+                }
+                OnContention::Allow => d,
+            }
+        }
+    }
+}

@@ -1,0 +1,780 @@
+//! Host tests of the request decision with a counting fake host: every path's exact
+//! sequence of host calls, request and response phase, as the adapter makes them.
+
+use super::*;
+use crate::core::auth::api_key::{assemble, hash_key};
+use crate::core::auth::cidr::Cidr;
+use crate::core::auth::key_record::KeyRecord;
+use crate::core::auth::problem::Problem;
+use crate::core::auth::scope::Scope;
+use crate::core::config::Config;
+use crate::core::keyset::full_push::FullPush;
+use crate::core::keyset::meta::{read_meta, Meta};
+use crate::core::limits::plan::{LimitBy, NamedBucket, NamedQuota, Plan};
+use crate::core::limits::quota::Period;
+use crate::core::limits::token_bucket::BucketLimit;
+use crate::core::metering::usage::Outcome;
+use crate::core::store::{MemStore, Store, StoreError};
+use crate::core::time::Clock;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::rc::Rc;
+
+const T0: u64 = 1_700_000_000_000;
+const ID: &str = "AbCdEf012345";
+const SECRET: &str = "s3cr3ts3cr3ts3cr3ts3cr3ts3cr3t00";
+
+type Log = Rc<RefCell<Vec<String>>>;
+
+/// Shared data that logs every get and set (each is one host call).
+struct CountingStore {
+    mem: MemStore,
+    log: Log,
+}
+
+impl Store for CountingStore {
+    fn get(&self, key: &str) -> (Option<Vec<u8>>, u32) {
+        self.log.borrow_mut().push(format!("get {key}"));
+        self.mem.get(key)
+    }
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+        self.log.borrow_mut().push(format!("set {key}"));
+        self.mem.set(key, value, cas)
+    }
+}
+
+/// The fake host: request headers, peer address and clock, every read logged.
+struct FakeHost {
+    store: Rc<CountingStore>,
+    headers: HashMap<&'static str, String>,
+    peer: Option<IpAddr>,
+    now: Option<u64>,
+    plans: PlansCache,
+}
+
+impl FakeHost {
+    fn log(&self, what: impl Into<String>) {
+        self.store.log.borrow_mut().push(what.into());
+    }
+    fn header(&mut self, name: &str) -> Option<String> {
+        self.log(format!("req_header {name}"));
+        self.headers.get(name).cloned()
+    }
+}
+
+impl Fetch for FakeHost {
+    fn api_key_header(&mut self, name: &str) -> Option<String> {
+        self.header(name)
+    }
+    fn authorization(&mut self) -> Option<String> {
+        self.header("authorization")
+    }
+    fn path(&mut self) -> Option<String> {
+        self.header(":path")
+    }
+    fn method(&mut self) -> Option<String> {
+        self.header(":method")
+    }
+    fn peer_ip(&mut self) -> Option<IpAddr> {
+        self.log("property source.address");
+        self.peer
+    }
+    fn now_ms(&mut self) -> Option<u64> {
+        self.log("time");
+        self.now
+    }
+    fn meta(&mut self) -> Option<Meta> {
+        read_meta(&*self.store)
+    }
+    fn key_entry(&mut self, id: &str) -> Option<Vec<u8>> {
+        let mut buf = [0u8; 32];
+        self.store
+            .get(crate::core::keyset::names::key_entry_name(id, &mut buf))
+            .0
+    }
+    fn plans(&mut self, meta: &Meta) -> Rc<BTreeMap<String, Plan>> {
+        self.plans.get(&*self.store, meta)
+    }
+}
+
+fn key() -> String {
+    assemble(ID, SECRET)
+}
+
+fn record() -> KeyRecord {
+    KeyRecord {
+        id: ID.into(),
+        hash: hash_key(&key()),
+        consumer: "acme".into(),
+        plan: "pro".into(),
+        enabled: true,
+        not_before: None,
+        expires_at: None,
+        scopes: vec![],
+        cidrs: vec![],
+        metadata: vec![("tier".into(), "gold".into())],
+        lineage: None,
+        limits: None,
+    }
+}
+
+fn plan(rate: u64, burst: u64, quota: Option<u64>) -> Plan {
+    Plan {
+        rate_limits: vec![NamedBucket {
+            name: "burst".into(),
+            limit: BucketLimit {
+                rate,
+                interval_ms: 1000,
+                burst,
+            },
+        }],
+        quotas: quota
+            .map(|limit| {
+                vec![NamedQuota {
+                    name: "daily".into(),
+                    period: Period::Day,
+                    limit,
+                }]
+            })
+            .unwrap_or_default(),
+        limit_by: LimitBy::Key,
+        costs: vec![],
+        default_cost: 1,
+    }
+}
+
+/// A host with the key set `recs` and `plans` loaded and the key in `x-api-key`.
+fn host(recs: &[KeyRecord], plans: &[(&str, Plan)]) -> FakeHost {
+    let store = Rc::new(CountingStore {
+        mem: MemStore::default(),
+        log: Log::default(),
+    });
+    let mut push = FullPush::begin(&*store, Clock::Fixed(T0)).unwrap();
+    for r in recs {
+        push.add(r).unwrap();
+    }
+    let plans: BTreeMap<String, Plan> = plans.iter().map(|(n, p)| (n.to_string(), p.clone())).collect();
+    push.commit(1, &plans, false).unwrap();
+    FakeHost {
+        store,
+        headers: HashMap::from([
+            ("x-api-key", key()),
+            (":path", "/v1/items?x=1".to_string()),
+            (":method", "GET".to_string()),
+        ]),
+        peer: Some("10.1.2.3".parse().unwrap()),
+        now: Some(T0),
+        plans: PlansCache::default(),
+    }
+}
+
+fn cfg(json: &str) -> Config {
+    Config::parse(json.as_bytes()).unwrap()
+}
+
+fn filter_cfg() -> Config {
+    cfg(r#"{"role":"filter"}"#)
+}
+
+/// Runs one request the way the adapter does (decide, then apply: local reply or
+/// request-header writes; then the response phase) and returns the decision and every
+/// host call made, in order.
+fn run(cfg: &Config, h: &mut FakeHost) -> (Decision, Vec<String>) {
+    h.store.log.borrow_mut().clear();
+    let store = h.store.clone();
+    let d = decide(cfg, h, &*store);
+    let mut calls = std::mem::take(&mut *h.store.log.borrow_mut());
+    if d.refused.is_some() {
+        let mut retry = String::new();
+        let _ = d.refusal_headers(&cfg.challenges(), &mut retry);
+        calls.push("send_local_reply".into());
+    } else {
+        d.for_each_request_header(cfg, |name, value| {
+            calls.push(match value {
+                Some(_) => format!("set_req {name}"),
+                None => format!("remove_req {name}"),
+            })
+        });
+    }
+    if d.reads_response_status(cfg.metering.enabled) {
+        calls.push("resp_header :status".into());
+    }
+    for (name, _) in d.response_headers() {
+        calls.push(format!("set_resp {name}"));
+    }
+    (d, calls)
+}
+
+/// Runs a first request (fills the plans cache, creates the limit state) so the
+/// measured one is the steady state.
+fn warm(cfg: &Config, h: &mut FakeHost) {
+    run(cfg, h);
+}
+
+const IDENTITY: [&str; 3] = [
+    "set_req x-keymeter-key-id",
+    "set_req x-keymeter-consumer",
+    "set_req x-keymeter-plan",
+];
+
+fn seq(parts: &[&[&str]]) -> Vec<String> {
+    parts.iter().flat_map(|p| p.iter().map(|s| s.to_string())).collect()
+}
+
+fn key_entry() -> String {
+    format!("get k/{ID}")
+}
+
+#[test]
+fn admitted_request_makes_exactly_13_host_calls() {
+    let c = filter_cfg();
+    let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
+    warm(&c, &mut h);
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(d.refused, None);
+    assert_eq!(d.outcome, Outcome::Admitted);
+    assert_eq!(d.cost, 1);
+    let rl = format!("km/rl/k/{ID}");
+    assert_eq!(
+        calls,
+        seq(&[
+            &["get km/meta", "req_header x-api-key", &key_entry(), "time"],
+            &[&format!("get {rl}"), &format!("set {rl}")],
+            &IDENTITY,
+            &["remove_req x-api-key"],
+            &["resp_header :status", "set_resp ratelimit-policy", "set_resp ratelimit"],
+        ])
+    );
+    assert_eq!(calls.len(), 13, "host calls per admitted request");
+    assert_eq!(
+        d.ratelimit,
+        Some((r#""burst";q=100;w=1"#.into(), r#""burst";r=98;t=0"#.into()))
+    );
+}
+
+#[test]
+fn first_request_reads_plans_once_and_creates_limit_state() {
+    let c = filter_cfg();
+    let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
+    let (_, first) = run(&c, &mut h);
+    assert!(first.iter().any(|c| c.starts_with("get km/plans")), "{first:?}");
+    let (_, second) = run(&c, &mut h);
+    assert!(!second.iter().any(|c| c.starts_with("get km/plans")), "{second:?}");
+    assert!(first.len() > second.len());
+}
+
+#[test]
+fn metering_off_skips_the_status_read_and_headers_off_skip_ratelimit() {
+    let c = cfg(r#"{"role":"filter","metering":{"enabled":false},"rate_limit_headers":false}"#);
+    let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
+    warm(&c, &mut h);
+    let (_, calls) = run(&c, &mut h);
+    assert!(!calls
+        .iter()
+        .any(|c| c.starts_with("resp_header") || c.starts_with("set_resp")));
+    assert_eq!(calls.len(), 10, "{calls:?}");
+}
+
+#[test]
+fn key_without_limits_in_its_plan_skips_the_limit_state() {
+    let c = filter_cfg();
+    let mut unlimited = plan(1, 1, None);
+    unlimited.rate_limits.clear();
+    let mut h = host(&[record()], &[("pro", unlimited)]);
+    warm(&c, &mut h);
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(d.refused, None);
+    assert_eq!(
+        calls,
+        seq(&[
+            &["get km/meta", "req_header x-api-key", &key_entry(), "time"],
+            &IDENTITY,
+            &["remove_req x-api-key", "resp_header :status"],
+        ])
+    );
+}
+
+fn refused(d: &Decision) -> Problem {
+    d.refused.expect("refused").problem
+}
+
+#[test]
+fn unauthenticated_refusals_stop_early() {
+    let c = filter_cfg();
+    let base = || host(&[record()], &[("pro", plan(100, 100, None))]);
+
+    let mut h = base();
+    h.headers.clear();
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::MissingCredential);
+    assert_eq!(d.unauthenticated, Some(Unauthenticated::Missing));
+    assert_eq!(d.caller, Caller::Nobody);
+    assert_eq!(
+        calls,
+        seq(&[&[
+            "get km/meta",
+            "req_header x-api-key",
+            "req_header authorization",
+            "send_local_reply"
+        ]])
+    );
+
+    let mut h = base();
+    h.headers.insert("x-api-key", "km_nonsense".into());
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::MalformedCredential);
+    assert_eq!(d.unauthenticated, Some(Unauthenticated::Malformed));
+    assert_eq!(
+        calls,
+        seq(&[&["get km/meta", "req_header x-api-key", "send_local_reply"]])
+    );
+
+    // A well-formed key whose id is not in the set.
+    let mut h = base();
+    h.headers.insert("x-api-key", assemble("ZZZZZZZZZZZZ", SECRET));
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::InvalidCredential);
+    assert_eq!(
+        calls,
+        seq(&[&[
+            "get km/meta",
+            "req_header x-api-key",
+            "get k/ZZZZZZZZZZZZ",
+            "send_local_reply"
+        ]])
+    );
+
+    // The right id with the wrong secret.
+    let mut h = base();
+    h.headers
+        .insert("x-api-key", assemble(ID, "00000000000000000000000000000000"));
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::InvalidCredential);
+    assert_eq!(d.unauthenticated, Some(Unauthenticated::Invalid));
+    assert_eq!(d.caller, Caller::Nobody, "a wrong secret is never charged to the id");
+    assert_eq!(
+        calls,
+        seq(&[&["get km/meta", "req_header x-api-key", &key_entry(), "send_local_reply"]])
+    );
+}
+
+#[test]
+fn no_key_set_denies_or_fails_open() {
+    let store = Rc::new(CountingStore {
+        mem: MemStore::default(),
+        log: Log::default(),
+    });
+    let mut h = FakeHost {
+        store,
+        headers: HashMap::from([("x-api-key", key())]),
+        peer: None,
+        now: Some(T0),
+        plans: PlansCache::default(),
+    };
+    let (d, calls) = run(&filter_cfg(), &mut h);
+    assert_eq!(refused(&d), Problem::KeySetUnavailable);
+    assert_eq!(d.unauthenticated, Some(Unauthenticated::KeySetUnavailable));
+    assert_eq!(calls, seq(&[&["get km/meta", "send_local_reply"]]));
+
+    let c = cfg(r#"{"role":"filter","when_no_keyset":"allow","forward_metadata":["tier"]}"#);
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(d.refused, None);
+    assert_eq!(d.unauthenticated, Some(Unauthenticated::FailOpen));
+    // Identity headers are removed, never passed through from the client.
+    assert_eq!(
+        calls,
+        seq(&[&[
+            "get km/meta",
+            "remove_req x-keymeter-key-id",
+            "remove_req x-keymeter-consumer",
+            "remove_req x-keymeter-plan",
+            "remove_req x-keymeter-meta-tier",
+        ]])
+    );
+}
+
+#[test]
+fn key_state_refusals_are_charged_to_the_key() {
+    let c = filter_cfg();
+    let cases = [
+        (
+            KeyRecord {
+                enabled: false,
+                ..record()
+            },
+            Problem::KeyDisabled,
+        ),
+        (
+            KeyRecord {
+                expires_at: Some((T0 / 1000) as i64),
+                ..record()
+            },
+            Problem::KeyExpired,
+        ),
+        (
+            KeyRecord {
+                not_before: Some((T0 / 1000) as i64 + 1),
+                ..record()
+            },
+            Problem::KeyNotYetValid,
+        ),
+    ];
+    for (rec, problem) in cases {
+        let mut h = host(&[rec], &[("pro", plan(100, 100, None))]);
+        warm(&c, &mut h);
+        let (d, calls) = run(&c, &mut h);
+        assert_eq!(refused(&d), problem);
+        assert_eq!(d.outcome, Outcome::Unauthorized);
+        assert!(matches!(d.caller, Caller::Key(_)));
+        assert_eq!(d.unauthenticated, None);
+        assert_eq!(
+            calls,
+            seq(&[&[
+                "get km/meta",
+                "req_header x-api-key",
+                &key_entry(),
+                "time",
+                "send_local_reply"
+            ]])
+        );
+    }
+}
+
+#[test]
+fn scopes_read_method_and_path_and_refuse_outside() {
+    let c = filter_cfg();
+    let rec = KeyRecord {
+        scopes: vec![Scope::new(&["GET".into()], "/v1/items").unwrap()],
+        ..record()
+    };
+    let mut h = host(&[rec], &[("pro", plan(100, 100, None))]);
+    warm(&c, &mut h);
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(d.refused, None);
+    let rl = format!("km/rl/k/{ID}");
+    assert_eq!(
+        calls,
+        seq(&[
+            &["get km/meta", "req_header x-api-key", &key_entry()],
+            &["req_header :method", "req_header :path", "time"],
+            &[&format!("get {rl}"), &format!("set {rl}")],
+            &IDENTITY,
+            &["remove_req x-api-key"],
+            &["resp_header :status", "set_resp ratelimit-policy", "set_resp ratelimit"],
+        ])
+    );
+
+    h.headers.insert(":method", "DELETE".into());
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::OutOfScope);
+    assert_eq!(d.outcome, Outcome::Forbidden);
+    assert_eq!(
+        calls,
+        seq(&[&[
+            "get km/meta",
+            "req_header x-api-key",
+            &key_entry(),
+            "req_header :method",
+            "req_header :path",
+            "time",
+            "send_local_reply",
+        ]])
+    );
+}
+
+#[test]
+fn cidrs_read_the_peer_address_and_refuse_outside() {
+    let c = filter_cfg();
+    let rec = KeyRecord {
+        cidrs: vec![Cidr::parse("10.0.0.0/8").unwrap()],
+        ..record()
+    };
+    let mut h = host(&[rec], &[("pro", plan(100, 100, None))]);
+    warm(&c, &mut h);
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(d.refused, None);
+    assert_eq!(
+        &calls[..5],
+        seq(&[&[
+            "get km/meta",
+            "req_header x-api-key",
+            &key_entry(),
+            "property source.address",
+            "time"
+        ]])
+    );
+    assert_eq!(calls.len(), 14);
+
+    h.peer = Some("192.168.1.1".parse().unwrap());
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::AddressNotAllowed);
+    assert_eq!(d.outcome, Outcome::Forbidden);
+    assert_eq!(calls.len(), 6, "{calls:?}");
+}
+
+#[test]
+fn route_costs_read_method_and_path_and_charge_the_cost() {
+    let c = filter_cfg();
+    let mut p = plan(100, 100, None);
+    p.costs = vec![(Scope::new(&["GET".into()], "/v1/items").unwrap(), 7)];
+    let mut h = host(&[record()], &[("pro", p)]);
+    warm(&c, &mut h);
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(d.cost, 7);
+    assert_eq!(
+        &calls[..6],
+        seq(&[&[
+            "get km/meta",
+            "req_header x-api-key",
+            &key_entry(),
+            "req_header :method",
+            "req_header :path",
+            "time",
+        ]])
+    );
+    assert_eq!(calls.len(), 15);
+}
+
+#[test]
+fn forwarded_metadata_adds_one_header_write_each() {
+    let c = cfg(r#"{"role":"filter","forward_metadata":["tier","region"]}"#);
+    let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
+    warm(&c, &mut h);
+    let (_, calls) = run(&c, &mut h);
+    assert_eq!(calls.len(), 15);
+    assert!(calls.contains(&"set_req x-keymeter-meta-tier".to_string()));
+    // A name the key has no value for is removed (a client cannot inject it).
+    assert!(calls.contains(&"remove_req x-keymeter-meta-region".to_string()));
+}
+
+#[test]
+fn rate_limited_and_quota_refusals_carry_retry_and_ratelimit_headers() {
+    let c = filter_cfg();
+    let mut h = host(&[record()], &[("pro", plan(1, 1, None))]);
+    let (d, _) = run(&c, &mut h);
+    assert_eq!(d.refused, None);
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::RateLimited);
+    assert_eq!(d.outcome, Outcome::RateLimited);
+    assert_eq!(d.refused.unwrap().retry_after_secs, Some(1));
+    let rl = format!("km/rl/k/{ID}");
+    // A denial writes nothing; its RateLimit fields go on the local reply.
+    assert_eq!(
+        calls,
+        seq(&[&[
+            "get km/meta",
+            "req_header x-api-key",
+            &key_entry(),
+            "time",
+            &format!("get {rl}"),
+            "send_local_reply",
+        ]])
+    );
+    let (challenges, mut retry) = (c.challenges(), String::new());
+    let headers = d.refusal_headers(&challenges, &mut retry);
+    let names: Vec<&str> = headers.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        names,
+        [
+            "content-type",
+            "cache-control",
+            "retry-after",
+            "ratelimit-policy",
+            "ratelimit"
+        ]
+    );
+
+    let mut h = host(&[record()], &[("pro", plan(100, 100, Some(1)))]);
+    run(&c, &mut h);
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::QuotaExceeded);
+    assert_eq!(d.outcome, Outcome::QuotaExceeded);
+    assert_eq!(calls.len(), 6);
+}
+
+#[test]
+fn a_cost_above_burst_is_refused_without_retry_after() {
+    let c = filter_cfg();
+    let mut p = plan(1, 2, None);
+    p.default_cost = 3;
+    let mut h = host(&[record()], &[("pro", p)]);
+    let (d, _) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::CostExceedsBurst);
+    assert_eq!(d.refused.unwrap().retry_after_secs, None);
+}
+
+#[test]
+fn contention_denies_or_allows_by_configuration() {
+    let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
+    warm(&filter_cfg(), &mut h);
+    let rl = format!("km/rl/k/{ID}");
+    // Another worker writes the limit state before each of our CAS writes.
+    let other = h.store.clone();
+    *h.store.mem.before_set.borrow_mut() = Some(Box::new(move |k: &str| {
+        if k == rl {
+            other.mem.map_set_raw(k, &[]);
+        }
+    }));
+    let (d, calls) = run(&filter_cfg(), &mut h);
+    assert!(d.contended);
+    assert_eq!(refused(&d), Problem::RateLimited);
+    assert_eq!(d.refused.unwrap().retry_after_secs, Some(1));
+    assert_eq!(d.ratelimit, None);
+    let cas = crate::core::limits::limiter::CAS_RETRIES;
+    assert_eq!(calls.len(), 4 + 2 * cas + 1, "bounded retries");
+
+    let (d, _) = run(&cfg(r#"{"role":"filter","on_contention":"allow"}"#), &mut h);
+    assert!(d.contended);
+    assert_eq!(d.refused, None);
+}
+
+#[test]
+fn consumer_limits_share_one_state_key() {
+    let c = filter_cfg();
+    let mut p = plan(100, 100, None);
+    p.limit_by = LimitBy::Consumer;
+    let mut h = host(&[record()], &[("pro", p)]);
+    warm(&c, &mut h);
+    let (_, calls) = run(&c, &mut h);
+    assert!(calls.contains(&"set km/rl/c/acme".to_string()), "{calls:?}");
+}
+
+#[test]
+fn bearer_and_query_param_credentials_are_found_and_stripped() {
+    let c = filter_cfg();
+    let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
+    h.headers.remove("x-api-key");
+    h.headers.insert("authorization", format!("Bearer {}", key()));
+    warm(&c, &mut h);
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(d.strip, Some(Strip::Authorization));
+    assert_eq!(
+        &calls[..3],
+        seq(&[&["get km/meta", "req_header x-api-key", "req_header authorization"]])
+    );
+    assert!(calls.contains(&"remove_req authorization".to_string()));
+    assert_eq!(calls.len(), 14);
+
+    let c =
+        cfg(r#"{"role":"filter","credentials":{"header":null,"bearer":false,"basic":false,"query_param":"api_key"}}"#);
+    let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
+    h.headers.clear();
+    h.headers
+        .insert(":path", format!("/v1/items?a=1&api_key={}&b=2", key()));
+    warm(&c, &mut h);
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(d.strip, Some(Strip::Path("/v1/items?a=1&b=2".into())));
+    // The path read for the credential is reused; no header source is read.
+    assert_eq!(
+        calls,
+        seq(&[
+            &["get km/meta", "req_header :path", &key_entry(), "time"],
+            &[&format!("get km/rl/k/{ID}"), &format!("set km/rl/k/{ID}")],
+            &IDENTITY,
+            &["set_req :path"],
+            &["resp_header :status", "set_resp ratelimit-policy", "set_resp ratelimit"],
+        ])
+    );
+}
+
+#[test]
+fn keep_credential_skips_the_strip() {
+    let c = cfg(r#"{"role":"filter","keep_credential":true}"#);
+    let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
+    warm(&c, &mut h);
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(d.strip, None);
+    assert_eq!(calls.len(), 12);
+}
+
+#[test]
+fn anonymous_plan_limits_per_client_address() {
+    let c = cfg(r#"{"role":"filter","anonymous":{"plan":"free"}}"#);
+    let mut h = host(&[record()], &[("free", plan(1, 1, None))]);
+    h.headers.remove("x-api-key");
+    warm(&c, &mut h);
+    h.now = Some(T0 + 5_000);
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(d.refused, None);
+    assert_eq!(d.caller, Caller::Anonymous("free".into()));
+    let rl = "km/rl/ip/10.1.2.3";
+    assert_eq!(
+        calls,
+        seq(&[
+            &["get km/meta", "req_header x-api-key", "req_header authorization"],
+            &[
+                "property source.address",
+                "req_header :method",
+                "req_header :path",
+                "time"
+            ],
+            &[&format!("get {rl}"), &format!("set {rl}")],
+            &[
+                "remove_req x-keymeter-key-id",
+                "set_req x-keymeter-consumer",
+                "set_req x-keymeter-plan",
+            ],
+            &["resp_header :status", "set_resp ratelimit-policy", "set_resp ratelimit"],
+        ])
+    );
+    let (d, _) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::RateLimited);
+    assert_eq!(
+        d.caller,
+        Caller::Anonymous("free".into()),
+        "anonymous refusals are counted"
+    );
+
+    // A plan missing from the key set fails closed.
+    let c = cfg(r#"{"role":"filter","anonymous":{"plan":"gone"}}"#);
+    let (d, _) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::MissingCredential);
+}
+
+#[test]
+fn refusal_of_a_missing_key_challenges_every_enabled_scheme() {
+    let c = filter_cfg();
+    let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
+    h.headers.clear();
+    let (d, _) = run(&c, &mut h);
+    let (challenges, mut retry) = (c.challenges(), String::new());
+    let n = d
+        .refusal_headers(&challenges, &mut retry)
+        .iter()
+        .filter(|(n, _)| *n == "www-authenticate")
+        .count();
+    assert_eq!(n, 2);
+}
+
+#[test]
+fn an_ambiguous_path_is_refused_only_when_a_path_rule_depends_on_it() {
+    let c = filter_cfg();
+    let rec = KeyRecord {
+        scopes: vec![Scope::new(&["GET".into()], "/v1/items").unwrap()],
+        ..record()
+    };
+    let mut h = host(&[rec], &[("pro", plan(100, 100, None))]);
+    h.headers.insert(":path", "/v1/items/..;/admin".into());
+    warm(&c, &mut h);
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::AmbiguousPath);
+    assert_eq!(d.outcome, Outcome::Forbidden);
+    assert!(matches!(d.caller, Caller::Key(_)));
+    assert_eq!(
+        calls,
+        seq(&[&[
+            "get km/meta",
+            "req_header x-api-key",
+            &key_entry(),
+            "req_header :method",
+            "req_header :path",
+            "send_local_reply",
+        ]])
+    );
+    // Without scopes or costs the path is not even read.
+    let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
+    h.headers.insert(":path", "/v1/items/..;/admin".into());
+    let (d, _) = run(&c, &mut h);
+    assert_eq!(d.refused, None);
+}

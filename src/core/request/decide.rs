@@ -7,7 +7,7 @@ use crate::core::auth::api_key::hashes_equal;
 use crate::core::auth::cidr::limit_subject;
 use crate::core::auth::credential::{self, CredentialError, Field, Source};
 use crate::core::auth::key_record::{KeyRecord, Refusal};
-use crate::core::auth::path::for_rules;
+use crate::core::auth::path;
 use crate::core::auth::problem::Problem;
 use crate::core::config::{Config, NoKeySet, OnContention};
 use crate::core::keyset::entry::KeyEntry;
@@ -73,16 +73,16 @@ pub fn decide(cfg: &Config, host: &mut impl Fetch, store: &dyn Store) -> Decisio
     // Method and path only matter for scopes and route costs: skip the two host calls
     // when the key has neither (the common case).
     let mut method = String::new();
-    let has_rules = !rec.scopes.is_empty() || plan.is_some_and(|p| !p.costs.is_empty());
-    if has_rules {
+    if !rec.scopes.is_empty() || plan.is_some_and(|p| !p.costs.is_empty()) {
         method = host.method().unwrap_or_default();
         if path.is_none() {
             path = host.path();
         }
     }
     // Scopes and route costs match the canonical path; forms backends disagree on are
-    // refused (core::auth::path).
-    let Ok(path_str) = for_rules(path.as_deref().unwrap_or("/"), has_rules) else {
+    // refused (see `core::auth::path`).
+    let has_rules = !rec.scopes.is_empty() || plan.is_some_and(|p| !p.costs.is_empty());
+    let Ok(path_str) = path::for_rules(path.as_deref().unwrap_or("/"), has_rules) else {
         d.outcome = Outcome::Forbidden;
         return d.refuse(Problem::AmbiguousPath, None);
     };
@@ -140,7 +140,7 @@ fn anonymous(cfg: &Config, host: &mut impl Fetch, store: &dyn Store, meta: &Meta
     let method = host.method().unwrap_or_default();
     let raw_path = host.path().unwrap_or_default();
     let mut d = Decision::new(Caller::Anonymous(plan_name.to_string()));
-    let Ok(path) = for_rules(&raw_path, !plan.costs.is_empty()) else {
+    let Ok(path) = path::for_rules(&raw_path, !plan.costs.is_empty()) else {
         d.outcome = Outcome::Forbidden;
         return d.refuse(Problem::AmbiguousPath, None);
     };

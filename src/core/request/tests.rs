@@ -16,6 +16,7 @@ use crate::core::limits::token_bucket::BucketLimit;
 use crate::core::mem_store::MemStore;
 use crate::core::metering::usage::Outcome;
 use crate::core::store::{Store, StoreError};
+use crate::core::time::Clock;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -150,7 +151,7 @@ fn host(recs: &[KeyRecord], plans: &[(&str, Plan)]) -> FakeHost {
         mem: MemStore::default(),
         log: Log::default(),
     });
-    let mut push = FullPush::begin(&*store, crate::core::time::Clock::Fixed(T0)).unwrap();
+    let mut push = FullPush::begin(&*store, Clock::Fixed(T0)).unwrap();
     for r in recs {
         push.add(r).unwrap();
     }
@@ -745,4 +746,36 @@ fn refusal_of_a_missing_key_challenges_every_enabled_scheme() {
         .filter(|(n, _)| *n == "www-authenticate")
         .count();
     assert_eq!(n, 2);
+}
+
+#[test]
+fn an_ambiguous_path_is_refused_only_when_a_path_rule_depends_on_it() {
+    let c = filter_cfg();
+    let rec = KeyRecord {
+        scopes: vec![Scope::new(&["GET".into()], "/v1/items").unwrap()],
+        ..record()
+    };
+    let mut h = host(&[rec], &[("pro", plan(100, 100, None))]);
+    h.headers.insert(":path", "/v1/items/..;/admin".into());
+    warm(&c, &mut h);
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::AmbiguousPath);
+    assert_eq!(d.outcome, Outcome::Forbidden);
+    assert!(matches!(d.caller, Caller::Key(_)));
+    assert_eq!(
+        calls,
+        seq(&[&[
+            "get km/meta",
+            "req_header x-api-key",
+            &key_entry(),
+            "req_header :method",
+            "req_header :path",
+            "send_local_reply",
+        ]])
+    );
+    // Without scopes or costs the path is not even read.
+    let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
+    h.headers.insert(":path", "/v1/items/..;/admin".into());
+    let (d, _) = run(&c, &mut h);
+    assert_eq!(d.refused, None);
 }

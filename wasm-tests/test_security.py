@@ -276,3 +276,210 @@ def test_path_forms_cannot_dodge_a_route_cost(start_envoy, backend, normalize):
         else:
             assert normalize and r.status in ENVOY_REFUSALS, (path, r)
             assert backend.requests() == []
+
+
+# --------------------------------------------------------------------------- 10.5 admin API
+
+TOKEN = harness.TEST_ADMIN_TOKEN
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+MIB = 1024 * 1024
+
+
+def admin(envoy, method, path, headers=None, body=None):
+    return harness.http(method, envoy.admin_api_url(path), AUTH if headers is None else headers, body)
+
+
+@pytest.fixture
+def admin_env(start_envoy):
+    envoy = start_envoy()
+    k = Key(plan="p")
+    load(envoy, 5, [k], {"p": {}})
+    return envoy, k
+
+
+def test_admin_authenticates_before_routing(admin_env):
+    envoy, _ = admin_env
+    # Without the token, known and unknown paths and methods all look the same.
+    for method, path in [
+        ("GET", "/v1/status"),
+        ("GET", "/v1/nope"),
+        ("GET", "/admin"),
+        ("DELETE", "/v1/keyset/uploads/0123abcd"),
+        ("GET", "/v1/keyset/uploads/x/y/z"),
+        ("POST", "/v1/status"),
+    ]:
+        r = admin(envoy, method, path, {})
+        assert_problem(r, 401, "admin-unauthorized")
+        assert r.headers.get("www-authenticate", "").startswith("Bearer")
+        assert "allow" not in r.headers
+    # With it, the real answers.
+    assert_problem(admin(envoy, "GET", "/v1/nope"), 404, "not-found")
+    assert_problem(admin(envoy, "POST", "/v1/status"), 405, "method-not-allowed")
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "BeArEr"])
+def test_admin_bearer_scheme_is_case_insensitive(admin_env, scheme):
+    envoy, _ = admin_env
+    assert admin(envoy, "GET", "/v1/status", {"authorization": f"{scheme} {TOKEN}"}).status == 200
+    assert_problem(admin(envoy, "GET", "/v1/status", {"authorization": f"{scheme} wrong"}), 401, "admin-unauthorized")
+    assert_problem(admin(envoy, "GET", "/v1/status", {"authorization": f"{scheme}{TOKEN}"}), 401, "admin-unauthorized")
+
+
+def test_every_admin_answer_is_no_store(admin_env):
+    envoy, k = admin_env
+    answers = [
+        admin(envoy, "GET", "/v1/status"),
+        admin(envoy, "GET", "/v1/usage"),
+        admin(envoy, "GET", "/v1/status", {}),
+        admin(envoy, "GET", "/v1/nope"),
+        admin(envoy, "POST", "/v1/status"),
+        admin(envoy, "GET", "/v1/usage?limit=0"),
+        admin(envoy, "PUT", "/v1/keyset", body=b"{"),
+        admin(envoy, "POST", "/v1/keyset/delta", body={"version": 6, "ops": [{"op": "revoke", "id": k.id}]}),
+        admin(envoy, "DELETE", "/v1/keyset/uploads/feedbeef"),
+        send_large(envoy.admin_api_port, "/v1/keyset/delta", 9),
+    ]
+    statuses = [r.status for r in answers]
+    assert statuses == [200, 200, 401, 404, 405, 400, 400, 200, 404, 413], statuses
+    for r in answers:
+        assert r.headers.get("cache-control") == "no-store", (r.status, r.headers)
+
+
+def send_large(port: int, path: str, chunks: int, chunk_size: int = MIB, chunked: bool = False) -> harness.Response:
+    """POSTs `chunks` x `chunk_size` bytes like a real client that reads the answer while
+    it still sends: stops sending once a response arrives (a server refusing a large
+    body answers early and may reset the connection after that)."""
+    import select
+    import socket
+
+    head = f"POST {path} HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\n"
+    head += "Transfer-Encoding: chunked\r\n" if chunked else f"Content-Length: {chunks * chunk_size}\r\n"
+    data = b"x" * chunk_size
+    piece = b"%x\r\n%s\r\n" % (len(data), data) if chunked else data
+    raw = b""
+    with socket.create_connection((harness.LOCALHOST, port), timeout=10) as sock:
+        sock.sendall((head + "\r\n").encode())
+        try:
+            for _ in range(chunks):
+                if select.select([sock], [], [], 0)[0]:
+                    break
+                sock.sendall(piece)
+            if chunked and not select.select([sock], [], [], 0)[0]:
+                sock.sendall(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            while b"\r\n\r\n" not in raw or len(raw.split(b"\r\n\r\n", 1)[1]) < _length(raw):
+                got = sock.recv(65536)
+                if not got:
+                    break
+                raw += got
+        except ConnectionResetError:
+            pass
+    head_b, _, body = raw.partition(b"\r\n\r\n")
+    lines = head_b.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = harness.Headers(tuple(l.split(": ", 1)) for l in lines[1:])
+    return harness.Response(status, "", headers, body)
+
+
+def _length(raw: bytes) -> int:
+    for line in raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":", 1)[1])
+    return 0
+
+
+def test_delta_and_commit_bodies_are_capped(admin_env):
+    envoy, k = admin_env
+    port = envoy.admin_api_port
+    r = send_large(port, "/v1/keyset/delta", 9)
+    body = assert_problem(r, 413, "body-too-large")
+    assert r.headers.get("cache-control") == "no-store"
+    assert "8388608" in body["detail"]
+    # Chunked, without a Content-Length: refused once the buffered body passes the cap.
+    r = send_large(port, "/v1/keyset/delta", 12, chunked=True)
+    assert_problem(r, 413, "body-too-large")
+    # Just under the cap it is read (and is then simply not JSON).
+    r = admin(envoy, "POST", "/v1/keyset/delta", body=b" " * (8 * MIB - 10) + b"{")
+    assert_problem(r, 400, "invalid-delta")
+    up = admin(envoy, "POST", "/v1/keyset/uploads")
+    assert up.status == 201, up
+    uid = up.json()["upload_id"]
+    r = send_large(port, f"/v1/keyset/uploads/{uid}/commit", 2)
+    assert_problem(r, 413, "body-too-large")
+    assert admin(envoy, "DELETE", f"/v1/keyset/uploads/{uid}").status == 200
+    # Nothing changed.
+    assert admin(envoy, "GET", "/v1/status").json()["version"] == 5
+    assert get(envoy, headers={"x-api-key": k.key}).status == 200
+
+
+def _over(field, n):
+    if field == "scopes":
+        return [{"path_prefix": f"/p{i}"} for i in range(n)]
+    if field == "cidrs":
+        return [f"10.{i // 256}.{i % 256}.0/24" for i in range(n)]
+    return {f"m{i}": "v" for i in range(n)}
+
+
+@pytest.mark.parametrize("field, cap", [("scopes", 64), ("cidrs", 256), ("metadata", 32)])
+def test_per_key_caps_are_422_naming_key_and_field(admin_env, field, cap):
+    envoy, k = admin_env
+    at_cap = Key(plan="p", **{field: _over(field, cap)})
+    over = Key(plan="p", **{field: _over(field, cap + 1)})
+    assert admin(envoy, "PUT", "/v1/keyset", body=keyset(6, [k, at_cap], {"p": {}})).status == 200
+    r = admin(envoy, "PUT", "/v1/keyset", body=keyset(7, [k, over], {"p": {}}))
+    body = assert_problem(r, 422, "over-limit")
+    assert f'keys[1] (id "{over.id}").{field}' in body["detail"] and str(cap) in body["detail"], body
+    r = admin(envoy, "POST", "/v1/keyset/delta", body={"version": 7, "ops": [{"op": "upsert", "key": over.doc}]})
+    assert_problem(r, 422, "over-limit")
+    assert admin(envoy, "GET", "/v1/status").json()["version"] == 6
+
+
+def test_limits_per_plan_are_capped(admin_env):
+    envoy, k = admin_env
+    many = {"rate_limits": [{"name": f"r{i}", "rate": 1, "per": "1s"} for i in range(17)]}
+    r = admin(envoy, "PUT", "/v1/keyset", body=keyset(6, [k], {"p": many}))
+    body = assert_problem(r, 422, "over-limit")
+    assert "plans.p" in body["detail"] and "rate_limits" in body["detail"], body
+    r = admin(envoy, "POST", "/v1/keyset/delta", body={"version": 6, "ops": [{"op": "set_plan", "name": "q", "plan": many}]})
+    assert_problem(r, 422, "over-limit")
+
+
+def test_admin_errors_do_not_echo_document_values(admin_env):
+    envoy, k = admin_env
+    secret = "s3cr3t-Value-0123456789"
+    docs = [
+        {"version": secret, "plans": {"p": {}}, "keys": []},
+        {"version": 6, "plans": {"p": {}}, "keys": [{**k.doc, "metadata": {"token": [secret]}}]},
+        {"version": 6, "plans": {"p": {}}, "keys": [{**k.doc, "enabled": secret}]},
+    ]
+    for doc in docs:
+        for method, path in (("PUT", "/v1/keyset"), ("POST", "/v1/keyset/delta")):
+            r = admin(envoy, method, path, body=doc if path == "/v1/keyset" else {"version": 6, "ops": [{"op": "upsert", "key": doc["keys"][0]}]} if doc["keys"] else doc)
+            assert r.status == 400, r
+            assert secret not in r.text, r.text
+            assert "line" in r.json()["detail"]
+    assert secret not in envoy.log_text()
+
+
+def test_a_source_url_query_string_is_never_shown(start_envoy, wasm_path):
+    from keyset_source import KeysetSource
+
+    secret = "q-s3cr3t-token-987"
+    k = Key(plan="p")
+    src = KeysetSource(keyset(1, [k], {"p": {}}))
+    try:
+        envoy = start_envoy(**harness.pull_service(src.port, wasm_path, path=f"/keyset.json?token={secret}"))
+        harness.wait_until(lambda: get(envoy, headers={"x-api-key": k.key}).status == 200, timeout=15)
+        assert any(secret in r["path"] for r in src.requests()), "the source got the real path"
+        src.serve_raw(b"<html>not a key set</html>")
+        harness.wait_until(
+            lambda: (admin(envoy, "GET", "/v1/status").json()["source"] or {}).get("state") == "error", timeout=15
+        )
+        st = admin(envoy, "GET", "/v1/status")
+        assert st.json()["source"]["url"].startswith("http://keys.internal/keyset.json?"), st.json()["source"]
+        assert secret not in st.text
+        assert secret not in envoy.log_text()
+    finally:
+        src.stop()

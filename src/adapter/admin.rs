@@ -1,22 +1,26 @@
 //! keymeter's admin API, served by the filter on an internal listener with the same
 //! `vm_id` as the public filter, so both see one key set.
 //!
-//! Every call needs `Authorization: Bearer <admin token>`; the config holds only the
-//! token's sha256. Update bodies are buffered by Envoy (the admin listener's buffer
-//! limit bounds them) and applied in one callback.
+//! Every call needs `Authorization: Bearer <admin token>` (checked before routing, so
+//! unknown paths cannot be told from known ones without it); the config holds only the
+//! token's sha256. Every answer carries `cache-control: no-store`. Update bodies are
+//! buffered by Envoy (the admin listener's buffer limit bounds them) and applied in
+//! one callback; the ones read whole into the heap (delta, commit) have byte caps (413).
 
 use super::host::{self, HostBuffer, HostStore};
 use super::root::PluginState;
 use crate::core::auth::api_key::hashes_equal;
 use crate::core::auth::problem::admin_body;
+use crate::core::caps;
 use crate::core::keyset::apply::{ApplyError, ApplyOptions, ApplyReport};
 use crate::core::keyset::delta::apply_delta;
-use crate::core::keyset::document::{parse_json, DeltaDoc};
+use crate::core::keyset::document::{parse_json, DeltaDoc, DocError};
 use crate::core::keyset::meta::read_meta;
 use crate::core::keyset::names::STATUS;
 use crate::core::keyset::plans::read_plans;
 use crate::core::keyset::stream::{push_stream, PushError};
 use crate::core::keyset::upload::{upload_abort, upload_begin, upload_commit, upload_keys, UploadError};
+use crate::core::redact;
 use crate::core::store::Store;
 use crate::core::time::{format_rfc3339, Clock};
 use proxy_wasm::traits::{Context, HttpContext};
@@ -57,21 +61,37 @@ impl AdminRequest {
     }
 
     fn reply(&self, status: u32, body: &str) -> Action {
+        self.reply_with(status, body, &[])
+    }
+
+    /// Every admin answer goes through here: `cache-control: no-store` on all of them
+    /// (status, usage and errors must not sit in a shared cache).
+    fn reply_with(&self, status: u32, body: &str, extra: &[(&str, &str)]) -> Action {
         let ctype = if status >= 400 {
             "application/problem+json"
         } else {
             "application/json"
         };
-        self.send_http_response(
-            status,
-            vec![("content-type", ctype), ("cache-control", "no-store")],
-            Some(body.as_bytes()),
-        );
+        let mut headers = vec![("content-type", ctype), ("cache-control", "no-store")];
+        headers.extend_from_slice(extra);
+        self.send_http_response(status, headers, Some(body.as_bytes()));
         Action::Pause
     }
 
     fn problem(&self, status: u32, slug: &str, title: &str, detail: &str) -> Action {
         self.reply(status, &admin_body(status, slug, title, detail))
+    }
+
+    /// A document that failed validation: 422 when it is over a size cap, else 400 with
+    /// `slug`. The detail names entry and field but never quotes a value from the
+    /// document (serde quotes offending strings; those may be secrets).
+    fn doc_problem(&self, slug: &str, title: &str, e: &DocError, suffix: &str) -> Action {
+        let detail = format!("{}{suffix}", redact::serde_values(&e.to_string()));
+        if e.is_over_limit() {
+            self.problem(422, "over-limit", "Key-set document over a size limit", &detail)
+        } else {
+            self.problem(400, slug, title, &detail)
+        }
     }
 
     fn authorized(&self) -> bool {
@@ -81,10 +101,24 @@ impl AdminRequest {
         let Some(auth) = host::request_header("authorization") else {
             return false;
         };
-        let Some(token) = auth.strip_prefix("Bearer ").map(str::trim) else {
+        let Some(token) = bearer_token(&auth) else {
             return false;
         };
         hashes_equal(&Sha256::digest(token.as_bytes()).into(), &want)
+    }
+
+    /// 413 for a body over `cap` bytes (`seen`: its size, or what is buffered so far);
+    /// the request is then finished, later body callbacks are ignored.
+    fn too_large(&mut self, seen: usize, cap: usize) -> Action {
+        self.route = None;
+        self.problem(
+            413,
+            "body-too-large",
+            "Request body too large",
+            &format!(
+                "the body is {seen} bytes or more; this call takes at most {cap} bytes (split a delta into several batches)"
+            ),
+        )
     }
 
     fn status(&self) -> Action {
@@ -181,9 +215,7 @@ impl AdminRequest {
                 let reader = HostBuffer::reader(BufferType::HttpRequestBody, body_size);
                 match push_stream(&store, reader, Clock::Live(&host::now_ms), opts.force) {
                     Ok(report) => Ok(report),
-                    Err(PushError::Doc(e)) => {
-                        Err(self.problem(400, "invalid-keyset", "Invalid key set", &e.to_string()))
-                    }
+                    Err(PushError::Doc(e)) => Err(self.doc_problem("invalid-keyset", "Invalid key set", &e, "")),
                     Err(PushError::Apply(e)) => Err(self.apply_error(e)),
                 }
             }
@@ -194,7 +226,7 @@ impl AdminRequest {
                 match parse_json::<DeltaDoc>(body)
                     .and_then(|d| Ok((d.version, d.compile(|p| running.contains_key(p))?)))
                 {
-                    Err(e) => Err(self.problem(400, "invalid-delta", "Invalid key-set delta", &e.to_string())),
+                    Err(e) => Err(self.doc_problem("invalid-delta", "Invalid key-set delta", &e, "")),
                     Ok((version, ops)) => apply_delta(&store, version, &ops, opts).map_err(|e| self.apply_error(e)),
                 }
             }
@@ -261,12 +293,9 @@ impl AdminRequest {
                     self.upload_id
                 ),
             ),
-            UploadError::Push(PushError::Doc(e)) => self.problem(
-                400,
-                "invalid-keyset",
-                "Invalid key set",
-                &format!("{e} (upload aborted)"),
-            ),
+            UploadError::Push(PushError::Doc(e)) => {
+                self.doc_problem("invalid-keyset", "Invalid key set", &e, " (upload aborted)")
+            }
             UploadError::Push(PushError::Apply(e)) => self.apply_error(e),
         }
     }
@@ -303,6 +332,24 @@ fn upload_path(path: &str) -> Option<(&str, Route, &'static str)> {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` value. The scheme is matched
+/// case-insensitively (RFC 9110 section 11.1: `bearer` and `BEARER` are the same).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Bodies read whole into the wasm heap have a byte cap; the streamed ones (full push,
+/// upload chunks) are bounded by the listener's buffer limit only.
+fn body_cap(route: Route) -> Option<usize> {
+    match route {
+        Route::PostDelta => Some(caps::MAX_DELTA_BODY),
+        Route::UploadCommit => Some(caps::MAX_COMMIT_BODY),
+        _ => None,
+    }
+}
+
 /// A fresh upload id: unguessable enough to not collide with a previous upload's.
 fn new_upload_id(now_ms: u64) -> String {
     let gen = HostStore.get(crate::core::keyset::names::GEN).0.unwrap_or_default();
@@ -314,6 +361,20 @@ impl Context for AdminRequest {}
 
 impl HttpContext for AdminRequest {
     fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
+        // Authenticate before looking at the path or method: without the token every
+        // request gets the same 401, so paths cannot be probed (404 vs 401).
+        if !self.authorized() {
+            return self.reply_with(
+                401,
+                &admin_body(
+                    401,
+                    "admin-unauthorized",
+                    "Admin token required",
+                    "Send Authorization: Bearer <admin token>.",
+                ),
+                &[("www-authenticate", "Bearer realm=\"keymeter-admin\"")],
+            );
+        }
         let method = host::request_header(":method").unwrap_or_default();
         let full_path = host::request_header(":path").unwrap_or_default();
         let (path, query) = full_path.split_once('?').unwrap_or((&full_path, ""));
@@ -332,46 +393,29 @@ impl HttpContext for AdminRequest {
                 None => return self.problem(404, "not-found", "Not found", "Unknown admin API path."),
             },
         };
-        if !self.authorized() {
-            self.send_http_response(
-                401,
-                vec![
-                    ("content-type", "application/problem+json"),
-                    ("www-authenticate", "Bearer realm=\"keymeter-admin\""),
-                ],
-                Some(
-                    admin_body(
-                        401,
-                        "admin-unauthorized",
-                        "Admin token required",
-                        "Send Authorization: Bearer <admin token>.",
-                    )
-                    .as_bytes(),
-                ),
-            );
-            return Action::Pause;
-        }
         if method != allow {
-            self.send_http_response(
+            return self.reply_with(
                 405,
-                vec![("content-type", "application/problem+json"), ("allow", allow)],
-                Some(
-                    admin_body(
-                        405,
-                        "method-not-allowed",
-                        "Method not allowed",
-                        &format!("Use {allow}."),
-                    )
-                    .as_bytes(),
+                &admin_body(
+                    405,
+                    "method-not-allowed",
+                    "Method not allowed",
+                    &format!("Use {allow}."),
                 ),
+                &[("allow", allow)],
             );
-            return Action::Pause;
         }
         if route == Route::Usage {
             return self.usage(query);
         }
         if route == Route::Status {
             return self.status();
+        }
+        if let Some(cap) = body_cap(route) {
+            let declared = host::request_header("content-length").and_then(|v| v.trim().parse::<usize>().ok());
+            if let Some(n) = declared.filter(|n| *n > cap) {
+                return self.too_large(n, cap);
+            }
         }
         self.route = Some(route);
         if end_of_stream {
@@ -384,6 +428,11 @@ impl HttpContext for AdminRequest {
         let Some(route) = self.route else {
             return Action::Continue;
         };
+        if let Some(cap) = body_cap(route).filter(|cap| body_size > *cap) {
+            // Refused as soon as the buffered body passes the cap (chunked bodies
+            // have no Content-Length to check up front).
+            return self.too_large(body_size, cap);
+        }
         if !end_of_stream {
             return Action::Pause; // let Envoy buffer the whole document
         }

@@ -15,9 +15,13 @@ pub mod remote;
 /// The request decision: authentication, authorization and limits for one request.
 pub mod request;
 
+/// Size caps on documents and admin bodies.
+pub mod caps;
 pub mod cas;
 pub mod config;
 #[cfg(any(test, feature = "test-support"))]
 pub mod mem_store;
+/// Keeping values that may be secrets out of error bodies, status and logs.
+pub mod redact;
 pub mod store;
 pub mod time;

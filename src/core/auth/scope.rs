@@ -27,6 +27,14 @@ impl Scope {
         if !path_prefix.starts_with('/') {
             return Err(format!("path_prefix '{path_prefix}' must start with '/'"));
         }
+        if path_prefix.len() > crate::core::caps::MAX_PATH_PREFIX {
+            return Err(format!(
+                "{}path_prefix of {} bytes, at most {} bytes",
+                crate::core::caps::OVER_LIMIT,
+                path_prefix.len(),
+                crate::core::caps::MAX_PATH_PREFIX
+            ));
+        }
         // Requests are matched in canonical form (core::auth::path), so a prefix that is
         // not canonical could never match, or only match forms that are refused.
         match crate::core::auth::path::canonical(path_prefix) {

@@ -115,6 +115,13 @@ pub struct DocError {
     pub message: String,
 }
 
+impl DocError {
+    /// A size cap was exceeded (HTTP 422), rather than the document being invalid (400).
+    pub fn is_over_limit(&self) -> bool {
+        crate::core::caps::is_over_limit(&self.message)
+    }
+}
+
 impl std::fmt::Display for DocError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.at.is_empty() {
@@ -186,6 +193,10 @@ impl KeyDoc {
                 return Err(err(field("expires_at"), "must be after not_before"));
             }
         }
+        use crate::core::caps::{check, MAX_CIDRS, MAX_METADATA, MAX_SCOPES};
+        check(self.scopes.len(), MAX_SCOPES, "scopes", "key").map_err(|e| err(field("scopes"), e))?;
+        check(self.cidrs.len(), MAX_CIDRS, "CIDRs", "key").map_err(|e| err(field("cidrs"), e))?;
+        check(self.metadata.len(), MAX_METADATA, "metadata entries", "key").map_err(|e| err(field("metadata"), e))?;
         let mut scopes = Vec::with_capacity(self.scopes.len());
         for (i, s) in self.scopes.iter().enumerate() {
             scopes.push(Scope::new(&s.methods, &s.path_prefix).map_err(|e| err(field(&format!("scopes[{i}]")), e))?);
@@ -372,6 +383,70 @@ mod tests {
         assert!(error_of(|d| d.keys.push(d.keys[0].clone())).starts_with("keys[1].id: duplicate"));
         assert!(error_of(|d| d.plans.get_mut("free").unwrap().rate_limits[0].rate = 0).starts_with("plans.free:"));
         assert!(error_of(|d| d.keys[0].lineage = Some("x".into())).contains(".lineage:"));
+    }
+
+    #[test]
+    fn caps_are_errors_of_their_own_naming_key_and_field() {
+        use crate::core::caps::*;
+        let at_cap = |d: &mut KeySetDoc| {
+            let k = &mut d.keys[0];
+            k.scopes = (0..MAX_SCOPES)
+                .map(|i| ScopeDoc {
+                    methods: vec![],
+                    path_prefix: format!("/p{i}"),
+                })
+                .collect();
+            k.cidrs = (0..MAX_CIDRS).map(|i| format!("10.0.{i}.0/24")).collect();
+            k.metadata = (0..MAX_METADATA).map(|i| (format!("m{i}"), "v".into())).collect();
+        };
+        let mut d = doc();
+        at_cap(&mut d);
+        d.compile().unwrap();
+        let over = |f: fn(&mut KeyDoc)| {
+            let mut d = doc();
+            at_cap(&mut d);
+            f(&mut d.keys[0]);
+            d.compile().unwrap_err()
+        };
+        let e = over(|k| k.scopes.push(k.scopes[0].clone()));
+        assert!(e.is_over_limit());
+        assert_eq!(
+            e.to_string(),
+            "keys[0] (id \"AbCdEf012345\").scopes: over the limit: 65 scopes, at most 64 per key"
+        );
+        assert!(over(|k| k.cidrs.push("10.1.0.0/16".into()))
+            .to_string()
+            .contains(".cidrs: over the limit: 257 CIDRs"));
+        assert!(over(|k| {
+            k.metadata.insert("zz".into(), "v".into());
+        })
+        .to_string()
+        .contains(".metadata: over the limit: 33 metadata entries"));
+        let e = over(|k| {
+            k.limits = Some(parse_json(br#"{"quotas":[
+                {"name":"a","period":"day","limit":1},{"name":"b","period":"day","limit":1},{"name":"c","period":"day","limit":1},
+                {"name":"d","period":"day","limit":1},{"name":"e","period":"day","limit":1},{"name":"f","period":"day","limit":1},
+                {"name":"g","period":"day","limit":1},{"name":"h","period":"day","limit":1},{"name":"i","period":"day","limit":1},
+                {"name":"j","period":"day","limit":1},{"name":"k","period":"day","limit":1},{"name":"l","period":"day","limit":1},
+                {"name":"m","period":"day","limit":1},{"name":"n","period":"day","limit":1},{"name":"o","period":"day","limit":1},
+                {"name":"p","period":"day","limit":1},{"name":"q","period":"day","limit":1}]}"#).unwrap())
+        });
+        assert!(
+            e.is_over_limit() && e.to_string().contains(".limits: over the limit: 17 quotas"),
+            "{e}"
+        );
+        let mut d = doc();
+        d.plans.get_mut("free").unwrap().rate_limits = (0..17)
+            .map(|i| parse_json(format!(r#"{{"name":"r{i}","rate":1,"per":"1s"}}"#).as_bytes()).unwrap())
+            .collect();
+        let e = d.compile().unwrap_err();
+        assert!(
+            e.is_over_limit() && e.to_string().starts_with("plans.free: over the limit: 17 rate_limits"),
+            "{e}"
+        );
+        // an ordinary validation error is not a cap
+        assert!(!error_of(|d| d.version = 0).starts_with("over"));
+        assert!(!doc().keys[0].compile("k", |_| false).unwrap_err().is_over_limit());
     }
 
     #[test]

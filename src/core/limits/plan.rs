@@ -129,6 +129,7 @@ fn check_name(kind: &str, name: &str) -> Result<(), String> {
 
 /// Compiles a list of rate limits; errors name the entry (`rate_limits[i]`).
 pub fn compile_rate_limits(docs: &[RateLimitDoc]) -> Result<Vec<NamedBucket>, String> {
+    crate::core::caps::check(docs.len(), crate::core::caps::MAX_LIMITS, "rate_limits", "plan")?;
     let mut out: Vec<NamedBucket> = Vec::with_capacity(docs.len());
     for (i, d) in docs.iter().enumerate() {
         let at = |m: String| format!("rate_limits[{i}]: {m}");
@@ -152,6 +153,7 @@ pub fn compile_rate_limits(docs: &[RateLimitDoc]) -> Result<Vec<NamedBucket>, St
 }
 
 pub fn compile_quotas(docs: &[QuotaDoc]) -> Result<Vec<NamedQuota>, String> {
+    crate::core::caps::check(docs.len(), crate::core::caps::MAX_LIMITS, "quotas", "plan")?;
     let mut out: Vec<NamedQuota> = Vec::with_capacity(docs.len());
     for (i, d) in docs.iter().enumerate() {
         let at = |m: String| format!("quotas[{i}]: {m}");
@@ -179,6 +181,7 @@ impl LimitsDoc {
 
 impl PlanDoc {
     pub fn compile(&self) -> Result<Plan, String> {
+        crate::core::caps::check(self.costs.len(), crate::core::caps::MAX_COSTS, "costs", "plan")?;
         let mut costs = Vec::with_capacity(self.costs.len());
         for (i, c) in self.costs.iter().enumerate() {
             let scope = Scope::new(&c.methods, &c.path_prefix).map_err(|e| format!("costs[{i}]: {e}"))?;

@@ -195,7 +195,7 @@ impl Exporter {
             commit: Vec::new(),
             health: Health {
                 cluster: c.cluster.clone(),
-                url: format!("http://{}{}", c.authority, c.path),
+                url: crate::core::redact::display_url(&c.authority, &c.path),
                 interval_ms: c.interval_ms,
                 max_events: c.max_events,
                 ..Health::default()

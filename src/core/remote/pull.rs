@@ -170,7 +170,7 @@ impl Poller {
             pending_etag: None,
             health: Health {
                 cluster: source.cluster.clone(),
-                url: format!("http://{}{}", source.authority, source.path),
+                url: crate::core::redact::display_url(&source.authority, &source.path),
                 interval_ms: source.interval_ms,
                 ..Health::default()
             },
@@ -250,6 +250,7 @@ impl Poller {
             }
             200 => match peek_version(resp.body.reader()) {
                 Err(e) => {
+                    let e = crate::core::redact::serde_values(&e.to_string()).into_owned();
                     self.fail(now_ms, ErrorKind::Invalid, format!("invalid key-set document: {e}"));
                     PollResult::Failed
                 }
@@ -305,6 +306,7 @@ impl Poller {
     /// running set stays.
     pub fn invalid(&mut self, now_ms: u64, e: &DocError) {
         self.pending_etag = None;
+        let e = crate::core::redact::serde_values(&e.to_string()).into_owned();
         self.fail(now_ms, ErrorKind::Invalid, format!("invalid key-set document: {e}"));
     }
 

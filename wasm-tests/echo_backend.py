@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """Echo backend for the keymeter tests and demo (stdlib only).
 
+Built to take load like a real backend (`wrk` against `make run`): a thread per
+connection, a listen backlog of 1024, HTTP/1.1 keep-alive with TCP_NODELAY and one
+write per response (see _server.py).
+
 Every request, whatever the method and path, is answered 200 with a JSON echo:
 
     {"method": ..., "path": ..., "headers": {name: value | [values]}, "body_bytes": N}
@@ -11,7 +15,7 @@ Extras:
   /status/<code>            reply with that status instead of 200
   ?size=N                   reply with exactly N bytes of padding instead of the JSON echo
                             (so byte metering can be checked against a known size)
-  GET    /__backend/requests  every request served so far (method, path, headers, body_bytes)
+  GET    /__backend/requests  requests served so far, the newest 100 000 (method, path, headers, body_bytes)
   DELETE /__backend/requests  forget them
 
 Run standalone:  python3 echo_backend.py --port P     (prints "listening on P")
@@ -21,6 +25,7 @@ Or in-process:   backend = EchoBackend(); backend.port; backend.requests(); back
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 from urllib.parse import parse_qs, urlsplit
@@ -28,6 +33,8 @@ from urllib.parse import parse_qs, urlsplit
 from _server import Handler, Server
 
 CONTROL_PATH = "/__backend/requests"
+# Requests remembered for requests(); older ones are forgotten first.
+MAX_RECORDED = 100_000
 _PAD_CHUNK = b"x" * 65536
 # Statuses that must not carry a body (RFC 9110); Envoy rejects upstream bodies on them.
 _NO_BODY_STATUSES = {204, 304}
@@ -168,8 +175,9 @@ class _Handler(Handler):
 
 
 class _Server(Server):
-    def __init__(self, addr, verbose: bool = False):
-        self._requests: list[dict] = []
+    def __init__(self, addr, verbose: bool = False, max_recorded: int = MAX_RECORDED):
+        # Bounded: under load (wrk against `make run`) the oldest records go.
+        self._requests: collections.deque[dict] = collections.deque(maxlen=max_recorded)
         super().__init__(addr, _Handler, verbose=verbose)
 
     def record(self, entry: dict) -> None:
@@ -190,9 +198,9 @@ class _Server(Server):
 class EchoBackend:
     """The echo backend running in a background thread of this process."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, verbose: bool = False):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, verbose: bool = False, max_recorded: int = MAX_RECORDED):
         self.host = host
-        self._server = _Server((host, port), verbose=verbose)
+        self._server = _Server((host, port), verbose=verbose, max_recorded=max_recorded)
         self.port: int = self._server.port
         self._thread = self._server.start_thread("echo-backend")
         self._stopped = False

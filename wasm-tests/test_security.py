@@ -278,6 +278,18 @@ def test_path_forms_cannot_dodge_a_route_cost(start_envoy, backend, normalize):
             assert backend.requests() == []
 
 
+def test_anonymous_route_costs_use_the_canonical_path(start_envoy, backend):
+    envoy = start_envoy(filter_conf={"role": "filter", "anonymous": {"plan": "anon"}}, normalize_path=False)
+    anon = {"rate_limits": [{**SLOW, "burst": 10}], "costs": [{"path_prefix": "/v1/reports", "cost": 10}]}
+    load(envoy, 1, [], {"anon": anon})
+    for i, path in enumerate(COST_DODGES):
+        r = from_addr(envoy, f"127.0.1.{i + 1}", path=path)
+        assert_problem(r, 403, "ambiguous-path")
+    assert backend.requests() == []
+    r = from_addr(envoy, "127.0.2.1", path="/v1/%72eports")
+    assert r.status == 200 and r.headers.get("ratelimit", "").startswith('"hourly";r=0;'), r.headers
+
+
 # --------------------------------------------------------------------------- 10.5 admin API
 
 TOKEN = harness.TEST_ADMIN_TOKEN

@@ -19,7 +19,8 @@ pub struct FilterRequest {
     state: Rc<PluginState>,
     decision: Option<Decision>,
     /// Response status and body bytes, seen in callbacks Envoy makes anyway, so
-    /// metering needs no host call of its own.
+    /// metering needs no host call of its own. `request_bytes` only grows for an
+    /// admitted request: after a refusal Envoy never hands the body to the filter.
     status: u32,
     request_bytes: u64,
     response_bytes: u64,
@@ -84,8 +85,9 @@ impl FilterRequest {
             let body = state.bodies.get(&r.problem).map(String::as_bytes);
             let mut retry_after = String::new();
             let headers = d.refusal_headers(&state.challenges, &mut retry_after);
+            // Only the status: Envoy passes this local reply's body through
+            // `on_http_response_body` like any other, and it is counted there, once.
             self.status = r.problem.status();
-            self.response_bytes = body.map_or(0, |b| b.len() as u64);
             self.send_http_response(r.problem.status(), headers, body);
             return Action::Pause;
         }
@@ -145,11 +147,11 @@ impl HttpContext for FilterRequest {
         Action::Continue
     }
 
+    /// Every response body byte the client gets passes here exactly once, whoever made
+    /// it: the upstream, keymeter's refusal, or a local reply Envoy sends after keymeter
+    /// admitted the request (`no healthy upstream`, a connect failure).
     fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
-        let charged = self.decision.as_ref().is_some_and(Decision::is_charged);
-        if self.status == 0 || charged {
-            self.response_bytes += body_size as u64;
-        }
+        self.response_bytes += body_size as u64;
         Action::Continue
     }
 

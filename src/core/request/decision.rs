@@ -26,15 +26,19 @@ pub enum Unauthenticated {
     KeySetUnavailable,
     /// Let through unauthenticated because no key set is loaded (`when_no_keyset: allow`).
     FailOpen,
+    /// Refused because keymeter could not decide: the host clock failed, or the key's
+    /// plan is missing from the key set (fail closed, 503).
+    Unavailable,
 }
 
 impl Unauthenticated {
-    pub const ALL: [Unauthenticated; 5] = [
+    pub const ALL: [Unauthenticated; 6] = [
         Self::Missing,
         Self::Malformed,
         Self::Invalid,
         Self::KeySetUnavailable,
         Self::FailOpen,
+        Self::Unavailable,
     ];
     /// The `reason` label of `keymeter_unauthenticated_total`.
     pub fn label(self) -> &'static str {
@@ -44,6 +48,7 @@ impl Unauthenticated {
             Self::Invalid => "invalid_credential",
             Self::KeySetUnavailable => "keyset_unavailable",
             Self::FailOpen => "fail_open",
+            Self::Unavailable => "unavailable",
         }
     }
 }

@@ -27,6 +27,8 @@ const ID: &str = "AbCdEf012345";
 const SECRET: &str = "s3cr3ts3cr3ts3cr3ts3cr3ts3cr3t00";
 
 type Log = Rc<RefCell<Vec<String>>>;
+/// Another worker's writes, run between two reads of the request under test.
+type Interleave = Box<dyn FnOnce(&MemStore)>;
 
 /// Shared data that logs every get and set (each is one host call).
 struct CountingStore {
@@ -52,6 +54,9 @@ struct FakeHost {
     peer: Option<IpAddr>,
     now: Option<u64>,
     plans: PlansCache,
+    /// Runs once, just before the next key-entry read: another worker's write landing
+    /// between this request's reads.
+    before_entry: Option<Interleave>,
 }
 
 impl FakeHost {
@@ -89,6 +94,9 @@ impl Fetch for FakeHost {
         read_meta(&*self.store)
     }
     fn key_entry(&mut self, id: &str) -> Option<Vec<u8>> {
+        if let Some(f) = self.before_entry.take() {
+            f(&self.store.mem);
+        }
         let mut buf = [0u8; 32];
         self.store
             .get(crate::core::keyset::names::key_entry_name(id, &mut buf))
@@ -167,6 +175,7 @@ fn host(recs: &[KeyRecord], plans: &[(&str, Plan)]) -> FakeHost {
         peer: Some("10.1.2.3".parse().unwrap()),
         now: Some(T0),
         plans: PlansCache::default(),
+        before_entry: None,
     }
 }
 
@@ -342,6 +351,7 @@ fn unauthenticated_refusals_stop_early() {
             "get km/meta",
             "req_header x-api-key",
             "get k/ZZZZZZZZZZZZ",
+            "get km/meta",
             "send_local_reply"
         ]])
     );
@@ -372,6 +382,7 @@ fn no_key_set_denies_or_fails_open() {
         peer: None,
         now: Some(T0),
         plans: PlansCache::default(),
+        before_entry: None,
     };
     let (d, calls) = run(&filter_cfg(), &mut h);
     assert_eq!(refused(&d), Problem::KeySetUnavailable);
@@ -778,4 +789,114 @@ fn an_ambiguous_path_is_refused_only_when_a_path_rule_depends_on_it() {
     h.headers.insert(":path", "/v1/items/..;/admin".into());
     let (d, _) = run(&c, &mut h);
     assert_eq!(d.refused, None);
+}
+
+/// Commits a full push of `recs` (version `version`) straight into `mem`.
+fn full_push(mem: &MemStore, version: u64, recs: &[KeyRecord], plans: &[(&str, Plan)]) {
+    let mut push = FullPush::begin(mem, Clock::Fixed(T0)).unwrap();
+    for r in recs {
+        push.add(r).unwrap();
+    }
+    let plans: BTreeMap<String, Plan> = plans.iter().map(|(n, p)| (n.to_string(), p.clone())).collect();
+    push.commit(version, &plans, false).unwrap();
+}
+
+#[test]
+fn a_full_push_between_meta_and_key_entry_is_retried_not_refused() {
+    let c = filter_cfg();
+    let plans = [("pro", plan(100, 100, None))];
+    let mut h = host(&[record()], &plans);
+    warm(&c, &mut h);
+    // The push commits (new generation, old slot swept) after this request read
+    // `km/meta` and before it reads its key entry.
+    h.before_entry = Some(Box::new(move |mem: &MemStore| full_push(mem, 2, &[record()], &plans)));
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(
+        d.refused, None,
+        "a valid key is never refused because of a concurrent push"
+    );
+    // The retry re-reads meta and the entry; the new generation's plans are read once.
+    assert_eq!(
+        &calls[..6],
+        seq(&[&[
+            "get km/meta",
+            "req_header x-api-key",
+            &key_entry(),
+            "get km/meta",
+            &key_entry(),
+            &format!("get {}", crate::core::keyset::names::plans_name(1)),
+        ]])
+    );
+}
+
+#[test]
+fn an_unknown_key_costs_one_more_meta_read_and_no_retry() {
+    let c = filter_cfg();
+    let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
+    h.headers.insert("x-api-key", assemble("ZZZZZZZZZZZZ", SECRET));
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::InvalidCredential);
+    assert_eq!(
+        calls,
+        seq(&[&[
+            "get km/meta",
+            "req_header x-api-key",
+            "get k/ZZZZZZZZZZZZ",
+            "get km/meta",
+            "send_local_reply"
+        ]])
+    );
+}
+
+#[test]
+fn a_failed_clock_read_fails_closed() {
+    let c = filter_cfg();
+    // With time 0 an expired key would look valid: it must be refused, not admitted.
+    let expired = KeyRecord {
+        expires_at: Some((T0 / 1000) as i64 - 60),
+        ..record()
+    };
+    let mut h = host(&[expired], &[("pro", plan(100, 100, None))]);
+    warm(&c, &mut h);
+    h.now = None;
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::Unavailable);
+    assert_eq!(d.refused.unwrap().problem.status(), 503);
+    assert_eq!(d.unauthenticated, Some(Unauthenticated::Unavailable));
+    assert_eq!(
+        calls,
+        seq(&[&[
+            "get km/meta",
+            "req_header x-api-key",
+            &key_entry(),
+            "time",
+            "send_local_reply"
+        ]])
+    );
+    assert!(!calls.iter().any(|c| c.starts_with("set ")), "no limit is consumed");
+
+    let c = cfg(r#"{"role":"filter","anonymous":{"plan":"pro"}}"#);
+    let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
+    h.headers.remove("x-api-key");
+    h.now = None;
+    let (d, _) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::Unavailable);
+}
+
+#[test]
+fn a_key_whose_plan_is_missing_fails_closed() {
+    let c = filter_cfg();
+    let orphan = KeyRecord {
+        plan: "gone".into(),
+        ..record()
+    };
+    let mut h = host(&[orphan], &[("pro", plan(1, 1, None))]);
+    warm(&c, &mut h);
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::Unavailable, "never unlimited");
+    assert_eq!(d.unauthenticated, Some(Unauthenticated::Unavailable));
+    assert_eq!(
+        calls,
+        seq(&[&["get km/meta", "req_header x-api-key", &key_entry(), "send_local_reply"]])
+    );
 }

@@ -4,11 +4,12 @@
 use super::host::{self, HostStore};
 use super::metering::Who;
 use super::root::PluginState;
-use crate::core::keyset::meta::{read_meta, Meta};
+use crate::core::keyset::meta::Meta;
 use crate::core::keyset::names::key_entry_name;
+use crate::core::keyset::names::META;
 use crate::core::limits::plan::Plan;
 use crate::core::request::{self, Caller, Decision, Fetch, Unauthenticated};
-use crate::core::store::Store;
+use crate::core::store::{read_value, Store};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::collections::BTreeMap;
@@ -50,8 +51,9 @@ impl Fetch for HostFetch<'_> {
     fn now_ms(&mut self) -> Option<u64> {
         host::try_now_ms()
     }
-    fn meta(&mut self) -> Option<Meta> {
-        read_meta(&HostStore)
+    fn meta(&mut self) -> Option<(Meta, u32)> {
+        let (bytes, cas) = read_value(&HostStore, META);
+        Some((Meta::decode(&bytes?)?, cas))
     }
     fn key_entry(&mut self, id: &str) -> Option<Vec<u8>> {
         let mut name_buf = [0u8; 32];
@@ -101,7 +103,9 @@ impl Context for FilterRequest {}
 impl HttpContext for FilterRequest {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let state = self.state.clone();
-        let decision = request::decide(&state.config, &mut HostFetch { state: &state }, &HostStore);
+        let mut cache = state.keys.borrow_mut();
+        let decision = request::decide(&state.config, &mut cache, &mut HostFetch { state: &state }, &HostStore);
+        drop(cache);
         let action = self.apply(&decision);
         self.decision = Some(decision);
         action

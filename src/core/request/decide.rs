@@ -3,6 +3,7 @@
 
 use super::decision::{Caller, Decision, Strip, Unauthenticated};
 use super::fetch::Fetch;
+use super::key_cache::KeyCache;
 use crate::core::auth::api_key::hashes_equal;
 use crate::core::auth::cidr::limit_subject;
 use crate::core::auth::credential::{self, CredentialError, Field, Source};
@@ -19,12 +20,13 @@ use crate::core::store::Store;
 use std::rc::Rc;
 
 /// Decides one request. Host reads happen in this order, each only when needed:
-/// `km/meta`; the credential sources in `credential::find` order; the key entry (on a
-/// miss, `km/meta` again and, if the generation moved, the entry once more);
-/// (`:method` and `:path` only for scopes or route costs; the peer address only for
-/// CIDRs); the clock; then the limit state through `store`.
-pub fn decide(cfg: &Config, host: &mut impl Fetch, store: &dyn Store) -> Decision {
-    let Some(meta) = host.meta() else {
+/// `km/meta`; the credential sources in `credential::find` order; the clock, if `cache`
+/// holds the key under this `km/meta`, else the key entry (on a miss, `km/meta` again
+/// and, if the generation moved, the entry once more); `:method` and `:path` only for
+/// scopes or route costs; the peer address only for CIDRs; the clock (once per
+/// request); then the limit state through `store`.
+pub fn decide(cfg: &Config, cache: &mut KeyCache, host: &mut impl Fetch, store: &dyn Store) -> Decision {
+    let Some((meta, meta_cas)) = host.meta() else {
         return match cfg.when_no_keyset {
             NoKeySet::Deny => Decision::unauthenticated(Unauthenticated::KeySetUnavailable, Problem::KeySetUnavailable),
             NoKeySet::Allow => {
@@ -56,14 +58,24 @@ pub fn decide(cfg: &Config, host: &mut impl Fetch, store: &dyn Store) -> Decisio
         }
     };
     let key = cred.key();
-    let mut meta = meta;
-    let mut rec = active_record(host, &meta, key.id());
+    let (mut meta, mut meta_cas) = (meta, meta_cas);
+    let mut now_ms = None;
+    let mut cached = None;
+    if cache.holds(meta_cas, key.id()) {
+        let Some(now) = host.now_ms() else {
+            return clock_failed();
+        };
+        now_ms = Some(now);
+        cached = cache.get(key.id(), now);
+    }
+    let from_cache = cached.is_some();
+    let mut rec = cached.or_else(|| active_record(host, &meta, key.id()));
     if rec.is_none() {
         // A full push on another worker may have flipped the generation and swept the
         // slot we were about to read since we read `km/meta`: re-read it, and retry
         // once if it moved (a real miss costs one more read, a race no spurious 401).
-        if let Some(now) = host.meta().filter(|m| m.gen != meta.gen) {
-            meta = now;
+        if let Some((m, cas)) = host.meta().filter(|(m, _)| m.gen != meta.gen) {
+            (meta, meta_cas) = (m, cas);
             rec = active_record(host, &meta, key.id());
         }
     }
@@ -74,7 +86,6 @@ pub fn decide(cfg: &Config, host: &mut impl Fetch, store: &dyn Store) -> Decisio
         return Decision::unauthenticated(Unauthenticated::Invalid, Problem::InvalidCredential);
     }
     // From here on the key is authentic: everything is counted against it.
-    let rec = Rc::new(rec);
     let mut d = Decision::new(Caller::Key(rec.clone()));
     let plans = host.plans(&meta);
     let Some(plan) = plans.get(&rec.plan) else {
@@ -105,9 +116,16 @@ pub fn decide(cfg: &Config, host: &mut impl Fetch, store: &dyn Store) -> Decisio
     };
     let path_str: &str = &path_str;
     let peer = if rec.cidrs.is_empty() { None } else { host.peer_ip() };
-    let Some(now_ms) = host.now_ms() else {
-        return clock_failed();
+    let now_ms = match now_ms {
+        Some(t) => t,
+        None => match host.now_ms() {
+            Some(t) => t,
+            None => return clock_failed(),
+        },
     };
+    if !from_cache {
+        cache.insert(meta_cas, rec.clone(), now_ms);
+    }
     if let Err(r) = rec.admit((now_ms / 1000) as i64, &method, path_str, peer) {
         d.outcome = match r {
             Refusal::OutOfScope | Refusal::AddressNotAllowed => Outcome::Forbidden,
@@ -151,11 +169,12 @@ fn clock_failed() -> Decision {
 }
 
 /// The record of key `id` visible under `meta`, if any.
-fn active_record(host: &mut impl Fetch, meta: &Meta, id: &str) -> Option<KeyRecord> {
+fn active_record(host: &mut impl Fetch, meta: &Meta, id: &str) -> Option<Rc<KeyRecord>> {
     host.key_entry(id)
         .filter(|b| !b.is_empty())
         .and_then(|b| KeyEntry::decode(&b))
         .and_then(|e| e.into_active(meta))
+        .map(Rc::new)
 }
 
 /// A request without a credential under `anonymous_plan`: limited per client address.

@@ -9,7 +9,7 @@ use crate::core::auth::problem::Problem;
 use crate::core::auth::scope::Scope;
 use crate::core::config::Config;
 use crate::core::keyset::full_push::FullPush;
-use crate::core::keyset::meta::{read_meta, Meta};
+use crate::core::keyset::meta::Meta;
 use crate::core::limits::plan::{LimitBy, NamedBucket, NamedQuota, Plan};
 use crate::core::limits::quota::Period;
 use crate::core::limits::token_bucket::BucketLimit;
@@ -57,6 +57,8 @@ struct FakeHost {
     /// Runs once, just before the next key-entry read: another worker's write landing
     /// between this request's reads.
     before_entry: Option<Interleave>,
+    /// The worker's key cache, kept across requests like the adapter's.
+    cache: KeyCache,
 }
 
 impl FakeHost {
@@ -90,8 +92,9 @@ impl Fetch for FakeHost {
         self.log("time");
         self.now
     }
-    fn meta(&mut self) -> Option<Meta> {
-        read_meta(&*self.store)
+    fn meta(&mut self) -> Option<(Meta, u32)> {
+        let (bytes, cas) = crate::core::store::read_value(&*self.store, crate::core::keyset::names::META);
+        Some((Meta::decode(&bytes?)?, cas))
     }
     fn key_entry(&mut self, id: &str) -> Option<Vec<u8>> {
         if let Some(f) = self.before_entry.take() {
@@ -176,6 +179,7 @@ fn host(recs: &[KeyRecord], plans: &[(&str, Plan)]) -> FakeHost {
         now: Some(T0),
         plans: PlansCache::default(),
         before_entry: None,
+        cache: KeyCache::default(),
     }
 }
 
@@ -193,7 +197,9 @@ fn filter_cfg() -> Config {
 fn run(cfg: &Config, h: &mut FakeHost) -> (Decision, Vec<String>) {
     h.store.log.borrow_mut().clear();
     let store = h.store.clone();
-    let d = decide(cfg, h, &*store);
+    let mut cache = std::mem::take(&mut h.cache);
+    let d = decide(cfg, &mut cache, h, &*store);
+    h.cache = cache;
     let mut calls = std::mem::take(&mut *h.store.log.borrow_mut());
     if d.refused.is_some() {
         let mut retry = String::new();
@@ -216,9 +222,16 @@ fn run(cfg: &Config, h: &mut FakeHost) -> (Decision, Vec<String>) {
     (d, calls)
 }
 
-/// Runs a first request (fills the plans cache, creates the limit state) so the
-/// measured one is the steady state.
+/// Runs a first request (fills the plans cache, creates the limit state), then
+/// forgets the cached key record, so the measured request reads its key entry: the
+/// path of a worker's first request of a key after any key-set change. (`hot` keeps it.)
 fn warm(cfg: &Config, h: &mut FakeHost) {
+    run(cfg, h);
+    h.cache = KeyCache::default();
+}
+
+/// Like `warm`, but keeps the key record cached: the steady state of a busy key.
+fn hot(cfg: &Config, h: &mut FakeHost) {
     run(cfg, h);
 }
 
@@ -383,6 +396,7 @@ fn no_key_set_denies_or_fails_open() {
         now: Some(T0),
         plans: PlansCache::default(),
         before_entry: None,
+        cache: KeyCache::default(),
     };
     let (d, calls) = run(&filter_cfg(), &mut h);
     assert_eq!(refused(&d), Problem::KeySetUnavailable);
@@ -481,15 +495,15 @@ fn scopes_read_method_and_path_and_refuse_outside() {
     let (d, calls) = run(&c, &mut h);
     assert_eq!(refused(&d), Problem::OutOfScope);
     assert_eq!(d.outcome, Outcome::Forbidden);
+    // The record is cached now: the clock is read first, to check the cache's age.
     assert_eq!(
         calls,
         seq(&[&[
             "get km/meta",
             "req_header x-api-key",
-            &key_entry(),
+            "time",
             "req_header :method",
             "req_header :path",
-            "time",
             "send_local_reply",
         ]])
     );
@@ -522,7 +536,7 @@ fn cidrs_read_the_peer_address_and_refuse_outside() {
     let (d, calls) = run(&c, &mut h);
     assert_eq!(refused(&d), Problem::AddressNotAllowed);
     assert_eq!(d.outcome, Outcome::Forbidden);
-    assert_eq!(calls.len(), 6, "{calls:?}");
+    assert_eq!(calls.len(), 5, "cached record: {calls:?}");
 }
 
 #[test]
@@ -571,13 +585,13 @@ fn rate_limited_and_quota_refusals_carry_retry_and_ratelimit_headers() {
     assert_eq!(d.outcome, Outcome::RateLimited);
     assert_eq!(d.refused.unwrap().retry_after_secs, Some(1));
     let rl = format!("km/rl/k/{ID}");
-    // A denial writes nothing; its RateLimit fields go on the local reply.
+    // A denial writes nothing; its RateLimit fields go on the local reply. (The key
+    // record comes from the worker's cache: the first request read it.)
     assert_eq!(
         calls,
         seq(&[&[
             "get km/meta",
             "req_header x-api-key",
-            &key_entry(),
             "time",
             &format!("get {rl}"),
             "send_local_reply",
@@ -602,7 +616,7 @@ fn rate_limited_and_quota_refusals_carry_retry_and_ratelimit_headers() {
     let (d, calls) = run(&c, &mut h);
     assert_eq!(refused(&d), Problem::QuotaExceeded);
     assert_eq!(d.outcome, Outcome::QuotaExceeded);
-    assert_eq!(calls.len(), 6);
+    assert_eq!(calls.len(), 5, "cached record: {calls:?}");
 }
 
 #[test]
@@ -899,4 +913,102 @@ fn a_key_whose_plan_is_missing_fails_closed() {
         calls,
         seq(&[&["get km/meta", "req_header x-api-key", &key_entry(), "send_local_reply"]])
     );
+}
+
+#[test]
+fn a_cached_key_record_saves_the_entry_read_12_host_calls() {
+    let c = filter_cfg();
+    let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
+    hot(&c, &mut h);
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(d.refused, None);
+    let rl = format!("km/rl/k/{ID}");
+    assert_eq!(
+        calls,
+        seq(&[
+            &["get km/meta", "req_header x-api-key", "time"],
+            &[&format!("get {rl}"), &format!("set {rl}")],
+            &IDENTITY,
+            &["remove_req x-api-key"],
+            &["resp_header :status", "set_resp ratelimit-policy", "set_resp ratelimit"],
+        ])
+    );
+    assert_eq!(calls.len(), 12, "host calls per admitted request, steady state");
+}
+
+#[test]
+fn a_wrong_secret_is_refused_even_when_the_id_is_cached() {
+    let c = filter_cfg();
+    let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
+    hot(&c, &mut h);
+    h.headers
+        .insert("x-api-key", assemble(ID, "00000000000000000000000000000000"));
+    let (d, _) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::InvalidCredential);
+    assert_eq!(d.caller, Caller::Nobody);
+}
+
+#[test]
+fn any_key_set_write_invalidates_the_cache_at_the_next_request() {
+    use crate::core::keyset::delta::apply_delta;
+    use crate::core::keyset::document::CompiledOp;
+    let c = filter_cfg();
+    let plans = [("pro", plan(100, 100, None))];
+    let mut h = host(&[record()], &plans);
+    hot(&c, &mut h);
+    // A delta disabling the key, committed by another worker.
+    let opts = crate::core::keyset::apply::ApplyOptions {
+        force: false,
+        now_ms: T0,
+    };
+    apply_delta(&h.store.mem, 2, &[CompiledOp::SetEnabled(ID.into(), false)], opts).unwrap();
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::KeyDisabled, "the very next request sees it");
+    assert!(calls.contains(&key_entry()), "{calls:?}");
+    // Revoked: refused at once, too.
+    hot(&c, &mut h);
+    apply_delta(&h.store.mem, 3, &[CompiledOp::Revoke(ID.into())], opts).unwrap();
+    let (d, _) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::InvalidCredential);
+    // A full push replacing the key's record.
+    let mut h = host(&[record()], &plans);
+    hot(&c, &mut h);
+    let moved = KeyRecord {
+        consumer: "other".into(),
+        ..record()
+    };
+    full_push(&h.store.mem, 2, &[moved], &plans);
+    let (d, _) = run(&c, &mut h);
+    let Caller::Key(rec) = d.caller else {
+        panic!("not admitted")
+    };
+    assert_eq!(rec.consumer, "other");
+}
+
+#[test]
+fn a_cached_record_is_reread_after_its_ttl_even_without_a_meta_write() {
+    let c = filter_cfg();
+    let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
+    hot(&c, &mut h);
+    // An entry write without a meta write (a delta that failed half-way).
+    let disabled = KeyRecord {
+        enabled: false,
+        ..record()
+    };
+    let meta = crate::core::keyset::meta::read_meta(&h.store.mem).unwrap();
+    let mut entry = crate::core::keyset::entry::KeyEntry::default();
+    entry.slots[meta.slot as usize & 1] = Some(crate::core::keyset::entry::Slot {
+        gen: meta.gen,
+        record: disabled,
+    });
+    let mut buf = [0u8; 32];
+    let name = crate::core::keyset::names::key_entry_name(ID, &mut buf).to_string();
+    h.store.mem.map_set_raw(
+        &name,
+        &bincode::Options::serialize(bincode::DefaultOptions::new(), &entry).unwrap(),
+    );
+    h.now = Some(T0 + super::key_cache::TTL_MS - 1);
+    assert_eq!(run(&c, &mut h).0.refused, None, "within the TTL the cache still serves");
+    h.now = Some(T0 + super::key_cache::TTL_MS);
+    assert_eq!(refused(&run(&c, &mut h).0), Problem::KeyDisabled);
 }

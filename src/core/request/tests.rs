@@ -1012,3 +1012,17 @@ fn a_cached_record_is_reread_after_its_ttl_even_without_a_meta_write() {
     h.now = Some(T0 + super::key_cache::TTL_MS);
     assert_eq!(refused(&run(&c, &mut h).0), Problem::KeyDisabled);
 }
+
+#[test]
+fn identity_headers_left_out_by_configuration_cost_no_host_call() {
+    let c = cfg(r#"{"role":"filter","headers":{"forward":["key_id"]}}"#);
+    let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
+    hot(&c, &mut h);
+    let (_, calls) = run(&c, &mut h);
+    assert_eq!(calls.len(), 10, "{calls:?}");
+    assert!(calls.contains(&"set_req x-keymeter-key-id".to_string()));
+    assert!(!calls
+        .iter()
+        .any(|c| c.contains("consumer") || c.contains("x-keymeter-plan")));
+    assert!(Config::parse(br#"{"role":"filter","headers":{"forward":["tier"]}}"#).is_err());
+}

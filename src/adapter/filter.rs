@@ -4,11 +4,12 @@
 use super::host::{self, HostStore};
 use super::metering::Who;
 use super::root::PluginState;
-use crate::core::keyset::meta::{read_meta, Meta};
+use crate::core::keyset::meta::Meta;
 use crate::core::keyset::names::key_entry_name;
+use crate::core::keyset::names::META;
 use crate::core::limits::plan::Plan;
 use crate::core::request::{self, Caller, Decision, Fetch, Unauthenticated};
-use crate::core::store::Store;
+use crate::core::store::{read_value, Store};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::collections::BTreeMap;
@@ -19,7 +20,8 @@ pub struct FilterRequest {
     state: Rc<PluginState>,
     decision: Option<Decision>,
     /// Response status and body bytes, seen in callbacks Envoy makes anyway, so
-    /// metering needs no host call of its own.
+    /// metering needs no host call of its own. `request_bytes` only grows for an
+    /// admitted request: after a refusal Envoy never hands the body to the filter.
     status: u32,
     request_bytes: u64,
     response_bytes: u64,
@@ -49,8 +51,9 @@ impl Fetch for HostFetch<'_> {
     fn now_ms(&mut self) -> Option<u64> {
         host::try_now_ms()
     }
-    fn meta(&mut self) -> Option<Meta> {
-        read_meta(&HostStore)
+    fn meta(&mut self) -> Option<(Meta, u32)> {
+        let (bytes, cas) = read_value(&HostStore, META);
+        Some((Meta::decode(&bytes?)?, cas))
     }
     fn key_entry(&mut self, id: &str) -> Option<Vec<u8>> {
         let mut name_buf = [0u8; 32];
@@ -84,8 +87,9 @@ impl FilterRequest {
             let body = state.bodies.get(&r.problem).map(String::as_bytes);
             let mut retry_after = String::new();
             let headers = d.refusal_headers(&state.challenges, &mut retry_after);
+            // Only the status: Envoy passes this local reply's body through
+            // `on_http_response_body` like any other, and it is counted there, once.
             self.status = r.problem.status();
-            self.response_bytes = body.map_or(0, |b| b.len() as u64);
             self.send_http_response(r.problem.status(), headers, body);
             return Action::Pause;
         }
@@ -99,7 +103,9 @@ impl Context for FilterRequest {}
 impl HttpContext for FilterRequest {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let state = self.state.clone();
-        let decision = request::decide(&state.config, &mut HostFetch { state: &state }, &HostStore);
+        let mut cache = state.keys.borrow_mut();
+        let decision = request::decide(&state.config, &mut cache, &mut HostFetch { state: &state }, &HostStore);
+        drop(cache);
         let action = self.apply(&decision);
         self.decision = Some(decision);
         action
@@ -145,11 +151,11 @@ impl HttpContext for FilterRequest {
         Action::Continue
     }
 
+    /// Every response body byte the client gets passes here exactly once, whoever made
+    /// it: the upstream, keymeter's refusal, or a local reply Envoy sends after keymeter
+    /// admitted the request (`no healthy upstream`, a connect failure).
     fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
-        let charged = self.decision.as_ref().is_some_and(Decision::is_charged);
-        if self.status == 0 || charged {
-            self.response_bytes += body_size as u64;
-        }
+        self.response_bytes += body_size as u64;
         Action::Continue
     }
 

@@ -28,7 +28,7 @@ pub struct Who<'a> {
 pub struct Meter {
     config: Metering,
     agg: Aggregator,
-    unauthenticated: [u64; 5],
+    unauthenticated: [u64; Unauthenticated::ALL.len()],
     contention: u64,
     metric_ids: HashMap<String, u32>,
     /// lineage -> whether it has its own labelled series (decided once per worker).
@@ -40,7 +40,7 @@ impl Meter {
         Meter {
             config,
             agg: Aggregator::default(),
-            unauthenticated: [0; 5],
+            unauthenticated: [0; Unauthenticated::ALL.len()],
             contention: 0,
             metric_ids: HashMap::new(),
             labelled: HashMap::new(),

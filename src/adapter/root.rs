@@ -7,7 +7,7 @@ use super::service::{Misplaced, Service};
 use super::{admin::AdminRequest, filter::FilterRequest};
 use crate::core::auth::problem::Problem;
 use crate::core::config::{Config, Role};
-use crate::core::request::PlansCache;
+use crate::core::request::{KeyCache, PlansCache};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 use std::cell::RefCell;
@@ -23,6 +23,8 @@ pub struct PluginState {
     pub bodies: HashMap<Problem, String>,
     pub challenges: Vec<String>,
     pub plans: RefCell<PlansCache>,
+    /// This worker's decoded key records, valid for one `km/meta` write.
+    pub keys: RefCell<KeyCache>,
     /// This worker's usage counts (role filter).
     pub meter: RefCell<Meter>,
     /// Fail-open passes are logged once per worker, not once per request.
@@ -100,6 +102,7 @@ impl RootContext for Root {
                     bodies,
                     challenges,
                     plans: RefCell::default(),
+                    keys: RefCell::default(),
                     meter: RefCell::new(Meter::new(metering)),
                     warned_fail_open: Default::default(),
                 }));

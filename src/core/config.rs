@@ -74,6 +74,26 @@ pub struct IdentityHeaders {
     pub plan: String,
     /// Prefix for forwarded metadata: `x-keymeter-meta-<name>`.
     pub metadata_prefix: String,
+    /// Which of `key_id`, `consumer`, `plan` keymeter writes (all by default). Each
+    /// write is a host call and clears Envoy's route cache; a header left out is
+    /// neither set nor removed, so strip it in the HCM if anything could trust it.
+    pub forward: Vec<IdentityField>,
+}
+
+/// One of the identity headers keymeter can forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityField {
+    KeyId,
+    Consumer,
+    Plan,
+}
+
+impl IdentityHeaders {
+    /// Whether keymeter writes the identity header `f`.
+    pub fn forwards(&self, f: IdentityField) -> bool {
+        self.forward.contains(&f)
+    }
 }
 
 impl Default for IdentityHeaders {
@@ -83,6 +103,7 @@ impl Default for IdentityHeaders {
             consumer: "x-keymeter-consumer".into(),
             plan: "x-keymeter-plan".into(),
             metadata_prefix: "x-keymeter-meta-".into(),
+            forward: vec![IdentityField::KeyId, IdentityField::Consumer, IdentityField::Plan],
         }
     }
 }

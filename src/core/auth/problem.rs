@@ -18,6 +18,9 @@ pub enum Problem {
     AmbiguousPath,
     AddressNotAllowed,
     KeySetUnavailable,
+    /// keymeter cannot decide on the request (the host clock failed, or the key set
+    /// names a plan it does not hold): refused, never let through unchecked.
+    Unavailable,
     RateLimited,
     QuotaExceeded,
     /// The request's cost is larger than the bucket can ever hold.
@@ -29,7 +32,7 @@ pub const TYPE_BASE: &str = "urn:keymeter:problem:";
 pub const QUOTA_EXCEEDED_TYPE: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
 
 impl Problem {
-    pub const ALL: [Problem; 13] = [
+    pub const ALL: [Problem; 14] = [
         Problem::MissingCredential,
         Problem::MalformedCredential,
         Problem::InvalidCredential,
@@ -40,6 +43,7 @@ impl Problem {
         Problem::AmbiguousPath,
         Problem::AddressNotAllowed,
         Problem::KeySetUnavailable,
+        Problem::Unavailable,
         Problem::RateLimited,
         Problem::QuotaExceeded,
         Problem::CostExceedsBurst,
@@ -52,7 +56,7 @@ impl Problem {
                 401
             }
             OutOfScope | AmbiguousPath | AddressNotAllowed => 403,
-            KeySetUnavailable => 503,
+            KeySetUnavailable | Unavailable => 503,
             RateLimited | QuotaExceeded | CostExceedsBurst => 429,
         }
     }
@@ -71,6 +75,7 @@ impl Problem {
             AmbiguousPath => "ambiguous-path",
             AddressNotAllowed => "address-not-allowed",
             KeySetUnavailable => "keyset-unavailable",
+            Unavailable => "unavailable",
             RateLimited => "rate-limited",
             QuotaExceeded => "quota-exceeded",
             CostExceedsBurst => "cost-exceeds-burst",
@@ -90,6 +95,7 @@ impl Problem {
             AmbiguousPath => "Ambiguous request path",
             AddressNotAllowed => "API key not allowed from this address",
             KeySetUnavailable => "Authentication temporarily unavailable",
+            Unavailable => "Request cannot be checked",
             RateLimited => "Rate limit exceeded",
             QuotaExceeded => "Quota exceeded",
             CostExceedsBurst => "Request cost exceeds the rate limit capacity",
@@ -113,6 +119,7 @@ impl Problem {
             }
             AddressNotAllowed => "The API key may not be used from this client address.",
             KeySetUnavailable => "No key set is loaded yet; retry shortly.",
+            Unavailable => "The gateway cannot check this request right now (a server-side fault); retry later.",
             RateLimited => "Too many requests for this API key; retry after the time given in Retry-After.",
             QuotaExceeded => {
                 "The API key's quota for the current period is used up; retry after the time given in Retry-After."

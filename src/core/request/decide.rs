@@ -3,6 +3,7 @@
 
 use super::decision::{Caller, Decision, Strip, Unauthenticated};
 use super::fetch::Fetch;
+use super::key_cache::KeyCache;
 use crate::core::auth::api_key::hashes_equal;
 use crate::core::auth::cidr::limit_subject;
 use crate::core::auth::credential::{self, CredentialError, Field, Source};
@@ -19,11 +20,13 @@ use crate::core::store::Store;
 use std::rc::Rc;
 
 /// Decides one request. Host reads happen in this order, each only when needed:
-/// `km/meta`; the credential sources in `credential::find` order; the key entry;
-/// (`:method` and `:path` only for scopes or route costs; the peer address only for
-/// CIDRs); the clock; then the limit state through `store`.
-pub fn decide(cfg: &Config, host: &mut impl Fetch, store: &dyn Store) -> Decision {
-    let Some(meta) = host.meta() else {
+/// `km/meta`; the credential sources in `credential::find` order; the clock, if `cache`
+/// holds the key under this `km/meta`, else the key entry (on a miss, `km/meta` again
+/// and, if the generation moved, the entry once more); `:method` and `:path` only for
+/// scopes or route costs; the peer address only for CIDRs; the clock (once per
+/// request); then the limit state through `store`.
+pub fn decide(cfg: &Config, cache: &mut KeyCache, host: &mut impl Fetch, store: &dyn Store) -> Decision {
+    let Some((meta, meta_cas)) = host.meta() else {
         return match cfg.when_no_keyset {
             NoKeySet::Deny => Decision::unauthenticated(Unauthenticated::KeySetUnavailable, Problem::KeySetUnavailable),
             NoKeySet::Allow => {
@@ -55,25 +58,50 @@ pub fn decide(cfg: &Config, host: &mut impl Fetch, store: &dyn Store) -> Decisio
         }
     };
     let key = cred.key();
-    let entry = host
-        .key_entry(key.id())
-        .filter(|b| !b.is_empty())
-        .and_then(|b| KeyEntry::decode(&b));
-    let Some(rec) = entry.and_then(|e| e.into_active(&meta)) else {
+    let (mut meta, mut meta_cas) = (meta, meta_cas);
+    let mut now_ms = None;
+    let mut cached = None;
+    if cache.holds(meta_cas, key.id()) {
+        let Some(now) = host.now_ms() else {
+            return clock_failed();
+        };
+        now_ms = Some(now);
+        cached = cache.get(key.id(), now);
+    }
+    let from_cache = cached.is_some();
+    let mut rec = cached.or_else(|| active_record(host, &meta, key.id()));
+    if rec.is_none() {
+        // A full push on another worker may have flipped the generation and swept the
+        // slot we were about to read since we read `km/meta`: re-read it, and retry
+        // once if it moved (a real miss costs one more read, a race no spurious 401).
+        if let Some((m, cas)) = host.meta().filter(|(m, _)| m.gen != meta.gen) {
+            (meta, meta_cas) = (m, cas);
+            rec = active_record(host, &meta, key.id());
+        }
+    }
+    let Some(rec) = rec else {
         return Decision::unauthenticated(Unauthenticated::Invalid, Problem::InvalidCredential);
     };
     if !hashes_equal(&key.hash(), &rec.hash) {
         return Decision::unauthenticated(Unauthenticated::Invalid, Problem::InvalidCredential);
     }
     // From here on the key is authentic: everything is counted against it.
-    let rec = Rc::new(rec);
     let mut d = Decision::new(Caller::Key(rec.clone()));
     let plans = host.plans(&meta);
-    let plan = plans.get(&rec.plan);
+    let Some(plan) = plans.get(&rec.plan) else {
+        // Validation refuses such key sets; should one still be running, the key must
+        // not be unlimited.
+        log::warn!(
+            "keymeter: plan '{}' of key {} is not in the key set; refusing",
+            rec.plan,
+            rec.id
+        );
+        return Decision::unauthenticated(Unauthenticated::Unavailable, Problem::Unavailable);
+    };
     // Method and path only matter for scopes and route costs: skip the two host calls
     // when the key has neither (the common case).
     let mut method = String::new();
-    if !rec.scopes.is_empty() || plan.is_some_and(|p| !p.costs.is_empty()) {
+    if !rec.scopes.is_empty() || !plan.costs.is_empty() {
         method = host.method().unwrap_or_default();
         if path.is_none() {
             path = host.path();
@@ -81,14 +109,23 @@ pub fn decide(cfg: &Config, host: &mut impl Fetch, store: &dyn Store) -> Decisio
     }
     // Scopes and route costs match the canonical path; forms backends disagree on are
     // refused (see `core::auth::path`).
-    let has_rules = !rec.scopes.is_empty() || plan.is_some_and(|p| !p.costs.is_empty());
+    let has_rules = !rec.scopes.is_empty() || !plan.costs.is_empty();
     let Ok(path_str) = path::for_rules(path.as_deref().unwrap_or("/"), has_rules) else {
         d.outcome = Outcome::Forbidden;
         return d.refuse(Problem::AmbiguousPath, None);
     };
     let path_str: &str = &path_str;
     let peer = if rec.cidrs.is_empty() { None } else { host.peer_ip() };
-    let now_ms = host.now_ms().unwrap_or(0);
+    let now_ms = match now_ms {
+        Some(t) => t,
+        None => match host.now_ms() {
+            Some(t) => t,
+            None => return clock_failed(),
+        },
+    };
+    if !from_cache {
+        cache.insert(meta_cas, rec.clone(), now_ms);
+    }
     if let Err(r) = rec.admit((now_ms / 1000) as i64, &method, path_str, peer) {
         d.outcome = match r {
             Refusal::OutOfScope | Refusal::AddressNotAllowed => Outcome::Forbidden,
@@ -103,15 +140,13 @@ pub fn decide(cfg: &Config, host: &mut impl Fetch, store: &dyn Store) -> Decisio
         };
         return d.refuse(problem, None);
     }
-    if let Some(plan) = plan {
-        let state_key = match plan.limit_by {
-            LimitBy::Key => format!("km/rl/k/{}", rec.lineage()),
-            LimitBy::Consumer => format!("km/rl/c/{}", rec.consumer),
-        };
-        d = enforce(cfg, store, d, &state_key, plan, Some(&rec), &method, path_str, now_ms);
-        if d.refused.is_some() {
-            return d;
-        }
+    let state_key = match plan.limit_by {
+        LimitBy::Key => format!("km/rl/k/{}", rec.lineage()),
+        LimitBy::Consumer => format!("km/rl/c/{}", rec.consumer),
+    };
+    d = enforce(cfg, store, d, &state_key, plan, Some(&rec), &method, path_str, now_ms);
+    if d.refused.is_some() {
+        return d;
     }
     if !cfg.keep_credential {
         d.strip = match cred.source {
@@ -124,6 +159,22 @@ pub fn decide(cfg: &Config, host: &mut impl Fetch, store: &dyn Store) -> Decisio
         };
     }
     d
+}
+
+/// Without a clock, expiry, not-before and every limit are unknowable: fail closed
+/// (time 0 would silently admit expired keys).
+fn clock_failed() -> Decision {
+    log::warn!("keymeter: the host clock failed; refusing");
+    Decision::unauthenticated(Unauthenticated::Unavailable, Problem::Unavailable)
+}
+
+/// The record of key `id` visible under `meta`, if any.
+fn active_record(host: &mut impl Fetch, meta: &Meta, id: &str) -> Option<Rc<KeyRecord>> {
+    host.key_entry(id)
+        .filter(|b| !b.is_empty())
+        .and_then(|b| KeyEntry::decode(&b))
+        .and_then(|e| e.into_active(meta))
+        .map(Rc::new)
 }
 
 /// A request without a credential under `anonymous_plan`: limited per client address.
@@ -144,7 +195,9 @@ fn anonymous(cfg: &Config, host: &mut impl Fetch, store: &dyn Store, meta: &Meta
         d.outcome = Outcome::Forbidden;
         return d.refuse(Problem::AmbiguousPath, None);
     };
-    let now_ms = host.now_ms().unwrap_or(0);
+    let Some(now_ms) = host.now_ms() else {
+        return clock_failed();
+    };
     enforce(cfg, store, d, &state_key, plan, None, &method, &path, now_ms)
 }
 

@@ -2,7 +2,7 @@
 
 use crate::core::auth::key_record::KeyRecord;
 use crate::core::auth::problem::Problem;
-use crate::core::config::Config;
+use crate::core::config::{Config, IdentityField};
 use crate::core::metering::usage::Outcome;
 use std::rc::Rc;
 
@@ -26,15 +26,19 @@ pub enum Unauthenticated {
     KeySetUnavailable,
     /// Let through unauthenticated because no key set is loaded (`when_no_keyset: allow`).
     FailOpen,
+    /// Refused because keymeter could not decide: the host clock failed, or the key's
+    /// plan is missing from the key set (fail closed, 503).
+    Unavailable,
 }
 
 impl Unauthenticated {
-    pub const ALL: [Unauthenticated; 5] = [
+    pub const ALL: [Unauthenticated; 6] = [
         Self::Missing,
         Self::Malformed,
         Self::Invalid,
         Self::KeySetUnavailable,
         Self::FailOpen,
+        Self::Unavailable,
     ];
     /// The `reason` label of `keymeter_unauthenticated_total`.
     pub fn label(self) -> &'static str {
@@ -44,6 +48,7 @@ impl Unauthenticated {
             Self::Invalid => "invalid_credential",
             Self::KeySetUnavailable => "keyset_unavailable",
             Self::FailOpen => "fail_open",
+            Self::Unavailable => "unavailable",
         }
     }
 }
@@ -134,12 +139,18 @@ impl Decision {
             Caller::Anonymous(p) => (None, Some(p.as_str())),
             Caller::Nobody => (None, None),
         };
-        f(&h.key_id, rec.map(|r| r.id.as_str()));
-        f(
-            &h.consumer,
-            rec.map(|r| r.consumer.as_str()).or(anonymous_plan.map(|_| "anonymous")),
-        );
-        f(&h.plan, rec.map(|r| r.plan.as_str()).or(anonymous_plan));
+        if h.forwards(IdentityField::KeyId) {
+            f(&h.key_id, rec.map(|r| r.id.as_str()));
+        }
+        if h.forwards(IdentityField::Consumer) {
+            f(
+                &h.consumer,
+                rec.map(|r| r.consumer.as_str()).or(anonymous_plan.map(|_| "anonymous")),
+            );
+        }
+        if h.forwards(IdentityField::Plan) {
+            f(&h.plan, rec.map(|r| r.plan.as_str()).or(anonymous_plan));
+        }
         for (name, header) in &cfg.forward_metadata {
             f(header, rec.and_then(|r| r.metadata(name)));
         }

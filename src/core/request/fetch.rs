@@ -21,8 +21,9 @@ pub trait Fetch {
     fn peer_ip(&mut self) -> Option<IpAddr>;
     /// Wall-clock milliseconds since the Unix epoch; `None` when the host cannot say.
     fn now_ms(&mut self) -> Option<u64>;
-    /// The running key-set meta (`km/meta`); `None` when no key set is loaded.
-    fn meta(&mut self) -> Option<Meta>;
+    /// The running key-set meta (`km/meta`) and its CAS token (which changes with every
+    /// write of it); `None` when no key set is loaded.
+    fn meta(&mut self) -> Option<(Meta, u32)>;
     /// The raw per-key entry (`k/<id>`); `None` or empty when there is none.
     fn key_entry(&mut self, id: &str) -> Option<Vec<u8>>;
     /// The plans active under `meta`.

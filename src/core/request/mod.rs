@@ -9,6 +9,7 @@
 mod decide;
 mod decision;
 mod fetch;
+mod key_cache;
 mod plans_cache;
 #[cfg(test)]
 mod tests;
@@ -16,4 +17,5 @@ mod tests;
 pub use decide::decide;
 pub use decision::{Caller, Decision, Refused, Strip, Unauthenticated};
 pub use fetch::Fetch;
+pub use key_cache::KeyCache;
 pub use plans_cache::PlansCache;

@@ -9,7 +9,7 @@ use crate::core::auth::problem::Problem;
 use crate::core::auth::scope::Scope;
 use crate::core::config::Config;
 use crate::core::keyset::full_push::FullPush;
-use crate::core::keyset::meta::{read_meta, Meta};
+use crate::core::keyset::meta::Meta;
 use crate::core::limits::plan::{LimitBy, NamedBucket, NamedQuota, Plan};
 use crate::core::limits::quota::Period;
 use crate::core::limits::token_bucket::BucketLimit;
@@ -27,6 +27,8 @@ const ID: &str = "AbCdEf012345";
 const SECRET: &str = "s3cr3ts3cr3ts3cr3ts3cr3ts3cr3t00";
 
 type Log = Rc<RefCell<Vec<String>>>;
+/// Another worker's writes, run between two reads of the request under test.
+type Interleave = Box<dyn FnOnce(&MemStore)>;
 
 /// Shared data that logs every get and set (each is one host call).
 struct CountingStore {
@@ -52,6 +54,11 @@ struct FakeHost {
     peer: Option<IpAddr>,
     now: Option<u64>,
     plans: PlansCache,
+    /// Runs once, just before the next key-entry read: another worker's write landing
+    /// between this request's reads.
+    before_entry: Option<Interleave>,
+    /// The worker's key cache, kept across requests like the adapter's.
+    cache: KeyCache,
 }
 
 impl FakeHost {
@@ -85,10 +92,14 @@ impl Fetch for FakeHost {
         self.log("time");
         self.now
     }
-    fn meta(&mut self) -> Option<Meta> {
-        read_meta(&*self.store)
+    fn meta(&mut self) -> Option<(Meta, u32)> {
+        let (bytes, cas) = crate::core::store::read_value(&*self.store, crate::core::keyset::names::META);
+        Some((Meta::decode(&bytes?)?, cas))
     }
     fn key_entry(&mut self, id: &str) -> Option<Vec<u8>> {
+        if let Some(f) = self.before_entry.take() {
+            f(&self.store.mem);
+        }
         let mut buf = [0u8; 32];
         self.store
             .get(crate::core::keyset::names::key_entry_name(id, &mut buf))
@@ -167,6 +178,8 @@ fn host(recs: &[KeyRecord], plans: &[(&str, Plan)]) -> FakeHost {
         peer: Some("10.1.2.3".parse().unwrap()),
         now: Some(T0),
         plans: PlansCache::default(),
+        before_entry: None,
+        cache: KeyCache::default(),
     }
 }
 
@@ -184,7 +197,9 @@ fn filter_cfg() -> Config {
 fn run(cfg: &Config, h: &mut FakeHost) -> (Decision, Vec<String>) {
     h.store.log.borrow_mut().clear();
     let store = h.store.clone();
-    let d = decide(cfg, h, &*store);
+    let mut cache = std::mem::take(&mut h.cache);
+    let d = decide(cfg, &mut cache, h, &*store);
+    h.cache = cache;
     let mut calls = std::mem::take(&mut *h.store.log.borrow_mut());
     if d.refused.is_some() {
         let mut retry = String::new();
@@ -207,9 +222,16 @@ fn run(cfg: &Config, h: &mut FakeHost) -> (Decision, Vec<String>) {
     (d, calls)
 }
 
-/// Runs a first request (fills the plans cache, creates the limit state) so the
-/// measured one is the steady state.
+/// Runs a first request (fills the plans cache, creates the limit state), then
+/// forgets the cached key record, so the measured request reads its key entry: the
+/// path of a worker's first request of a key after any key-set change. (`hot` keeps it.)
 fn warm(cfg: &Config, h: &mut FakeHost) {
+    run(cfg, h);
+    h.cache = KeyCache::default();
+}
+
+/// Like `warm`, but keeps the key record cached: the steady state of a busy key.
+fn hot(cfg: &Config, h: &mut FakeHost) {
     run(cfg, h);
 }
 
@@ -342,6 +364,7 @@ fn unauthenticated_refusals_stop_early() {
             "get km/meta",
             "req_header x-api-key",
             "get k/ZZZZZZZZZZZZ",
+            "get km/meta",
             "send_local_reply"
         ]])
     );
@@ -372,6 +395,8 @@ fn no_key_set_denies_or_fails_open() {
         peer: None,
         now: Some(T0),
         plans: PlansCache::default(),
+        before_entry: None,
+        cache: KeyCache::default(),
     };
     let (d, calls) = run(&filter_cfg(), &mut h);
     assert_eq!(refused(&d), Problem::KeySetUnavailable);
@@ -470,15 +495,15 @@ fn scopes_read_method_and_path_and_refuse_outside() {
     let (d, calls) = run(&c, &mut h);
     assert_eq!(refused(&d), Problem::OutOfScope);
     assert_eq!(d.outcome, Outcome::Forbidden);
+    // The record is cached now: the clock is read first, to check the cache's age.
     assert_eq!(
         calls,
         seq(&[&[
             "get km/meta",
             "req_header x-api-key",
-            &key_entry(),
+            "time",
             "req_header :method",
             "req_header :path",
-            "time",
             "send_local_reply",
         ]])
     );
@@ -511,7 +536,7 @@ fn cidrs_read_the_peer_address_and_refuse_outside() {
     let (d, calls) = run(&c, &mut h);
     assert_eq!(refused(&d), Problem::AddressNotAllowed);
     assert_eq!(d.outcome, Outcome::Forbidden);
-    assert_eq!(calls.len(), 6, "{calls:?}");
+    assert_eq!(calls.len(), 5, "cached record: {calls:?}");
 }
 
 #[test]
@@ -560,13 +585,13 @@ fn rate_limited_and_quota_refusals_carry_retry_and_ratelimit_headers() {
     assert_eq!(d.outcome, Outcome::RateLimited);
     assert_eq!(d.refused.unwrap().retry_after_secs, Some(1));
     let rl = format!("km/rl/k/{ID}");
-    // A denial writes nothing; its RateLimit fields go on the local reply.
+    // A denial writes nothing; its RateLimit fields go on the local reply. (The key
+    // record comes from the worker's cache: the first request read it.)
     assert_eq!(
         calls,
         seq(&[&[
             "get km/meta",
             "req_header x-api-key",
-            &key_entry(),
             "time",
             &format!("get {rl}"),
             "send_local_reply",
@@ -591,7 +616,7 @@ fn rate_limited_and_quota_refusals_carry_retry_and_ratelimit_headers() {
     let (d, calls) = run(&c, &mut h);
     assert_eq!(refused(&d), Problem::QuotaExceeded);
     assert_eq!(d.outcome, Outcome::QuotaExceeded);
-    assert_eq!(calls.len(), 6);
+    assert_eq!(calls.len(), 5, "cached record: {calls:?}");
 }
 
 #[test]
@@ -778,4 +803,226 @@ fn an_ambiguous_path_is_refused_only_when_a_path_rule_depends_on_it() {
     h.headers.insert(":path", "/v1/items/..;/admin".into());
     let (d, _) = run(&c, &mut h);
     assert_eq!(d.refused, None);
+}
+
+/// Commits a full push of `recs` (version `version`) straight into `mem`.
+fn full_push(mem: &MemStore, version: u64, recs: &[KeyRecord], plans: &[(&str, Plan)]) {
+    let mut push = FullPush::begin(mem, Clock::Fixed(T0)).unwrap();
+    for r in recs {
+        push.add(r).unwrap();
+    }
+    let plans: BTreeMap<String, Plan> = plans.iter().map(|(n, p)| (n.to_string(), p.clone())).collect();
+    push.commit(version, &plans, false).unwrap();
+}
+
+#[test]
+fn a_full_push_between_meta_and_key_entry_is_retried_not_refused() {
+    let c = filter_cfg();
+    let plans = [("pro", plan(100, 100, None))];
+    let mut h = host(&[record()], &plans);
+    warm(&c, &mut h);
+    // The push commits (new generation, old slot swept) after this request read
+    // `km/meta` and before it reads its key entry.
+    h.before_entry = Some(Box::new(move |mem: &MemStore| full_push(mem, 2, &[record()], &plans)));
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(
+        d.refused, None,
+        "a valid key is never refused because of a concurrent push"
+    );
+    // The retry re-reads meta and the entry; the new generation's plans are read once.
+    assert_eq!(
+        &calls[..6],
+        seq(&[&[
+            "get km/meta",
+            "req_header x-api-key",
+            &key_entry(),
+            "get km/meta",
+            &key_entry(),
+            &format!("get {}", crate::core::keyset::names::plans_name(1)),
+        ]])
+    );
+}
+
+#[test]
+fn an_unknown_key_costs_one_more_meta_read_and_no_retry() {
+    let c = filter_cfg();
+    let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
+    h.headers.insert("x-api-key", assemble("ZZZZZZZZZZZZ", SECRET));
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::InvalidCredential);
+    assert_eq!(
+        calls,
+        seq(&[&[
+            "get km/meta",
+            "req_header x-api-key",
+            "get k/ZZZZZZZZZZZZ",
+            "get km/meta",
+            "send_local_reply"
+        ]])
+    );
+}
+
+#[test]
+fn a_failed_clock_read_fails_closed() {
+    let c = filter_cfg();
+    // With time 0 an expired key would look valid: it must be refused, not admitted.
+    let expired = KeyRecord {
+        expires_at: Some((T0 / 1000) as i64 - 60),
+        ..record()
+    };
+    let mut h = host(&[expired], &[("pro", plan(100, 100, None))]);
+    warm(&c, &mut h);
+    h.now = None;
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::Unavailable);
+    assert_eq!(d.refused.unwrap().problem.status(), 503);
+    assert_eq!(d.unauthenticated, Some(Unauthenticated::Unavailable));
+    assert_eq!(
+        calls,
+        seq(&[&[
+            "get km/meta",
+            "req_header x-api-key",
+            &key_entry(),
+            "time",
+            "send_local_reply"
+        ]])
+    );
+    assert!(!calls.iter().any(|c| c.starts_with("set ")), "no limit is consumed");
+
+    let c = cfg(r#"{"role":"filter","anonymous":{"plan":"pro"}}"#);
+    let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
+    h.headers.remove("x-api-key");
+    h.now = None;
+    let (d, _) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::Unavailable);
+}
+
+#[test]
+fn a_key_whose_plan_is_missing_fails_closed() {
+    let c = filter_cfg();
+    let orphan = KeyRecord {
+        plan: "gone".into(),
+        ..record()
+    };
+    let mut h = host(&[orphan], &[("pro", plan(1, 1, None))]);
+    warm(&c, &mut h);
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::Unavailable, "never unlimited");
+    assert_eq!(d.unauthenticated, Some(Unauthenticated::Unavailable));
+    assert_eq!(
+        calls,
+        seq(&[&["get km/meta", "req_header x-api-key", &key_entry(), "send_local_reply"]])
+    );
+}
+
+#[test]
+fn a_cached_key_record_saves_the_entry_read_12_host_calls() {
+    let c = filter_cfg();
+    let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
+    hot(&c, &mut h);
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(d.refused, None);
+    let rl = format!("km/rl/k/{ID}");
+    assert_eq!(
+        calls,
+        seq(&[
+            &["get km/meta", "req_header x-api-key", "time"],
+            &[&format!("get {rl}"), &format!("set {rl}")],
+            &IDENTITY,
+            &["remove_req x-api-key"],
+            &["resp_header :status", "set_resp ratelimit-policy", "set_resp ratelimit"],
+        ])
+    );
+    assert_eq!(calls.len(), 12, "host calls per admitted request, steady state");
+}
+
+#[test]
+fn a_wrong_secret_is_refused_even_when_the_id_is_cached() {
+    let c = filter_cfg();
+    let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
+    hot(&c, &mut h);
+    h.headers
+        .insert("x-api-key", assemble(ID, "00000000000000000000000000000000"));
+    let (d, _) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::InvalidCredential);
+    assert_eq!(d.caller, Caller::Nobody);
+}
+
+#[test]
+fn any_key_set_write_invalidates_the_cache_at_the_next_request() {
+    use crate::core::keyset::delta::apply_delta;
+    use crate::core::keyset::document::CompiledOp;
+    let c = filter_cfg();
+    let plans = [("pro", plan(100, 100, None))];
+    let mut h = host(&[record()], &plans);
+    hot(&c, &mut h);
+    // A delta disabling the key, committed by another worker.
+    let opts = crate::core::keyset::apply::ApplyOptions {
+        force: false,
+        now_ms: T0,
+    };
+    apply_delta(&h.store.mem, 2, &[CompiledOp::SetEnabled(ID.into(), false)], opts).unwrap();
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::KeyDisabled, "the very next request sees it");
+    assert!(calls.contains(&key_entry()), "{calls:?}");
+    // Revoked: refused at once, too.
+    hot(&c, &mut h);
+    apply_delta(&h.store.mem, 3, &[CompiledOp::Revoke(ID.into())], opts).unwrap();
+    let (d, _) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::InvalidCredential);
+    // A full push replacing the key's record.
+    let mut h = host(&[record()], &plans);
+    hot(&c, &mut h);
+    let moved = KeyRecord {
+        consumer: "other".into(),
+        ..record()
+    };
+    full_push(&h.store.mem, 2, &[moved], &plans);
+    let (d, _) = run(&c, &mut h);
+    let Caller::Key(rec) = d.caller else {
+        panic!("not admitted")
+    };
+    assert_eq!(rec.consumer, "other");
+}
+
+#[test]
+fn a_cached_record_is_reread_after_its_ttl_even_without_a_meta_write() {
+    let c = filter_cfg();
+    let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
+    hot(&c, &mut h);
+    // An entry write without a meta write (a delta that failed half-way).
+    let disabled = KeyRecord {
+        enabled: false,
+        ..record()
+    };
+    let meta = crate::core::keyset::meta::read_meta(&h.store.mem).unwrap();
+    let mut entry = crate::core::keyset::entry::KeyEntry::default();
+    entry.slots[meta.slot as usize & 1] = Some(crate::core::keyset::entry::Slot {
+        gen: meta.gen,
+        record: disabled,
+    });
+    let mut buf = [0u8; 32];
+    let name = crate::core::keyset::names::key_entry_name(ID, &mut buf).to_string();
+    h.store.mem.map_set_raw(
+        &name,
+        &bincode::Options::serialize(bincode::DefaultOptions::new(), &entry).unwrap(),
+    );
+    h.now = Some(T0 + super::key_cache::TTL_MS - 1);
+    assert_eq!(run(&c, &mut h).0.refused, None, "within the TTL the cache still serves");
+    h.now = Some(T0 + super::key_cache::TTL_MS);
+    assert_eq!(refused(&run(&c, &mut h).0), Problem::KeyDisabled);
+}
+
+#[test]
+fn identity_headers_left_out_by_configuration_cost_no_host_call() {
+    let c = cfg(r#"{"role":"filter","headers":{"forward":["key_id"]}}"#);
+    let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
+    hot(&c, &mut h);
+    let (_, calls) = run(&c, &mut h);
+    assert_eq!(calls.len(), 10, "{calls:?}");
+    assert!(calls.contains(&"set_req x-keymeter-key-id".to_string()));
+    assert!(!calls
+        .iter()
+        .any(|c| c.contains("consumer") || c.contains("x-keymeter-plan")));
+    assert!(Config::parse(br#"{"role":"filter","headers":{"forward":["tier"]}}"#).is_err());
 }

@@ -2,7 +2,7 @@
 
 use crate::core::keyset::meta::Meta;
 use crate::core::store::StoreError;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApplyError {
@@ -64,7 +64,7 @@ impl From<StoreError> for ApplyError {
 }
 
 /// Result of a successful update.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApplyReport {
     pub version: u64,
     pub keys: u64,

@@ -282,8 +282,9 @@ impl KeySetDoc {
     }
 }
 
-/// A validated delta, ready to apply.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A validated delta, ready to apply (serialisable: an interrupted delta is kept in
+/// `km/delta` until finished).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CompiledOp {
     Upsert(KeyRecord),
     Revoke(String),

@@ -239,7 +239,8 @@ impl<'a> FullPush<'a> {
         self.st.now_ms = now_ms;
         let store = self.store;
         let slot = self.st.slot;
-        write_plans(store, slot, self.st.gen, plans)?;
+        let plans_rev = self.st.running.map_or(0, |m| m.plans_rev) + 1;
+        write_plans(store, slot, self.st.gen, &[(plans_rev, plans)])?;
         self.flush_index_chunk()?;
         for j in self.st.index_chunks..self.st.old_index_len.div_ceil(INDEX_CHUNK) {
             store.set(&index_chunk_name(slot, j), &[], None)?;
@@ -251,7 +252,7 @@ impl<'a> FullPush<'a> {
             slot,
             version,
             keys: st.keys,
-            plans_rev: st.running.map_or(0, |m| m.plans_rev) + 1,
+            plans_rev,
             updated_at: (st.now_ms / 1000) as i64,
             avg_entry_bytes: st.entry_bytes / st.keys.max(1),
         };

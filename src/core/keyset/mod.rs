@@ -21,6 +21,7 @@
 //! - `km/gen`: generation counter, so a failed or interrupted push leaves only inert slots.
 //! - `km/cleanup`: the pending sweep of a previous (or abandoned) generation.
 //! - `km/upload`: the state of a staged upload between its requests.
+//! - `km/delta`: a delta being applied, kept until finished (see `delta`).
 //! - `km/status`: the last applied update, for the status endpoint.
 //!
 //! Modules: `document` (the JSON formats and validation), `names` (shared-data key

@@ -6,6 +6,7 @@ pub const LOCK: &str = "km/lock";
 pub const STATUS: &str = "km/status";
 pub const UPLOAD: &str = "km/upload";
 pub const CLEANUP: &str = "km/cleanup";
+pub const DELTA: &str = "km/delta";
 
 /// Prefix of per-key entries. Deliberately short: `k/` + a 12-byte id fits the host's
 /// small-string buffer, which saves a heap allocation per key in a million-key set.

@@ -9,6 +9,7 @@
 
 use crate::core::cas::{unique_owner, LockError, TtlLock};
 use crate::core::keyset::apply::ApplyError;
+use crate::core::keyset::delta::{finish_pending, Recovered};
 use crate::core::keyset::names::LOCK;
 use crate::core::keyset::upload::reap_abandoned_upload;
 use crate::core::store::Store;
@@ -23,6 +24,7 @@ pub const UPLOAD_TTL_MS: u64 = 15_000;
 /// of a staged upload. Dropping it releases it, unless it was `keep`t.
 pub struct Lock<'a> {
     inner: TtlLock<'a>,
+    recovered: Option<Recovered>,
 }
 
 impl From<LockError> for ApplyError {
@@ -46,9 +48,12 @@ impl<'a> Lock<'a> {
     }
 
     fn take(store: &'a dyn Store, now_ms: u64, owner: &str, ttl_ms: u64) -> Result<Lock<'a>, ApplyError> {
-        let lock = Lock {
+        let mut lock = Lock {
             inner: TtlLock::acquire(store, LOCK, owner, ttl_ms, now_ms)?,
+            recovered: None,
         };
+        // A writer interrupted mid-delta left it recorded: finish it before anything.
+        lock.recovered = finish_pending(store)?;
         // A live upload always holds the lock: one still recorded now let it expire.
         reap_abandoned_upload(store)?;
         Ok(lock)
@@ -61,6 +66,7 @@ impl<'a> Lock<'a> {
         }
         Ok(Lock {
             inner: TtlLock::resume(store, LOCK, owner, UPLOAD_TTL_MS, now_ms)?,
+            recovered: None,
         })
     }
 
@@ -73,6 +79,11 @@ impl<'a> Lock<'a> {
     /// Checks the lock is still ours and extends it (before a commit).
     pub(crate) fn confirm(&mut self, now_ms: u64) -> Result<(), ApplyError> {
         Ok(self.inner.renew(now_ms)?)
+    }
+
+    /// The interrupted delta this lock's taking finished, if any.
+    pub(crate) fn recovered(&self) -> Option<&Recovered> {
+        self.recovered.as_ref()
     }
 
     /// Leaves the lock held (until its deadline) when this value goes away.

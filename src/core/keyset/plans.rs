@@ -22,7 +22,16 @@ pub fn read_plans(store: &dyn Store, meta: &Meta) -> Plans {
     let Some(bytes) = read_value(store, &plans_name(meta.slot)).0 else {
         return Plans::default();
     };
-    match bincode::deserialize::<Stored>(&bytes) {
+    use bincode::Options;
+    let exact = || bincode::options().with_fixint_encoding().reject_trailing_bytes();
+    // Before revisions were kept the value was (generation, plans): still read, so
+    // plans written by a previous build of the plugin survive an in-place upgrade.
+    let decoded = exact().deserialize::<Stored>(&bytes).or_else(|_| {
+        exact()
+            .deserialize::<(u64, Plans)>(&bytes)
+            .map(|(g, p)| (g, vec![(meta.plans_rev, p)]))
+    });
+    match decoded {
         Ok((gen, revs)) if gen == meta.gen => {
             // The revision meta names; the newest when none matches (a full push
             // writes its one revision before the flip).
@@ -40,4 +49,36 @@ pub(crate) fn write_plans(store: &dyn Store, slot: u8, gen: u64, revs: &[(u64, &
     let bytes = bincode::serialize(&(gen, revs)).expect("plans encode");
     store.set(&plans_name(slot), &bytes, None)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::store::MemStore;
+
+    #[test]
+    fn reads_the_revision_meta_names_and_the_previous_format() {
+        let s = MemStore::default();
+        let (mut a, mut b) = (Plans::default(), Plans::default());
+        a.insert(
+            "a".into(),
+            crate::core::keyset::document::compile_plan("x", &Default::default(), "plans").unwrap(),
+        );
+        b.insert(
+            "b".into(),
+            crate::core::keyset::document::compile_plan("x", &Default::default(), "plans").unwrap(),
+        );
+        let meta = |plans_rev| Meta {
+            gen: 7,
+            plans_rev,
+            ..Meta::default()
+        };
+        write_plans(&s, 0, 7, &[(1, &a), (2, &b)]).unwrap();
+        assert!(read_plans(&s, &meta(1)).contains_key("a"));
+        assert!(read_plans(&s, &meta(2)).contains_key("b"));
+        assert!(read_plans(&s, &Meta { gen: 8, ..meta(2) }).is_empty());
+        s.set(&plans_name(0), &bincode::serialize(&(7u64, &a)).unwrap(), None)
+            .unwrap();
+        assert!(read_plans(&s, &meta(5)).contains_key("a"));
+    }
 }

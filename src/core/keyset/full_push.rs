@@ -12,7 +12,7 @@ use crate::core::keyset::index::INDEX_CHUNK;
 use crate::core::keyset::meta::{next_gen, Meta};
 use crate::core::keyset::names::{index_chunk_name, index_len_name, META};
 use crate::core::keyset::plans::write_plans;
-use crate::core::keyset::sweep::{queue_abort_cleanup, queue_cleanup, run_cleanup, Cleanup};
+use crate::core::keyset::sweep::{queue_abort_cleanup, queue_cleanup, run_cleanup, Cleanup, CLEANUP_STEP_CHUNKS};
 use crate::core::keyset::writer_lock::Lock;
 use crate::core::limits::plan::Plan;
 use crate::core::store::{read_u64, read_value, Store};
@@ -110,7 +110,11 @@ impl<'a> FullPush<'a> {
     fn start(store: &'a dyn Store, lock: Lock<'a>, clock: Clock<'a>, owner: &str) -> Result<FullPush<'a>, ApplyError> {
         let now_ms = clock.now_ms();
         // The slot about to be written must be clean (and its index free) first.
-        run_cleanup(store, usize::MAX, true)?;
+        // Bounded: after a large commit the sweep of the previous generation takes the
+        // timer a few seconds; a push begun meanwhile is told to retry, not stalled.
+        if !run_cleanup(store, CLEANUP_STEP_CHUNKS, true)? {
+            return Err(ApplyError::Busy);
+        }
         let (meta_bytes, meta_cas) = read_value(store, META);
         let running = meta_bytes.as_deref().and_then(Meta::decode);
         let gen = next_gen(store)?;
@@ -215,7 +219,7 @@ impl<'a> FullPush<'a> {
     /// Checks the version, then makes the pushed set the active one in one CAS and
     /// sweeps the previous generation.
     pub fn commit(self, version: u64, plans: &BTreeMap<String, Plan>, force: bool) -> Result<ApplyReport, ApplyError> {
-        self.commit_with(version, plans, force, usize::MAX)
+        self.commit_with(version, plans, force, CLEANUP_STEP_CHUNKS)
     }
 
     /// `commit` doing at most `budget` index chunks of the sweep in this call; the rest
@@ -260,16 +264,17 @@ impl<'a> FullPush<'a> {
         let removed = st.running.map_or(0, |m| m.keys.saturating_sub(st.kept));
         if let Some(old) = st.running.filter(|old| old.slot & 1 != slot & 1) {
             let old_len = read_u64(store, &index_len_name(old.slot)) as usize;
-            queue_cleanup(
-                store,
-                Cleanup {
-                    slot: old.slot,
-                    gen: old.gen,
-                    chunks: old_len.div_ceil(INDEX_CHUNK),
-                    next: 0,
-                },
-            )?;
-            run_cleanup(store, budget, true)?;
+            // The set is switched: a failure from here on only delays the sweep of the
+            // old generation's (inert) records, and must not report the push failed.
+            let job = Cleanup {
+                slot: old.slot,
+                gen: old.gen,
+                chunks: old_len.div_ceil(INDEX_CHUNK),
+                next: 0,
+            };
+            if let Err(e) = queue_cleanup(store, job).and_then(|()| run_cleanup(store, budget, true)) {
+                log::warn!("keymeter: sweep of generation {} not started: {e}", old.gen);
+            }
         }
         Ok(ApplyReport {
             version,
@@ -281,7 +286,7 @@ impl<'a> FullPush<'a> {
 
     /// Gives the push up, clearing the slots it wrote so they take no memory.
     pub fn abort(self) {
-        self.abort_with(usize::MAX)
+        self.abort_with(CLEANUP_STEP_CHUNKS)
     }
 
     /// `abort` clearing at most `budget` index chunks now, the rest later (see
@@ -292,6 +297,7 @@ impl<'a> FullPush<'a> {
         }
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

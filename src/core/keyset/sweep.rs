@@ -32,8 +32,12 @@ fn read_cleanup(store: &dyn Store) -> (Option<Cleanup>, u32) {
 }
 
 pub(crate) fn queue_cleanup(store: &dyn Store, job: Cleanup) -> Result<(), ApplyError> {
-    // At most one job: finish a previous one first (the caller holds the lock).
-    run_cleanup(store, usize::MAX, true)?;
+    // At most one job: a previous one must be finished first (the caller holds the
+    // lock). Only a bounded step of it is done here, never a whole sweep of a large
+    // set (the timer's `cleanup_step` does the rest); until then writers are Busy.
+    if !run_cleanup(store, CLEANUP_STEP_CHUNKS, true)? {
+        return Err(ApplyError::Busy);
+    }
     store.set(CLEANUP, &bincode::serialize(&job).expect("cleanup encodes"), None)?;
     Ok(())
 }

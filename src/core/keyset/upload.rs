@@ -503,4 +503,43 @@ mod tests {
         upload_commit(&s, "u", commit_body(2).as_bytes(), 2_000, false).unwrap();
         assert_eq!(apply_delta(&s, 7, &d, o).unwrap().removed, 1, "the lock was released");
     }
+
+    /// Issue 10.14: an upload begun right after a large staged commit (whose sweep of
+    /// the previous generation is left to the timer) must not finish that sweep inline:
+    /// every inline step is bounded. It answers Busy until the sweep is done, then works.
+    #[test]
+    fn an_upload_after_a_large_commit_does_a_bounded_step_only() {
+        use crate::core::keyset::sweep::CLEANUP_STEP_CHUNKS;
+        use std::rc::Rc;
+        let s = Rc::new(MemStore::default());
+        let n = 4096 * (2 * CLEANUP_STEP_CHUNKS + 2);
+        staged(&s, 1, &ids(0, n), 10_000, 1_000).unwrap();
+        drain(&s);
+        staged(&s, 2, &ids(n, n), 10_000, 1_000).unwrap(); // sweep of v1 left pending
+        let writes = Rc::new(std::cell::Cell::new(0usize));
+        let w2 = writes.clone();
+        *s.before_set.borrow_mut() = Some(Box::new(move |k: &str| {
+            if k.starts_with(KEY_ENTRY_PREFIX) {
+                w2.set(w2.get() + 1);
+            }
+        }));
+        let first = upload_begin(&*s, "u", 2_000);
+        let inline = writes.get();
+        *s.before_set.borrow_mut() = None;
+        assert!(
+            inline <= 4096 * CLEANUP_STEP_CHUNKS,
+            "{inline} entries swept inline (budget {})",
+            4096 * CLEANUP_STEP_CHUNKS
+        );
+        if first.is_ok() {
+            upload_abort(&*s, "u", 2_000).unwrap();
+        } else {
+            assert_eq!(first, Err(UploadError::Push(PushError::Apply(ApplyError::Busy))));
+        }
+        drain(&s);
+        upload_begin(&*s, "u2", 3_000).unwrap();
+        upload_abort(&*s, "u2", 3_000).unwrap();
+        drain(&s);
+        assert_eq!(snapshot(&s).1, 0, "nothing stale left");
+    }
 }

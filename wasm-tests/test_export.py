@@ -216,3 +216,29 @@ def test_max_events_splits_batches_with_pull_in_the_same_service(start_envoy, co
         assert st["source"]["state"] == "ok" and st["export"]["full_batches"] >= 2
     finally:
         source.stop()
+
+
+def test_a_persistently_rejected_batch_is_parked_and_reported(start_envoy, collector, wasm_path):
+    """Issue 10.16: a collector that keeps answering 4xx to a batch must not block the
+    export forever: after 5 rejections the batch is parked (status and metric say so)
+    and newer usage is exported again."""
+    collector.fail_next(5, 422)
+    envoy = start_envoy(concurrency=2, filter_conf=FILTER, **harness.export_service(collector.port, wasm_path))
+    k = Key(consumer="acme")
+    assert push(envoy, keyset(1, [k])).status == 200
+    assert traffic(envoy, [(k, "/v1/a")] * 3) == [200] * 3
+
+    def parked():
+        ex = admin_get(envoy, "/v1/status")["export"]
+        return ex and ex["parked_batches"] == 1 and ex
+    ex = harness.wait_until(parked, timeout=WAIT, interval=0.2, message="the rejected batch was never parked")
+    assert ex["parked_events"] == 1 and ex["last_parked_at"], ex
+    assert "422" in ex["last_error"]["message"] and "parked" in ex["last_error"]["message"], ex
+    assert envoy.stat("wasmcustom.keymeter_export_parked_events_total") == 1
+    assert [r["status"] for r in collector.requests()][:5] == [422] * 5
+
+    # the export moves on: only the usage after the parked batch arrives
+    assert traffic(envoy, [(k, "/v1/a")] * 2) == [200] * 2
+    harness.wait_until(lambda: collector.totals().get(k.id, {}).get("requests", {}).get("admitted") == 2,
+                       timeout=WAIT, interval=0.2, message=f"newer usage not exported: {collector.totals()}")
+    assert admin_get(envoy, "/v1/status")["export"]["state"] == "ok"

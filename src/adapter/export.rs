@@ -16,6 +16,7 @@ pub struct ExportService {
     exporter: Exporter,
     events_metric: Option<u32>,
     failures_metric: Option<u32>,
+    parked_metric: Option<u32>,
 }
 
 fn instance_id() -> String {
@@ -35,6 +36,7 @@ impl ExportService {
             exporter,
             events_metric: None,
             failures_metric: None,
+            parked_metric: None,
         }
     }
 
@@ -43,6 +45,7 @@ impl ExportService {
         host::ensure_instance();
         self.events_metric = hostcalls::define_metric(MetricType::Counter, "keymeter_export_events_total").ok();
         self.failures_metric = hostcalls::define_metric(MetricType::Counter, "keymeter_export_failures_total").ok();
+        self.parked_metric = hostcalls::define_metric(MetricType::Counter, "keymeter_export_parked_events_total").ok();
         log::info!(
             "keymeter export: usage to {} via cluster {} every {}ms, at most {} events per batch",
             self.exporter.health.url,
@@ -109,6 +112,10 @@ impl ExportService {
             Decision::Failed => {
                 Self::count(self.failures_metric, 1);
                 self.log_failure();
+            }
+            Decision::Parked(n) => {
+                Self::count(self.failures_metric, 1);
+                Self::count(self.parked_metric, n as u64);
             }
         }
         self.publish();

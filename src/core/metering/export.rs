@@ -21,8 +21,16 @@
 //!   after the last lineage included (round robin, so no lineage starves) and is due at
 //!   once. After a failure the batch is retried after 1s, 2s, 4s, ... capped at the
 //!   interval; a call the host never answers is given up after timeout + 5s.
-//! - Any non-2xx answer (4xx included) is retried: the batch is never dropped; the
-//!   health shows the error until an operator fixes the collector.
+//! - The frozen batch is also written to shared data (`km/exp/batch`) before it is
+//!   sent, so a singleton VM that restarts between delivery and acknowledgement resends
+//!   the very same events (same ids) instead of rebuilding them with new ids over the
+//!   usage that arrived since (the collector would count that part twice).
+//! - Unreachable collectors, 5xx, 408 and 429 are retried forever: nothing is dropped
+//!   and the health shows the error until the collector is back. A batch the collector
+//!   rejects with another 4xx `PARK_AFTER_REJECTIONS` times in a row will not get
+//!   better by resending: it is parked (kept in `km/exp/parked`, counted in the health
+//!   and the `keymeter_export_parked_events_total` metric, its totals marked handled)
+//!   and the export moves on, instead of blocking forever.
 
 use crate::core::config::ExportConfig;
 use crate::core::metering::usage::{entries, Counters, UsageRecord};
@@ -38,6 +46,12 @@ pub const HEALTH: &str = "km/export";
 pub const EVENT_TYPE: &str = "keymeter.usage.v1";
 /// Content type of a batch (CloudEvents batched JSON mode).
 pub const CONTENT_TYPE: &str = "application/cloudevents-batch+json";
+/// The frozen batch in flight (see `Batch`), so a restarted singleton resends it.
+pub const BATCH: &str = "km/exp/batch";
+/// The last batch parked after persistent rejections, kept for inspection.
+pub const PARKED: &str = "km/exp/parked";
+/// Consecutive 4xx answers (other than 408 and 429) after which a batch is parked.
+pub const PARK_AFTER_REJECTIONS: u32 = 5;
 /// Index positions read per shared-data page while building a batch.
 const SCAN_PAGE: usize = 256;
 
@@ -89,10 +103,15 @@ pub struct Health {
     pub full_batches: u64,
     /// Failed writes of acknowledged totals (each retried; see `ErrorKind::Store`).
     pub store_errors: u64,
+    /// Batches (and their events) parked after `PARK_AFTER_REJECTIONS` 4xx answers:
+    /// their usage is not sent; the last one is kept in `km/exp/parked`.
+    pub parked_batches: u64,
+    pub parked_events: u64,
+    pub last_parked_at: Option<String>,
 }
 
 /// One frozen batch: the exact bytes to (re)send and what to acknowledge on success.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Batch {
     pub body: Vec<u8>,
     pub ids: Vec<String>,
@@ -109,6 +128,8 @@ pub enum Decision {
     /// Acknowledged: this many events were delivered.
     Acked(usize),
     Failed,
+    /// Rejected once too often: this many events were parked, not delivered.
+    Parked(usize),
     /// Not the call in flight.
     Ignored,
 }
@@ -121,6 +142,10 @@ pub struct Exporter {
     batch: Option<Batch>,
     /// Acknowledged totals not yet written to shared data.
     commit: Vec<(String, Counters)>,
+    /// `km/exp/batch` still holds a batch that was acknowledged (or parked).
+    clear_batch: bool,
+    /// Consecutive rejections (4xx but 408/429) of the current batch.
+    rejections: u32,
     pub health: Health,
 }
 
@@ -161,6 +186,21 @@ pub fn acked(store: &dyn Store, lineage: &str) -> Counters {
         .unwrap_or_default()
 }
 
+/// The batch recorded in `km/exp/batch`, unless it was already acknowledged (the
+/// acknowledged totals are written before the record is cleared).
+fn adopt(store: &dyn Store) -> Option<Batch> {
+    let b: Batch = store
+        .get(BATCH)
+        .0
+        .filter(|v| !v.is_empty())
+        .and_then(|v| bincode::deserialize(&v).ok())?;
+    if b.to.iter().all(|(lineage, c)| acked(store, lineage) == *c) {
+        let _ = store.set(BATCH, &[], None);
+        return None;
+    }
+    Some(b)
+}
+
 fn event(instance_id: &str, now_ms: u64, rec: &UsageRecord, from: &Counters) -> (String, serde_json::Value) {
     let id = event_id(instance_id, &rec.lineage, from, &rec.counters);
     let mut data = sub(&rec.counters, from).to_json();
@@ -193,6 +233,8 @@ impl Exporter {
             cursor: 0,
             batch: None,
             commit: Vec::new(),
+            clear_batch: false,
+            rejections: 0,
             health: Health {
                 cluster: c.cluster.clone(),
                 url: crate::core::redact::display_url(&c.authority, &c.path),
@@ -237,9 +279,26 @@ impl Exporter {
         }
         if self.batch.is_some() {
             self.health.retries += 1;
+        } else if let Some(b) = adopt(store) {
+            // A batch a previous VM of this singleton froze (and maybe delivered).
+            self.health.retries += 1;
+            self.batch = Some(b);
         } else {
             match self.build(now_ms, store, instance_id) {
-                Some(b) => self.batch = Some(b),
+                Some(b) => {
+                    let bytes = bincode::serialize(&b).expect("batch encodes");
+                    if store.set(BATCH, &bytes, None).is_err() {
+                        // Not sent unless recorded: a restart would rebuild it with new ids.
+                        self.health.store_errors += 1;
+                        self.fail(
+                            now_ms,
+                            ErrorKind::Store,
+                            "cannot record the batch in shared data".into(),
+                        );
+                        return None;
+                    }
+                    self.batch = Some(b)
+                }
                 None => {
                     // Nothing new: the collector is not called; try again next interval.
                     let next = self.call.set_next(now_ms + self.interval_ms);
@@ -330,7 +389,9 @@ impl Exporter {
             Some(s) if (200..300).contains(&s) => {
                 let b = self.batch.take().expect("a call in flight has a batch");
                 let n = b.ids.len();
+                self.rejections = 0;
                 self.commit = b.to;
+                self.clear_batch = true;
                 if !self.flush_commit(store) {
                     // Retried by the next `begin` before anything new is built.
                     self.health.store_errors += 1;
@@ -353,6 +414,7 @@ impl Exporter {
                 Decision::Acked(n)
             }
             None => {
+                self.rejections = 0;
                 self.fail(
                     now_ms,
                     ErrorKind::Unreachable,
@@ -367,17 +429,61 @@ impl Exporter {
                 } else {
                     ErrorKind::Http
                 };
+                let rejected = kind == ErrorKind::Http && (400..500).contains(&s) && s != 408 && s != 429;
+                self.rejections = if rejected { self.rejections + 1 } else { 0 };
+                if self.rejections >= PARK_AFTER_REJECTIONS {
+                    return self.park(now_ms, store, answered("collector", s, &text));
+                }
                 self.fail(now_ms, kind, answered("collector", s, &text));
                 Decision::Failed
             }
         }
     }
 
-    /// Writes pending acknowledged totals; true when none is left.
+    /// Sets the current batch aside after persistent rejections: kept in `km/exp/parked`
+    /// for an operator, its totals marked handled so newer usage flows again.
+    fn park(&mut self, now_ms: u64, store: &dyn Store, why: String) -> Decision {
+        let b = self.batch.take().expect("a call in flight has a batch");
+        let n = b.ids.len();
+        if store.set(PARKED, &b.body, None).is_err() {
+            self.health.store_errors += 1;
+        }
+        log::warn!(
+            "keymeter export: parking a batch of {n} events rejected {} times: {why}",
+            self.rejections
+        );
+        self.rejections = 0;
+        self.commit = b.to;
+        self.clear_batch = true;
+        if !self.flush_commit(store) {
+            self.health.store_errors += 1;
+        }
+        self.cursor = if b.full { b.resume } else { 0 };
+        self.health.parked_batches += 1;
+        self.health.parked_events += n as u64;
+        self.health.last_parked_at = Some(ts(now_ms));
+        self.health.pending_events = 0;
+        self.health.failures += 1;
+        self.health.state = State::Error;
+        self.health.last_error = Some(ExportError::new(
+            now_ms,
+            ErrorKind::Http,
+            format!("{why} ({} times): batch of {n} events parked", PARK_AFTER_REJECTIONS),
+        ));
+        let next = self.call.set_next(now_ms);
+        self.health.next_attempt_at = Some(ts(next));
+        Decision::Parked(n)
+    }
+
+    /// Writes pending acknowledged totals, then forgets the recorded batch; true when
+    /// nothing is left to write.
     fn flush_commit(&mut self, store: &dyn Store) -> bool {
         self.commit
             .retain(|(lineage, c)| store.set(&acked_name(lineage), &counters_bytes(c), None).is_err());
-        self.commit.is_empty()
+        if self.commit.is_empty() && self.clear_batch && store.set(BATCH, &[], None).is_ok() {
+            self.clear_batch = false;
+        }
+        self.commit.is_empty() && !self.clear_batch
     }
 
     /// Delay before the next attempt after `failures` consecutive failures.
@@ -622,7 +728,7 @@ mod tests {
                 self.0.get(k)
             }
             fn set(&self, k: &str, v: &[u8], c: Option<u32>) -> Result<(), StoreError> {
-                if self.1.get() && k.starts_with("km/exp/") {
+                if self.1.get() && k.starts_with("km/exp/a/") {
                     return Err(StoreError::Host);
                 }
                 self.0.set(k, v, c)
@@ -646,5 +752,100 @@ mod tests {
         x.on_response(T0 + 11_000, &st, 2, Some(200), b"");
         col.take(&body);
         assert_eq!(col.admitted["aaaaaaaaaaa1"], 3);
+    }
+
+    /// Issue 10.16: the singleton restarts (its VM, hence the exporter, is replaced)
+    /// after the collector received a batch but before the ack was processed. The new
+    /// exporter must resend the same events (same ids), so the collector's dedup holds.
+    #[test]
+    fn a_restart_between_delivery_and_ack_resends_the_same_event_ids() {
+        let s = MemStore::default();
+        let mut col = Collector::default();
+        traffic(&s, "aaaaaaaaaaa1", "acme", 3, 0);
+        let mut x = Exporter::new(&conf(10));
+        assert!(x.due(T0));
+        let b1 = x.begin(T0, &s, INST).unwrap();
+        x.dispatched(1);
+        col.take(&b1); // delivered; the answer never reaches this VM
+        drop(x);
+        traffic(&s, "aaaaaaaaaaa1", "acme", 2, 0);
+        let mut y = Exporter::new(&conf(10));
+        let (b2, d) = attempt(&mut y, &s, T0 + 5_000, 7, Some(200)).unwrap();
+        assert_eq!(d, Decision::Acked(1));
+        col.take(&b2);
+        let next = y.next_ms();
+        if let Some((b3, _)) = attempt(&mut y, &s, next, 8, Some(200)) {
+            col.take(&b3);
+        }
+        assert_eq!(col.admitted["aaaaaaaaaaa1"], 5, "collector total equals real usage");
+    }
+
+    /// Issue 10.16: a collector that keeps rejecting a batch with a 4xx (a malformed or
+    /// refused batch will not get better by resending) must not block the export
+    /// forever: after `PARK_AFTER_REJECTIONS` answers the batch is parked, counted in
+    /// the health, and newer usage flows again. 5xx, 408 and 429 are retried forever.
+    #[test]
+    fn a_persistent_4xx_parks_the_batch_and_the_export_moves_on() {
+        let s = MemStore::default();
+        let mut col = Collector::default();
+        let mut x = Exporter::new(&conf(10));
+        traffic(&s, "aaaaaaaaaaa1", "acme", 3, 0);
+        let mut now = T0;
+        // 429 and 5xx never park
+        for status in [429, 503, 408, 500, 429, 503] {
+            let (_, d) = attempt(&mut x, &s, now, 1, Some(status)).unwrap();
+            assert_eq!(d, Decision::Failed);
+            now = x.next_ms();
+        }
+        let mut parked = None;
+        for i in 0..10 {
+            let (b, d) = attempt(&mut x, &s, now, 2, Some(422)).unwrap();
+            now = x.next_ms();
+            if d != Decision::Failed {
+                parked = Some((i, b, d));
+                break;
+            }
+        }
+        let (i, b, d) = parked.expect("a batch rejected 10 times was never parked");
+        assert_eq!(i + 1, PARK_AFTER_REJECTIONS as usize);
+        assert_eq!(d, Decision::Parked(1));
+        assert_eq!((x.health.parked_batches, x.health.parked_events), (1, 1));
+        assert_eq!(s.get(PARKED).0.unwrap(), b, "the parked batch is kept for inspection");
+        traffic(&s, "aaaaaaaaaaa1", "acme", 2, 0);
+        let (b2, d) = attempt(&mut x, &s, now, 3, Some(200)).unwrap();
+        assert_eq!(d, Decision::Acked(1));
+        col.take(&b2);
+        assert_eq!(col.admitted["aaaaaaaaaaa1"], 2, "only usage after the parked batch");
+        assert_eq!(x.health.state, State::Ok);
+    }
+
+    /// A recorded batch whose ack was processed (acked totals written) but whose record
+    /// could not be cleared is not resent after a restart: resending it would move the
+    /// acknowledged totals back and make the next batch count that usage twice.
+    #[test]
+    fn an_already_acknowledged_recorded_batch_is_not_adopted() {
+        let s = MemStore::default();
+        let mut col = Collector::default();
+        traffic(&s, "aaaaaaaaaaa1", "acme", 3, 0);
+        let mut x = Exporter::new(&conf(10));
+        let (b1, _) = attempt(&mut x, &s, T0, 1, Some(200)).unwrap();
+        col.take(&b1);
+        let stale = s.get(BATCH).0.unwrap();
+        assert!(stale.is_empty(), "cleared after the ack");
+        // as if the clear had failed: the acknowledged batch is still recorded
+        let b = Batch {
+            body: b1.clone(),
+            ids: vec![],
+            to: vec![("aaaaaaaaaaa1".into(), acked(&s, "aaaaaaaaaaa1"))],
+            resume: 0,
+            full: false,
+        };
+        s.set(BATCH, &bincode::serialize(&b).unwrap(), None).unwrap();
+        traffic(&s, "aaaaaaaaaaa1", "acme", 2, 0);
+        let mut z = Exporter::new(&conf(10));
+        let (b2, _) = attempt(&mut z, &s, T0 + 20_000, 2, Some(200)).unwrap();
+        assert_ne!(b2, b1, "the acknowledged batch was not resent");
+        col.take(&b2);
+        assert_eq!(col.admitted["aaaaaaaaaaa1"], 5);
     }
 }

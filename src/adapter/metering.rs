@@ -8,6 +8,7 @@
 use super::host::HostStore;
 use crate::core::cas::{add_u64_capped, Create};
 use crate::core::config::Metering;
+use crate::core::metering::label_cache::LabelCache;
 use crate::core::metering::usage::{Aggregator, Counters, Outcome, Subject, STATUS_CLASSES};
 use crate::core::request::Unauthenticated;
 use crate::core::store::Store;
@@ -16,6 +17,9 @@ use proxy_wasm::types::MetricType;
 use std::collections::HashMap;
 
 const SERIES_COUNT: &str = "km/mseries";
+/// Cached "no own series" decisions per worker before they are dropped (re-read from
+/// the lineage's marker when needed again).
+const UNLABELLED_CACHE: usize = 4096;
 
 /// Borrowed identity of a counted request.
 pub struct Who<'a> {
@@ -32,7 +36,7 @@ pub struct Meter {
     contention: u64,
     metric_ids: HashMap<String, u32>,
     /// lineage -> whether it has its own labelled series (decided once per worker).
-    labelled: HashMap<String, bool>,
+    labelled: LabelCache,
 }
 
 impl Meter {
@@ -43,7 +47,7 @@ impl Meter {
             unauthenticated: [0; Unauthenticated::ALL.len()],
             contention: 0,
             metric_ids: HashMap::new(),
-            labelled: HashMap::new(),
+            labelled: LabelCache::new(UNLABELLED_CACHE),
         }
     }
 
@@ -91,7 +95,7 @@ impl Meter {
     /// the process do (claimed through a shared CAS counter and a per-lineage marker).
     fn is_labelled(&mut self, store: &HostStore, lineage: &str) -> bool {
         if let Some(b) = self.labelled.get(lineage) {
-            return *b;
+            return b;
         }
         let marker = format!("km/ms/{lineage}");
         let decided = match store.get(&marker).0.as_deref() {
@@ -107,7 +111,7 @@ impl Meter {
                 }
             }
         };
-        self.labelled.insert(lineage.to_string(), decided);
+        self.labelled.insert(lineage, decided);
         decided
     }
 

@@ -1,3 +1,4 @@
 pub mod counts;
 pub mod export;
+pub mod label_cache;
 pub mod usage;

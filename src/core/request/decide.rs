@@ -15,6 +15,7 @@ use crate::core::keyset::entry::KeyEntry;
 use crate::core::keyset::meta::Meta;
 use crate::core::limits::limiter::{self, Denial, LimitOutcome};
 use crate::core::limits::plan::{LimitBy, Plan};
+use crate::core::limits::subject_table::{self, ANONYMOUS_SLOTS};
 use crate::core::metering::usage::Outcome;
 use crate::core::store::Store;
 use std::rc::Rc;
@@ -144,7 +145,17 @@ pub fn decide(cfg: &Config, cache: &mut KeyCache, host: &mut impl Fetch, store: 
         LimitBy::Key => format!("km/rl/k/{}", rec.lineage()),
         LimitBy::Consumer => format!("km/rl/c/{}", rec.consumer),
     };
-    d = enforce(cfg, store, d, &state_key, plan, Some(&rec), &method, path_str, now_ms);
+    d = enforce(
+        cfg,
+        store,
+        d,
+        Target::Entry(&state_key),
+        plan,
+        Some(&rec),
+        &method,
+        path_str,
+        now_ms,
+    );
     if d.refused.is_some() {
         return d;
     }
@@ -187,7 +198,7 @@ fn anonymous(cfg: &Config, host: &mut impl Fetch, store: &dyn Store, meta: &Meta
     let Some(ip) = host.peer_ip() else {
         return Decision::new(Caller::Nobody).refuse(Problem::MissingCredential, None);
     };
-    let state_key = format!("km/rl/ip/{}", limit_subject(ip));
+    let subject = limit_subject(ip).to_string();
     let method = host.method().unwrap_or_default();
     let raw_path = host.path().unwrap_or_default();
     let mut d = Decision::new(Caller::Anonymous(plan_name.to_string()));
@@ -198,17 +209,35 @@ fn anonymous(cfg: &Config, host: &mut impl Fetch, store: &dyn Store, meta: &Meta
     let Some(now_ms) = host.now_ms() else {
         return clock_failed();
     };
-    enforce(cfg, store, d, &state_key, plan, None, &method, &path, now_ms)
+    enforce(
+        cfg,
+        store,
+        d,
+        Target::Anonymous(&subject),
+        plan,
+        None,
+        &method,
+        &path,
+        now_ms,
+    )
+}
+
+/// Where a subject's limit state lives.
+enum Target<'a> {
+    /// Its own entry (keys and consumers: bounded by the key set).
+    Entry(&'a str),
+    /// A slot of the bounded anonymous table (client addresses are unbounded).
+    Anonymous(&'a str),
 }
 
 /// Applies the plan's limits (or the key's replacement limits) to the state at
-/// `state_key`, recording cost, `RateLimit` fields and any refusal in `d`.
+/// `target`, recording cost, `RateLimit` fields and any refusal in `d`.
 #[allow(clippy::too_many_arguments)]
 fn enforce(
     cfg: &Config,
     store: &dyn Store,
     mut d: Decision,
-    state_key: &str,
+    target: Target<'_>,
     plan: &Plan,
     key: Option<&KeyRecord>,
     method: &str,
@@ -222,7 +251,13 @@ fn enforce(
         .and_then(|l| l.rate_limits.as_deref())
         .unwrap_or(&plan.rate_limits);
     let quotas = limits.and_then(|l| l.quotas.as_deref()).unwrap_or(&plan.quotas);
-    match limiter::apply(store, state_key, buckets, quotas, now_ms, cost) {
+    let outcome = match target {
+        Target::Entry(key) => limiter::apply(store, key, buckets, quotas, now_ms, cost),
+        Target::Anonymous(subject) => {
+            subject_table::apply(store, subject, ANONYMOUS_SLOTS, buckets, quotas, now_ms, cost)
+        }
+    };
+    match outcome {
         LimitOutcome::Allowed(check) => {
             if cfg.rate_limit_headers {
                 d.ratelimit = limiter::headers(&check);

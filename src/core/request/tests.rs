@@ -724,7 +724,12 @@ fn anonymous_plan_limits_per_client_address() {
     let (d, calls) = run(&c, &mut h);
     assert_eq!(d.refused, None);
     assert_eq!(d.caller, Caller::Anonymous("free".into()));
-    let rl = "km/rl/ip/10.1.2.3";
+    // the first candidate slot of 10.1.2.3 in the bounded anonymous table
+    let rl = &crate::core::limits::subject_table::slot_name(crate::core::limits::subject_table::slot_of(
+        "10.1.2.3",
+        0,
+        crate::core::limits::subject_table::ANONYMOUS_SLOTS,
+    ));
     assert_eq!(
         calls,
         seq(&[

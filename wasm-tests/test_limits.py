@@ -180,3 +180,21 @@ def test_key_override_replaces_plan_limits(envoy):
     vip = Key(plan="p", limits={"rate_limits": [{**SLOW, "burst": 6}]})
     load(envoy, 1, [vip], {"p": plan(2)})
     assert statuses(envoy, vip, 7) == [200] * 6 + [429]
+
+
+def test_anonymous_limits_hold_under_client_address_churn(envoy, backend):
+    """Issue 10.17: anonymous state lives in a bounded table (the bound is shown in the
+    core test `address_churn_is_bounded_and_each_address_stays_limited`); in real Envoy,
+    with many distinct TCP peers (use_remote_address), each address keeps exactly its own
+    allowance and an exhausted one stays exhausted however many others come and go."""
+    load(envoy, 1, [Key(plan="p")], {"p": {}, "anon": plan(2)})
+
+    def status(ip):
+        return harness.http("GET", envoy.url("/v1/x"), source_address=(ip, 0)).status
+
+    first = "127.1.0.1"
+    assert [status(first) for _ in range(3)] == [200, 200, 429]
+    for i in range(2, 202):
+        ip = f"127.1.{i // 250}.{i % 250 + 1}"
+        assert [status(ip) for _ in range(3)] == [200, 200, 429], ip
+    assert status(first) == 429, "an exhausted address was reset by other addresses' traffic"

@@ -5,8 +5,8 @@
 //!
 //! - `km/meta`: the active generation and slot, version, key count (tiny, read per request).
 //! - `k/<id>`: one small entry per key id (a short name: see `names::KEY_ENTRY_PREFIX`)
-//!   with two slots. A full push writes the new record into the slot the active generation does not use, tagged with a fresh
-//!   generation number, then flips `km/meta` with CAS: a request reads `km/meta` and
+//!   with two slots. A full push writes the new record into the slot the active
+//!   generation does not use, tagged with a fresh generation number, then flips `km/meta` with CAS: a request reads `km/meta` and
 //!   then takes the slot whose generation is active, so it sees the old set or the new
 //!   one, never a mix. A key absent from the new snapshot has no slot of the new
 //!   generation and stops working at the flip.

@@ -33,7 +33,7 @@ SHELL       := /bin/bash
 
 .DEFAULT_GOAL := test
 
-.PHONY: tools wasm cli limitd fleet-tools check test run bench-tools bench bench-quick demo-config clean distclean
+.PHONY: tools wasm cli limitd fleet-tools check test run bench-tools bench bench-quick soak demo-config clean distclean
 
 # --------------------------------------------------------------------------- tools
 
@@ -140,6 +140,17 @@ bench bench-quick: tools wasm bench-tools
 	cd $(ROOT) && ENVOY_BIN=$(ENVOY_BIN) KEYMETER_WASM=$(WASM) \
 		TRIVIAL_WASM=$(TRIVIAL_DIR)/$(WASM_TARGET)/release/trivial_filter.wasm \
 		$(PY) bench/run.py $(if $(filter bench-quick,$@),--quick) $(BENCH_ARGS)
+
+# --------------------------------------------------------------------------- soak
+
+# bench/soak.py (what it does and fails on: its docstring): real Envoy with 2 workers
+# under wrk, deltas every second, full pushes every 30 s, plugin reloads every 60 s,
+# anonymous traffic from rotating loopback addresses. Default 10 min: `make soak SOAK_S=120`.
+SOAK_S ?= 600
+
+soak: tools wasm bench-tools
+	cd $(ROOT) && ENVOY_BIN=$(ENVOY_BIN) KEYMETER_WASM=$(WASM) \
+		$(PY) bench/soak.py --seconds $(SOAK_S)
 
 # --------------------------------------------------------------------------- clean
 

@@ -33,7 +33,7 @@ SHELL       := /bin/bash
 
 .DEFAULT_GOAL := test
 
-.PHONY: tools wasm cli limitd fleet-tools check test run bench-tools bench bench-quick soak demo-config clean distclean
+.PHONY: tools wasm cli limitd fleet-tools check test run bench-tools bench bench-quick soak fuzz demo-config clean distclean
 
 # --------------------------------------------------------------------------- tools
 
@@ -151,6 +151,20 @@ SOAK_S ?= 600
 soak: tools wasm bench-tools
 	cd $(ROOT) && ENVOY_BIN=$(ENVOY_BIN) KEYMETER_WASM=$(WASM) \
 		$(PY) bench/soak.py --seconds $(SOAK_S)
+
+# --------------------------------------------------------------------------- fuzz
+
+# cargo-fuzz on nightly over the core's parsers and updaters (fuzz/, a separate crate
+# that `cargo test`/clippy never build; targets in fuzz/fuzz_targets, committed seeds in
+# fuzz/seeds). Never part of `make test`. FUZZ_RUNS executions per target (default
+# 1.5M, 7 targets: > 10M in all), at nice 19: `make fuzz FUZZ_RUNS=100000 FUZZ_TARGETS=delta`.
+FUZZ_RUNS    ?= 1500000
+FUZZ_TARGETS ?=
+
+fuzz:
+	rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	FUZZ_RUNS=$(FUZZ_RUNS) $(ROOT)/fuzz/run.sh $(FUZZ_TARGETS)
 
 # --------------------------------------------------------------------------- clean
 

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs every fuzz target (or those named) for FUZZ_RUNS executions each, at the lowest
+# CPU priority, seeded with the committed seeds/<target> (new inputs go to the
+# git-ignored corpus/<target>), and prints executions, time and crashes per target.
+# Called by `make fuzz`; stops at the first crash (libFuzzer leaves it in artifacts/).
+set -euo pipefail
+cd "$(dirname "$0")"
+RUNS=${FUZZ_RUNS:-1500000}
+TARGETS=${*:-$(cargo +nightly fuzz list)}
+cargo +nightly fuzz build -s none
+summary=()
+total=0
+for t in $TARGETS; do
+    mkdir -p "corpus/$t" "artifacts/$t"
+    log="artifacts/$t/last-run.log"
+    echo "== fuzz $t: $RUNS runs (log: fuzz/$log)"
+    start=$(date +%s)
+    status=0
+    nice -n 19 cargo +nightly fuzz run -s none "$t" "corpus/$t" "seeds/$t" -- \
+        -runs="$RUNS" -max_len=8192 -timeout=10 -print_final_stats=1 >"$log" 2>&1 || status=$?
+    secs=$(( $(date +%s) - start ))
+    execs=$(grep -oE '^stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' || echo 0)
+    if [ "$status" != 0 ]; then
+        tail -40 "$log"
+        summary+=("$t | ${execs:-?} | ${secs} s | CRASH (see fuzz/$log)")
+        printf '%s\n' "${summary[@]}"
+        exit 1
+    fi
+    total=$(( total + execs ))
+    summary+=("$t | $execs | ${secs} s | 0")
+done
+echo
+echo "| target | executions | time | crashes |"
+echo "|---|---|---|---|"
+for line in "${summary[@]}"; do echo "| $line |"; done
+echo "| total | $total | | 0 |"

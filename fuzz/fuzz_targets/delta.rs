@@ -4,7 +4,11 @@
 #![no_main]
 
 use keymeter::core::keyset::document::{parse_json, CompiledOp, DeltaDoc};
-use keymeter::core::keyset::layout::{apply_delta, lookup, read_meta, read_plans, ApplyOptions};
+use keymeter::core::keyset::apply::ApplyOptions;
+use keymeter::core::keyset::delta::apply_delta;
+use keymeter::core::keyset::entry::lookup;
+use keymeter::core::keyset::meta::read_meta;
+use keymeter::core::keyset::plans::read_plans;
 use keymeter_fuzz::{check_layout, loaded_store, snapshot, T0_MS};
 use libfuzzer_sys::fuzz_target;
 use std::collections::BTreeMap;

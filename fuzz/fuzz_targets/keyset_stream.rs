@@ -5,8 +5,10 @@
 #![no_main]
 
 use keymeter::core::keyset::document::{parse_json, KeySetDoc};
-use keymeter::core::keyset::layout::{lookup, read_meta};
+use keymeter::core::keyset::entry::lookup;
+use keymeter::core::keyset::meta::read_meta;
 use keymeter::core::keyset::stream::{peek_version, push_stream};
+use keymeter::core::time::Clock;
 use keymeter_fuzz::{check_layout, loaded_store, snapshot, T0_MS};
 use libfuzzer_sys::fuzz_target;
 
@@ -14,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
     let store = loaded_store();
     let before = snapshot(&store);
     // force: the version check is not what is fuzzed here.
-    let streamed = push_stream(&store, data, T0_MS + 1000, true);
+    let streamed = push_stream(&store, data, Clock::Fixed(T0_MS + 1000), true);
     let compiled = parse_json::<KeySetDoc>(data).and_then(|d| d.compile());
     match (&streamed, &compiled) {
         (Ok(report), Ok(set)) => {

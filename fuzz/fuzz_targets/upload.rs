@@ -9,8 +9,11 @@
 //! `p`ush, `s`tep of cleanup; other bytes map onto these).
 #![no_main]
 
-use keymeter::core::keyset::layout::{cleanup_step, read_meta};
-use keymeter::core::keyset::stream::{push_stream, upload_abort, upload_begin, upload_commit, upload_keys};
+use keymeter::core::keyset::meta::read_meta;
+use keymeter::core::keyset::sweep::cleanup_step;
+use keymeter::core::keyset::stream::push_stream;
+use keymeter::core::keyset::upload::{upload_abort, upload_begin, upload_commit, upload_keys};
+use keymeter::core::time::Clock;
 use keymeter_fuzz::{active, check_layout, loaded_store, T0_MS};
 use libfuzzer_sys::fuzz_target;
 
@@ -46,7 +49,7 @@ fuzz_target!(|data: &[u8]| {
                 let _ = upload_abort(&store, &id(pick), now);
             }
             b't' => now += 1000 * body.first().map_or(1, |b| *b as u64),
-            b'p' => may_change = push_stream(&store, body, now, true).is_ok(),
+            b'p' => may_change = push_stream(&store, body, Clock::Fixed(now), true).is_ok(),
             _ => {
                 let _ = cleanup_step(&store, now, 1 + body.len() % 3);
             }

@@ -1,9 +1,12 @@
 //! Helpers shared by the fuzz targets: a store loaded with a small base key set, a
 //! snapshot of the whole store, and the layout invariants every update must keep.
 
-use keymeter::core::keyset::layout::{read_meta, KeyEntry, Meta};
+use keymeter::core::keyset::entry::KeyEntry;
+use keymeter::core::keyset::meta::{read_meta, Meta};
 use keymeter::core::keyset::stream::push_stream;
-use keymeter::core::store::{MemStore, Store};
+use keymeter::core::time::Clock;
+use keymeter::core::mem_store::MemStore;
+use keymeter::core::store::Store;
 use std::collections::BTreeMap;
 
 pub const HASH: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
@@ -30,7 +33,7 @@ pub fn base_doc() -> String {
 /// A store holding the base set.
 pub fn loaded_store() -> MemStore {
     let s = MemStore::default();
-    push_stream(&s, base_doc().as_bytes(), T0_MS, false).expect("base set applies");
+    push_stream(&s, base_doc().as_bytes(), Clock::Fixed(T0_MS), false).expect("base set applies");
     s
 }
 
@@ -74,7 +77,7 @@ pub fn check_layout(s: &MemStore) {
         assert_eq!(meta.keys, n, "km/meta says {} keys, {n} are visible", meta.keys);
     } else {
         assert!(
-            s.get(keymeter::core::keyset::layout::META).0.is_none_or(|v| v.is_empty()),
+            s.get(keymeter::core::keyset::names::META).0.is_none_or(|v| v.is_empty()),
             "km/meta does not decode"
         );
     }

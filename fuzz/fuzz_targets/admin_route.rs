@@ -13,7 +13,10 @@ fuzz_target!(|data: &[u8]| {
         assert!(r.upload_id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-'));
         let bare = path.split_once('?').map_or(&*path, |(p, _)| p);
         let again = route(bare).expect("the path without its query routes too");
-        assert_eq!((again.route, again.allow, again.upload_id), (r.route, r.allow, r.upload_id));
+        assert_eq!(
+            (again.route, again.allow, again.upload_id),
+            (r.route, r.allow, r.upload_id)
+        );
         if let Ok(q) = usage_query(r.query) {
             assert!((1..=USAGE_LIMIT_MAX).contains(&q.limit));
         }

@@ -8,7 +8,9 @@ use keymeter::core::auth::credential::{find, query_value, strip_query_param, Cre
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&flags, rest)) = data.split_first() else { return };
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
     // Fields separated by NUL; headers reach the core as (lossy) UTF-8 text.
     let text = String::from_utf8_lossy(rest);
     let mut parts = text.split('\0');
@@ -36,7 +38,11 @@ fuzz_target!(|data: &[u8]| {
             // The key may also sit elsewhere in the path if the client put it there; what
             // must be gone is the parameter the key was taken from.
             let stripped = strip_query_param(path, &param);
-            assert_ne!(query_value(&stripped, &param), Some(key.as_str()), "key left in the forwarded query");
+            assert_ne!(
+                query_value(&stripped, &param),
+                Some(key.as_str()),
+                "key left in the forwarded query"
+            );
         }
     }
     for s in [api_key.as_deref(), authorization.as_deref()].into_iter().flatten() {

@@ -3,9 +3,9 @@
 //! the records requests can see, and its upserts and revokes are visible.
 #![no_main]
 
-use keymeter::core::keyset::document::{parse_json, CompiledOp, DeltaDoc};
 use keymeter::core::keyset::apply::ApplyOptions;
 use keymeter::core::keyset::delta::apply_delta;
+use keymeter::core::keyset::document::{parse_json, CompiledOp, DeltaDoc};
 use keymeter::core::keyset::entry::lookup;
 use keymeter::core::keyset::meta::read_meta;
 use keymeter::core::keyset::plans::read_plans;
@@ -19,7 +19,9 @@ fuzz_target!(|data: &[u8]| {
     let meta = read_meta(&store).expect("base set");
     let plans = read_plans(&store, &meta);
     let Ok(doc) = parse_json::<DeltaDoc>(data) else { return };
-    let Ok(ops) = doc.compile(|p| plans.contains_key(p)) else { return };
+    let Ok(ops) = doc.compile(|p| plans.contains_key(p)) else {
+        return;
+    };
     let opts = ApplyOptions {
         force: data.len() % 2 == 0,
         now_ms: T0_MS + 1000,

@@ -8,7 +8,10 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     if let Ok(c) = Config::parse(data) {
         for ch in c.challenges() {
-            assert!(!ch.contains('\n') && !ch.contains('\r'), "challenge header with a line break");
+            assert!(
+                !ch.contains('\n') && !ch.contains('\r'),
+                "challenge header with a line break"
+            );
         }
     }
 });

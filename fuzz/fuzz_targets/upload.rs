@@ -10,8 +10,8 @@
 #![no_main]
 
 use keymeter::core::keyset::meta::read_meta;
-use keymeter::core::keyset::sweep::cleanup_step;
 use keymeter::core::keyset::stream::push_stream;
+use keymeter::core::keyset::sweep::cleanup_step;
 use keymeter::core::keyset::upload::{upload_abort, upload_begin, upload_commit, upload_keys};
 use keymeter::core::time::Clock;
 use keymeter_fuzz::{active, check_layout, loaded_store, T0_MS};
@@ -22,7 +22,9 @@ fuzz_target!(|data: &[u8]| {
     let mut now = T0_MS;
     let mut uploads: Vec<String> = Vec::new();
     for (n, step) in data.split(|b| *b == 0xFF).take(64).enumerate() {
-        let Some((&op, body)) = step.split_first() else { continue };
+        let Some((&op, body)) = step.split_first() else {
+            continue;
+        };
         let id = |i: usize| uploads.get(i).cloned().unwrap_or_else(|| "none".to_string());
         let pick = body.first().map_or(0, |b| *b as usize) % (uploads.len().max(1));
         let meta_before = read_meta(&store);
@@ -57,7 +59,11 @@ fuzz_target!(|data: &[u8]| {
         if !may_change {
             let after = read_meta(&store);
             assert_eq!(after, meta_before, "step {n} ({op}) changed km/meta without a commit");
-            assert_eq!(after.map(|m| active(&store, &m)), running_before, "step {n} changed the running set");
+            assert_eq!(
+                after.map(|m| active(&store, &m)),
+                running_before,
+                "step {n} changed the running set"
+            );
         }
         check_layout(&store);
     }

@@ -4,9 +4,9 @@
 use keymeter::core::keyset::entry::KeyEntry;
 use keymeter::core::keyset::meta::{read_meta, Meta};
 use keymeter::core::keyset::stream::push_stream;
-use keymeter::core::time::Clock;
 use keymeter::core::mem_store::MemStore;
 use keymeter::core::store::Store;
+use keymeter::core::time::Clock;
 use std::collections::BTreeMap;
 
 pub const HASH: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
@@ -59,7 +59,9 @@ pub fn snapshot(s: &MemStore) -> BTreeMap<String, Vec<u8>> {
 pub fn active(s: &MemStore, meta: &Meta) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for name in s.keys_with_prefix("k/") {
-        let Some(v) = s.get(&name).0.filter(|v| !v.is_empty()) else { continue };
+        let Some(v) = s.get(&name).0.filter(|v| !v.is_empty()) else {
+            continue;
+        };
         let entry = KeyEntry::decode(&v).unwrap_or_else(|| panic!("{name}: undecodable key entry"));
         if let Some(rec) = entry.active(meta) {
             assert_eq!(&name[2..], rec.id, "entry {name} holds record {}", rec.id);
@@ -77,7 +79,9 @@ pub fn check_layout(s: &MemStore) {
         assert_eq!(meta.keys, n, "km/meta says {} keys, {n} are visible", meta.keys);
     } else {
         assert!(
-            s.get(keymeter::core::keyset::names::META).0.is_none_or(|v| v.is_empty()),
+            s.get(keymeter::core::keyset::names::META)
+                .0
+                .is_none_or(|v| v.is_empty()),
             "km/meta does not decode"
         );
     }

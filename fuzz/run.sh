@@ -7,7 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 RUNS=${FUZZ_RUNS:-1500000}
 TARGETS=${*:-$(cargo +nightly fuzz list)}
+# Build first, so a compile error is never mistaken for a crash (and the runs below
+# do not rebuild).
 cargo +nightly fuzz build -s none
+echo "fuzzing $(git describe --always --dirty 2>/dev/null || echo '?')"
 summary=()
 total=0
 for t in $TARGETS; do

@@ -164,9 +164,9 @@ soak: tools wasm bench-tools
 
 # cargo-fuzz on nightly over the core's parsers and updaters (fuzz/, a separate crate
 # that `cargo test`/clippy never build; targets in fuzz/fuzz_targets, committed seeds in
-# fuzz/seeds). Never part of `make test`. FUZZ_RUNS executions per target (default
-# 1.5M, 7 targets: > 10M in all), at nice 19: `make fuzz FUZZ_RUNS=100000 FUZZ_TARGETS=delta`.
-FUZZ_RUNS    ?= 1500000
+# fuzz/seeds). Never part of `make test`. Executions per target: defaults in fuzz/run.sh
+# (10.5M in all), or FUZZ_RUNS each: `make fuzz FUZZ_RUNS=100000 FUZZ_TARGETS=delta`.
+FUZZ_RUNS    ?=
 FUZZ_TARGETS ?=
 
 fuzz:

@@ -5,6 +5,8 @@ defaults, so `python -m pytest wasm-tests` also works after `make tools wasm cli
 
     KEYMETER_WASM  target/wasm32-wasip1/release/keymeter.wasm
     KEYMETER_CLI   target/release/keymeter
+    KEYMETER_FAULT_WASM  target/fault-injection/wasm32-wasip1/release/keymeter.wasm
+                   (built with the `fault-injection` feature; test_faults.py only)
     ENVOY_BIN      .tools/bin/envoy
 
 A missing artifact fails the test (never skips it): a green run must mean the filter
@@ -53,6 +55,12 @@ def _artifact(env_var: str, default: Path, what: str, make_target: str, executab
 @pytest.fixture(scope="session")
 def wasm_path() -> Path:
     return _artifact("KEYMETER_WASM", harness.DEFAULT_WASM, "keymeter.wasm", "wasm", False)
+
+
+@pytest.fixture(scope="session")
+def fault_wasm_path() -> Path:
+    """keymeter.wasm built with the `fault-injection` feature (never shipped)."""
+    return _artifact("KEYMETER_FAULT_WASM", harness.DEFAULT_FAULT_WASM, "fault-injection keymeter.wasm", "wasm-fault", False)
 
 
 @pytest.fixture(scope="session")

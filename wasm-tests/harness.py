@@ -29,6 +29,8 @@ from collections.abc import Iterable, Mapping
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WASM = REPO_ROOT / "target" / "wasm32-wasip1" / "release" / "keymeter.wasm"
+# Built with the `fault-injection` feature, for wasm-tests/test_faults.py only.
+DEFAULT_FAULT_WASM = REPO_ROOT / "target" / "fault-injection" / "wasm32-wasip1" / "release" / "keymeter.wasm"
 DEFAULT_CLI = REPO_ROOT / "target" / "release" / "keymeter"
 DEFAULT_ENVOY = REPO_ROOT / ".tools" / "bin" / "envoy"
 
@@ -124,6 +126,11 @@ def wasm_filter(
                     "@type": "type.googleapis.com/google.protobuf.StringValue",
                     "value": json.dumps(conf),
                 },
+                # A VM that dies (a panic: a bug, never a request's fault) is replaced by
+                # a fresh one on the next request, with backoff, instead of failing every
+                # later request on that worker with 503 until Envoy restarts
+                # (wasm-tests/test_faults.py). Shared data lives on in the other VMs.
+                "failure_policy": "FAIL_RELOAD",
                 # Without this Envoy turns a plugin's StopIteration on headers into
                 # StopAllIteration and never hands it the body: the admin API reads
                 # key-set documents from request bodies.

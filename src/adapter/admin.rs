@@ -9,6 +9,7 @@
 
 use super::host::{self, HostBuffer, HostStore};
 use super::root::PluginState;
+use crate::core::admin_route::{self, Route};
 use crate::core::auth::api_key::hashes_equal;
 use crate::core::auth::problem::admin_body;
 use crate::core::caps;
@@ -29,19 +30,6 @@ use proxy_wasm::types::BufferType;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::rc::Rc;
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Route {
-    Usage,
-    Status,
-    PutKeySet,
-    PostDelta,
-    /// Staged upload: begin, add keys, commit, abort.
-    UploadBegin,
-    UploadKeys,
-    UploadCommit,
-    UploadAbort,
-}
 
 pub struct AdminRequest {
     shared: Rc<PluginState>,
@@ -156,27 +144,12 @@ impl AdminRequest {
     /// `GET /v1/usage?consumer=C&cursor=N&limit=L`: cumulative per-lineage usage since
     /// this Envoy process started, paged through the usage index.
     fn usage(&self, query: &str) -> Action {
-        let mut consumer = None;
-        let mut cursor = 0u64;
-        let mut limit = 1000usize;
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let bad = |what: &str| self.problem(400, "invalid-query", "Invalid query parameter", what);
-            match k {
-                "consumer" => consumer = Some(v.to_string()),
-                "cursor" => match v.parse() {
-                    Ok(n) => cursor = n,
-                    Err(_) => return bad("cursor must be a number from a previous next_cursor"),
-                },
-                "limit" => match v.parse::<usize>() {
-                    Ok(n) if (1..=10_000).contains(&n) => limit = n,
-                    _ => return bad("limit must be 1..=10000"),
-                },
-                _ => return bad("known parameters: consumer, cursor, limit"),
-            }
-        }
+        let q = match admin_route::usage_query(query) {
+            Ok(q) => q,
+            Err(what) => return self.problem(400, "invalid-query", "Invalid query parameter", what),
+        };
         let store = HostStore;
-        let (rows, next) = crate::core::metering::usage::page(&store, consumer.as_deref(), cursor, limit);
+        let (rows, next) = crate::core::metering::usage::page(&store, q.consumer.as_deref(), q.cursor, q.limit);
         let instance: serde_json::Value = store
             .get(super::host::INSTANCE)
             .0
@@ -317,21 +290,6 @@ impl AdminRequest {
     }
 }
 
-/// `/v1/keyset/uploads/<id>[/keys|/commit]`: the id, route and allowed method.
-fn upload_path(path: &str) -> Option<(&str, Route, &'static str)> {
-    let rest = path.strip_prefix("/v1/keyset/uploads/")?;
-    let (id, tail) = rest.split_once('/').unwrap_or((rest, ""));
-    if id.is_empty() || id.len() > 64 || !id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-') {
-        return None;
-    }
-    match tail {
-        "" => Some((id, Route::UploadAbort, "DELETE")),
-        "keys" => Some((id, Route::UploadKeys, "PUT")),
-        "commit" => Some((id, Route::UploadCommit, "POST")),
-        _ => None,
-    }
-}
-
 /// The token of an `Authorization: Bearer <token>` value. The scheme is matched
 /// case-insensitively (RFC 9110 section 11.1: `bearer` and `BEARER` are the same).
 fn bearer_token(value: &str) -> Option<&str> {
@@ -377,22 +335,12 @@ impl HttpContext for AdminRequest {
         }
         let method = host::request_header(":method").unwrap_or_default();
         let full_path = host::request_header(":path").unwrap_or_default();
-        let (path, query) = full_path.split_once('?').unwrap_or((&full_path, ""));
-        self.force = query.split('&').any(|p| p == "force=true" || p == "force=1");
-        let (route, allow) = match path {
-            "/v1/status" => (Route::Status, "GET"),
-            "/v1/usage" => (Route::Usage, "GET"),
-            "/v1/keyset" => (Route::PutKeySet, "PUT"),
-            "/v1/keyset/delta" => (Route::PostDelta, "POST"),
-            "/v1/keyset/uploads" => (Route::UploadBegin, "POST"),
-            _ => match upload_path(path) {
-                Some((id, route, allow)) => {
-                    self.upload_id = id.to_string();
-                    (route, allow)
-                }
-                None => return self.problem(404, "not-found", "Not found", "Unknown admin API path."),
-            },
+        let Some(routed) = admin_route::route(&full_path) else {
+            return self.problem(404, "not-found", "Not found", "Unknown admin API path.");
         };
+        let (route, allow, query) = (routed.route, routed.allow, routed.query);
+        self.force = routed.force;
+        self.upload_id = routed.upload_id.to_string();
         if method != allow {
             return self.reply_with(
                 405,

@@ -19,6 +19,10 @@ impl Store for HostStore {
     }
 
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+        #[cfg(feature = "fault-injection")]
+        let faulted = super::fault::before_set(key, value, cas)?;
+        #[cfg(feature = "fault-injection")]
+        let value = &*faulted;
         hostcalls::set_shared_data(key, Some(value), cas).map_err(|s| match s {
             Status::CasMismatch => StoreError::CasMismatch,
             _ => StoreError::Host,

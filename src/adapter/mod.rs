@@ -3,6 +3,8 @@
 
 mod admin;
 mod export;
+#[cfg(feature = "fault-injection")]
+mod fault;
 mod filter;
 mod host;
 mod metering;

@@ -72,6 +72,15 @@ impl Root {
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
         let raw = self.get_plugin_configuration().unwrap_or_default();
+        // Test builds only: arm the faults named in the configuration, parse the rest.
+        #[cfg(feature = "fault-injection")]
+        let raw = match super::fault::configure(&raw) {
+            Ok(raw) => raw,
+            Err(e) => {
+                log::error!("keymeter: {e}");
+                return false;
+            }
+        };
         match Config::parse(&raw) {
             Ok(config) => {
                 let bodies = Problem::ALL.iter().map(|p| (*p, p.body())).collect();

@@ -649,3 +649,69 @@ fn works_on_a_redis_cluster() {
         .count();
     assert!(used >= 2, "all subjects on one master");
 }
+
+/// `POST /v1/take`: a request's cost at once, all or nothing, counted as consumed; held
+/// leases count against it; concurrent takes never exceed the quota.
+#[test]
+fn take_is_all_or_nothing_and_never_exceeds_the_quota() {
+    let redis = Redis::start(&[]);
+    let d = Limitd::single(&redis);
+    let bucket = json!([{"name": "s", "rate": 1, "interval_ms": 3_600_000, "burst": 3}]);
+    let take = |cost: u64, subject: &str, limits: &Value| {
+        let mut b = json!({"subject": subject, "cost": cost});
+        for (k, v) in limits.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        post(d.port, "/v1/take", &b)
+    };
+    let limits = json!({"buckets": bucket, "quotas": quota(5)});
+    let (s, r) = take(2, "k:take", &limits);
+    assert_eq!((s, r["admitted"].as_bool()), (200, Some(true)), "{r}");
+    assert_eq!(
+        (r["buckets"][0]["tokens"].as_u64(), r["quotas"][0]["consumed"].as_u64()),
+        (Some(1), Some(2))
+    );
+    // 1 token left: a cost of 2 takes nothing from either limit, and says how long to wait.
+    let (_, r) = take(2, "k:take", &limits);
+    assert_eq!(r["admitted"], false);
+    let wait = r["buckets"][0]["wait_ms"].as_u64().unwrap();
+    assert!(
+        (3_590_000..=3_600_000).contains(&wait),
+        "one more token in an hour: {wait}"
+    );
+    assert_eq!(r["quotas"][0]["consumed"], 2);
+    // Units held by a node's lease are not available to takes.
+    let mut n = Node::new("holder", 1, 40);
+    n.refill(d.port, "k:held", &json!({"quotas": quota(50)})).unwrap();
+    assert_eq!(n.lease.available, 25, "50 / (2 x 1)");
+    let (_, r) = take(26, "k:held", &json!({"quotas": quota(50)}));
+    assert_eq!(r["admitted"], false);
+    let (_, r) = take(25, "k:held", &json!({"quotas": quota(50)}));
+    assert_eq!(r["admitted"], true);
+    // Eight racing callers, cost 1 each, quota 50: exactly 50 admitted.
+    let admitted = Arc::new(AtomicU64::new(0));
+    let port = d.port;
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let admitted = admitted.clone();
+            std::thread::spawn(move || {
+                for _ in 0..20 {
+                    let (s, r) = post(
+                        port,
+                        "/v1/take",
+                        &json!({"subject": "k:race-take", "cost": 1, "quotas": quota(50)}),
+                    );
+                    assert_eq!(s, 200);
+                    if r["admitted"] == true {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(admitted.load(Ordering::Relaxed), 50);
+    assert_eq!(peek(d.port, "k:race-take", 50)["consumed"], 50);
+}

@@ -1,4 +1,4 @@
--- keymeter-limitd: one lease call for one subject, atomically.
+-- keymeter-limitd: one lease call for one subject, atomically (after common.lua).
 --
 -- Every key of the subject carries the same hash tag (km:{<subject>}:...), so this runs
 -- on one Redis Cluster slot; every key is passed in KEYS (no KEYS/SCAN, no computed key
@@ -29,21 +29,7 @@ local returned = tonumber(ARGV[9])
 local spent_total = tonumber(ARGV[10])
 local forget = tonumber(ARGV[11])
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-
--- Integers are stored as plain decimal text (a Lua number would be written in the
--- shortest float form, e.g. 1e+15).
-local function int(x) return string.format('%d', x) end
-
--- The chunk rule of core::limits::lease::chunk_cap.
-local function chunk_cap(avail)
-  if avail <= 0 then return 0 end
-  local c = math.floor(avail / share)
-  if c < 1 then c = 1 end
-  if c > avail then c = avail end
-  return c
-end
+local now = now_ms()
 
 -- Per-node sequence: only a call newer than the last applied one changes anything.
 local nk = KEYS[1]
@@ -75,20 +61,7 @@ local bk = {}
 for i = 1, nb do
   local a = 11 + (i - 1) * 3
   local rate, iv, burst = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  local cap = burst * iv
-  local h = redis.call('HMGET', KEYS[1 + i], 'tk', 'ts', 'iv')
-  local tk, ts, oiv = tonumber(h[1]), tonumber(h[2]), tonumber(h[3])
-  if not tk or not ts then
-    tk, ts = cap, now
-  else
-    if oiv and oiv ~= iv and oiv > 0 then tk = math.floor(tk * iv / oiv) end
-    if tk > cap then tk = cap end
-    if now > ts then
-      local to_full = math.ceil((cap - tk) / rate)
-      if now - ts >= to_full then tk = cap else tk = tk + (now - ts) * rate end
-      ts = now
-    end
-  end
+  local tk, ts, cap = bucket_now(KEYS[1 + i], rate, iv, burst, now)
   tk = tk + returned * iv
   if tk > cap then tk = cap end
   -- A bucket refills continuously: the grant is only capped by the tokens there are
@@ -106,26 +79,10 @@ for j = 1, nq do
   local key = KEYS[1 + nb + j]
   local a = 11 + nb * 3 + (j - 1) * 2
   local limit, pend = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local all = redis.call('HGETALL', key)
-  local f = {}
-  for i = 1, #all, 2 do f[all[i]] = all[i + 1] end
-  local consumed = (tonumber(f['c'] or '0') or 0) + delta
-  local others = 0
-  for field, v in pairs(f) do
-    if string.sub(field, 1, 2) == 'o:' then
-      local m = string.sub(field, 3)
-      if m ~= node then
-        local e = tonumber(f['e:' .. m] or '0') or 0
-        if e <= now then
-          redis.call('HDEL', key, 'o:' .. m, 'e:' .. m)
-        else
-          others = others + tonumber(v)
-        end
-      end
-    end
-  end
+  local consumed, others = quota_load(key, node, now)
+  consumed = consumed + delta
   local avail = limit - consumed - others - hold
-  local c = chunk_cap(avail)
+  local c = chunk_cap(avail, share)
   if c < grant then grant = c end
   if pend - now < valid then valid = pend - now end
   qk[j] = {key, limit, pend, consumed, others}
@@ -141,8 +98,7 @@ local res = {1, now, grant, valid}
 for i = 1, nb do
   local b = bk[i]
   local tk = b[1] - grant * b[3]
-  redis.call('HSET', KEYS[1 + i], 'tk', int(tk), 'ts', int(b[2]), 'iv', int(b[3]))
-  redis.call('PEXPIRE', KEYS[1 + i], int(math.ceil(b[5] / b[4]) + ttl + 60000))
+  bucket_store(KEYS[1 + i], tk, b[2], b[3], b[4], b[5], ttl)
   local tokens = math.floor(tk / b[3])
   local wait = 0
   if tokens < 1 then wait = math.ceil((b[3] - tk) / b[4]) end

@@ -3,7 +3,6 @@
 
 mod config;
 mod metrics;
-mod protocol;
 mod scripts;
 mod server;
 mod store;

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 pub struct Metrics {
     pub lease_calls: AtomicU64,
     pub lease_replays: AtomicU64,
+    pub take_calls: AtomicU64,
     pub units_granted: AtomicU64,
     pub bad_requests: AtomicU64,
     pub redis_errors: AtomicU64,

@@ -1,5 +1,6 @@
-//! The Redis side: key layout and the Lua script that applies one lease call
-//! atomically (`lease.lua`, documented at its top).
+//! The Redis side: key layout and the Lua scripts that apply one call atomically
+//! (`lease.lua` and `take.lua`, each documented at its top, after the helpers in
+//! `common.lua`).
 //!
 //! Keys of a subject share the hash tag `{<subject>}`, so on a Redis Cluster one
 //! subject's keys live in one slot and the script can touch them all. Quota period
@@ -7,11 +8,20 @@
 //! exactly as a single node computes them) and passed to the script, which keys each
 //! period separately: a new period is a new key, the old one expires a day after its end.
 
-use crate::protocol::{BucketView, LeaseRequest, LeaseResponse, QuotaSpec, QuotaView};
 use keymeter::core::limits::lease::share;
 use keymeter::core::limits::quota::{period_bounds, Period};
+use keymeter::core::remote::fleet_protocol::{
+    BucketSpec, BucketView, LeaseRequest, LeaseResponse, QuotaSpec, QuotaView, TakeRequest, TakeResponse,
+};
 
+pub const COMMON_LUA: &str = include_str!("common.lua");
 pub const LEASE_LUA: &str = include_str!("lease.lua");
+pub const TAKE_LUA: &str = include_str!("take.lua");
+
+/// A script's full text: the shared helpers, then its body.
+pub fn script(body: &str) -> redis::Script {
+    redis::Script::new(&format!("{COMMON_LUA}{body}"))
+}
 
 /// How long a node's sequence number and cumulative spend are remembered after its
 /// last call: a node partitioned for longer than this replays its spend as new.
@@ -64,18 +74,76 @@ pub fn lease_call(req: &LeaseRequest, now_secs: i64, forget_ms: u64) -> (Vec<Str
         req.spent_total.to_string(),
         forget_ms.to_string(),
     ];
-    for b in &req.buckets {
-        keys.push(bucket_key(&req.subject, &b.name));
+    let periods = limit_args(&req.subject, &req.buckets, &req.quotas, now_secs, &mut keys, &mut args);
+    (keys, args, periods)
+}
+
+fn limit_args(
+    subject: &str,
+    buckets: &[BucketSpec],
+    quotas: &[QuotaSpec],
+    now_secs: i64,
+    keys: &mut Vec<String>,
+    args: &mut Vec<String>,
+) -> Vec<(i64, i64)> {
+    for b in buckets {
+        keys.push(bucket_key(subject, &b.name));
         args.extend([b.rate.to_string(), b.interval_ms.to_string(), b.burst.to_string()]);
     }
-    let mut periods = Vec::with_capacity(req.quotas.len());
-    for q in &req.quotas {
-        let (key, start, end) = quota_key_at(&req.subject, q, now_secs);
+    let mut periods = Vec::with_capacity(quotas.len());
+    for q in quotas {
+        let (key, start, end) = quota_key_at(subject, q, now_secs);
         keys.push(key);
         args.extend([q.limit.to_string(), (end.saturating_mul(1000)).to_string()]);
         periods.push((start, end));
     }
+    periods
+}
+
+/// KEYS and ARGV of the take script for a validated request at `now_secs`.
+pub fn take_call(req: &TakeRequest, now_secs: i64) -> (Vec<String>, Vec<String>, Vec<(i64, i64)>) {
+    let mut keys = Vec::with_capacity(req.buckets.len() + req.quotas.len());
+    let mut args = vec![
+        req.buckets.len().to_string(),
+        req.quotas.len().to_string(),
+        req.cost.to_string(),
+    ];
+    let periods = limit_args(&req.subject, &req.buckets, &req.quotas, now_secs, &mut keys, &mut args);
     (keys, args, periods)
+}
+
+pub fn take_response(req: &TakeRequest, periods: &[(i64, i64)], r: &[i64]) -> Option<TakeResponse> {
+    let u = |i: usize| r.get(i).map(|&v| v.max(0) as u64);
+    let (admitted, now_ms) = (*r.first()? == 1, u(1)?);
+    let mut at = 2;
+    let mut buckets = Vec::with_capacity(req.buckets.len());
+    for b in &req.buckets {
+        buckets.push(BucketView {
+            name: b.name.clone(),
+            tokens: u(at)?,
+            wait_ms: u(at + 1)?,
+        });
+        at += 2;
+    }
+    let mut quotas = Vec::with_capacity(req.quotas.len());
+    for (q, &(start, end)) in req.quotas.iter().zip(periods) {
+        let (consumed, available) = (u(at)?, u(at + 1)?);
+        quotas.push(QuotaView {
+            name: q.name.clone(),
+            period_start: start,
+            period_end: end,
+            consumed,
+            outstanding: q.limit.saturating_sub(consumed).saturating_sub(available),
+            available,
+        });
+        at += 2;
+    }
+    (at == r.len()).then_some(TakeResponse {
+        admitted,
+        now_ms,
+        buckets,
+        quotas,
+    })
 }
 
 /// Turns the script's integer array into the response; `None` if it has the wrong shape
@@ -130,7 +198,6 @@ pub fn lease_response(req: &LeaseRequest, periods: &[(i64, i64)], r: &[i64]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::BucketSpec;
 
     #[test]
     fn keys_share_the_subject_hash_tag_and_periods_come_from_the_core() {

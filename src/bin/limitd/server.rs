@@ -1,4 +1,5 @@
-//! HTTP API (JSON): `POST /v1/lease`, `POST /v1/peek`, `GET /healthz`, `GET /metrics`.
+//! HTTP API (JSON): `POST /v1/lease`, `POST /v1/take`, `POST /v1/peek`, `GET /healthz`,
+//! `GET /metrics`.
 //!
 //! Errors are RFC 9457 problem bodies like the filter's: 400 for a request that will
 //! never succeed (the detail names the field), 503 when Redis did not answer within the
@@ -6,8 +7,7 @@
 //! of the wrong shape.
 
 use crate::metrics::Metrics;
-use crate::protocol::{LeaseRequest, PeekQuota, PeekRequest};
-use crate::scripts::{lease_call, lease_response, quota_key_at};
+use crate::scripts::{lease_call, lease_response, quota_key_at, take_call, take_response};
 use crate::store::{Store, StoreError};
 use axum::body::Bytes;
 use axum::extract::State;
@@ -15,6 +15,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use keymeter::core::remote::fleet_protocol::{LeaseRequest, PeekQuota, PeekRequest, TakeRequest};
 use redis::Script;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -22,7 +23,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 pub struct App {
     pub store: Store,
-    pub script: Script,
+    pub lease_script: Script,
+    pub take_script: Script,
     pub metrics: Metrics,
     pub forget_ms: u64,
     /// Unix second of the last Redis error logged: at most one line a second.
@@ -33,7 +35,8 @@ impl App {
     pub fn new(store: Store, forget_ms: u64) -> App {
         App {
             store,
-            script: Script::new(crate::scripts::LEASE_LUA),
+            lease_script: crate::scripts::script(crate::scripts::LEASE_LUA),
+            take_script: crate::scripts::script(crate::scripts::TAKE_LUA),
             metrics: Metrics::default(),
             forget_ms,
             last_error_log: AtomicU64::new(0),
@@ -87,6 +90,7 @@ fn problem(status: StatusCode, slug: &str, title: &str, detail: &str) -> Respons
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/lease", post(lease))
+        .route("/v1/take", post(take))
         .route("/v1/peek", post(peek))
         .route("/healthz", get(health))
         .route("/metrics", get(metrics))
@@ -103,7 +107,7 @@ async fn lease(State(app): State<Arc<App>>, body: Bytes) -> Response {
     }
     let (keys, args, periods) = lease_call(&req, now_secs(), app.forget_ms);
     let t0 = Instant::now();
-    let result = app.store.eval(&app.script, &keys, &args).await;
+    let result = app.store.eval(&app.lease_script, &keys, &args).await;
     Metrics::add(&app.metrics.redis_micros, t0.elapsed().as_micros() as u64);
     let r = match result {
         Ok(r) => r,
@@ -123,6 +127,34 @@ async fn lease(State(app): State<Arc<App>>, body: Bytes) -> Response {
             "internal",
             "Unexpected script answer",
             "The lease script answered in an unexpected shape.",
+        ),
+    }
+}
+
+async fn take(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let req: TakeRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return app.bad_request(&format!("invalid take request: {e}")),
+    };
+    if let Err(e) = req.validate() {
+        return app.bad_request(&e);
+    }
+    let (keys, args, periods) = take_call(&req, now_secs());
+    let t0 = Instant::now();
+    let result = app.store.eval(&app.take_script, &keys, &args).await;
+    Metrics::add(&app.metrics.redis_micros, t0.elapsed().as_micros() as u64);
+    let r = match result {
+        Ok(r) => r,
+        Err(e) => return app.store_failed(&e),
+    };
+    Metrics::add(&app.metrics.take_calls, 1);
+    match take_response(&req, &periods, &r) {
+        Some(resp) => Json(resp).into_response(),
+        None => problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Unexpected script answer",
+            "The take script answered in an unexpected shape.",
         ),
     }
 }

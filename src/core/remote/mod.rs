@@ -1,2 +1,3 @@
+pub mod fleet_protocol;
 pub mod outbound;
 pub mod pull;

@@ -1,13 +1,19 @@
-//! The lease protocol on the wire: what a node sends to `POST /v1/lease` and what it
-//! gets back, with the validation that keeps bad input out of Redis.
+//! Fleet mode on the wire: what a node (the filter) sends to `keymeter-limitd` and gets
+//! back, with the validation that keeps bad input out of Redis. One set of types for
+//! both ends (the filter serializes requests, limitd checks and answers them).
 //!
-//! The service is stateless, so a request carries the subject's limits (the node has
-//! them from its key set); the fleet state they apply to lives in Redis under the
-//! subject's hash tag. See `core::limits::lease` for the holder's side.
+//! * `POST /v1/lease`: report, give back, renew and ask, for one subject of one node
+//!   (the node's lease; see `core::limits::lease` for the holder's side).
+//! * `POST /v1/take`: take a request's cost at once, when the node's lease cannot
+//!   decide it (first use of a subject, a subject at its cap).
+//!
+//! limitd is stateless, so a request carries the subject's limits (the node has them
+//! from its key set); the fleet state they apply to lives in Redis under the subject's
+//! hash tag.
 
-use keymeter::core::limits::plan::is_valid_name;
-use keymeter::core::limits::quota::Period;
-use keymeter::core::limits::token_bucket::BucketLimit;
+use crate::core::limits::plan::is_valid_name;
+use crate::core::limits::quota::Period;
+use crate::core::limits::token_bucket::BucketLimit;
 use serde::{Deserialize, Serialize};
 
 /// Lua numbers are doubles: every integer that goes through a script stays below 2^53.
@@ -111,6 +117,29 @@ pub struct LeaseResponse {
     pub quotas: Vec<QuotaView>,
 }
 
+/// Take `cost` units of every limit of a subject at once, or nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TakeRequest {
+    pub subject: String,
+    pub cost: u64,
+    #[serde(default)]
+    pub buckets: Vec<BucketSpec>,
+    #[serde(default)]
+    pub quotas: Vec<QuotaSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TakeResponse {
+    /// The cost was taken from every limit (and counted as consumed).
+    pub admitted: bool,
+    pub now_ms: u64,
+    /// `wait_ms`: until the bucket holds `cost` tokens.
+    pub buckets: Vec<BucketView>,
+    /// `outstanding` is what nodes hold in leases.
+    pub quotas: Vec<QuotaView>,
+}
+
 /// Read-only view of a subject's quotas (`POST /v1/peek`), for ops and tests.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -139,6 +168,34 @@ fn valid_node(s: &str) -> bool {
 /// braces or spaces, so the tag (and hence the Cluster slot) is exactly the subject.
 pub fn valid_subject(s: &str) -> bool {
     (1..=200).contains(&s.len()) && s.bytes().all(|c| c.is_ascii_graphic() && c != b'{' && c != b'}')
+}
+
+fn check_buckets(buckets: &[BucketSpec]) -> Result<(), String> {
+    for (i, b) in buckets.iter().enumerate() {
+        if !is_valid_name(&b.name) || buckets[..i].iter().any(|o| o.name == b.name) {
+            return Err(format!("buckets[{i}].name: must be unique, 1-64 of A-Z a-z 0-9 _ -"));
+        }
+        let limit = BucketLimit {
+            rate: b.rate,
+            interval_ms: b.interval_ms,
+            burst: b.burst,
+        };
+        limit.validate().map_err(|e| format!("buckets[{i}]: {e}"))?;
+        // The scripts keep a bucket in units of 1/interval_ms token.
+        if u128::from(b.burst) * u128::from(b.interval_ms) >= u128::from(MAX_LUA_INT) {
+            return Err(format!("buckets[{i}]: burst x interval_ms must be below 2^53"));
+        }
+    }
+    Ok(())
+}
+
+fn check_limits(buckets: &[BucketSpec], quotas: &[QuotaSpec]) -> Result<(), String> {
+    let n = buckets.len() + quotas.len();
+    if n == 0 || n > MAX_LIMITS {
+        return Err(format!("buckets, quotas: 1 to {MAX_LIMITS} limits in all"));
+    }
+    check_buckets(buckets)?;
+    check_quotas(quotas)
 }
 
 fn check_quotas(quotas: &[QuotaSpec]) -> Result<(), String> {
@@ -181,26 +238,19 @@ impl LeaseRequest {
                 return Err(format!("{name}: must be below 2^53"));
             }
         }
-        let n = self.buckets.len() + self.quotas.len();
-        if n == 0 || n > MAX_LIMITS {
-            return Err(format!("buckets, quotas: 1 to {MAX_LIMITS} limits in all"));
+        check_limits(&self.buckets, &self.quotas)
+    }
+}
+
+impl TakeRequest {
+    pub fn validate(&self) -> Result<(), String> {
+        if !valid_subject(&self.subject) {
+            return Err("subject: must be 1-200 printable ASCII characters without { } or spaces".into());
         }
-        for (i, b) in self.buckets.iter().enumerate() {
-            if !is_valid_name(&b.name) || self.buckets[..i].iter().any(|o| o.name == b.name) {
-                return Err(format!("buckets[{i}].name: must be unique, 1-64 of A-Z a-z 0-9 _ -"));
-            }
-            let limit = BucketLimit {
-                rate: b.rate,
-                interval_ms: b.interval_ms,
-                burst: b.burst,
-            };
-            limit.validate().map_err(|e| format!("buckets[{i}]: {e}"))?;
-            // The script keeps a bucket in units of 1/interval_ms token.
-            if u128::from(b.burst) * u128::from(b.interval_ms) >= u128::from(MAX_LUA_INT) {
-                return Err(format!("buckets[{i}]: burst x interval_ms must be below 2^53"));
-            }
+        if self.cost == 0 || self.cost >= MAX_LUA_INT {
+            return Err("cost: must be 1 to 2^53 - 1".into());
         }
-        check_quotas(&self.quotas)
+        check_limits(&self.buckets, &self.quotas)
     }
 }
 

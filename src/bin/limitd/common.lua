@@ -1,0 +1,67 @@
+-- keymeter-limitd: helpers prepended to every script (lease.lua, take.lua).
+
+-- Integers are stored as plain decimal text (a Lua number would be written in the
+-- shortest float form, e.g. 1e+15).
+local function int(x) return string.format('%d', x) end
+
+-- Redis time in ms: one clock per subject (its slot's master), whichever limitd calls.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The chunk rule of core::limits::lease::chunk_cap.
+local function chunk_cap(avail, share)
+  if avail <= 0 then return 0 end
+  local c = math.floor(avail / share)
+  if c < 1 then c = 1 end
+  if c > avail then c = avail end
+  return c
+end
+
+-- A token bucket refilled to `now`, in units of 1/iv token (iv = interval_ms), so one
+-- ms refills exactly `rate` units: {tk, ts, cap}. Absent = full. A changed interval
+-- converts the stored units; a changed burst caps them.
+local function bucket_now(key, rate, iv, burst, now)
+  local cap = burst * iv
+  local h = redis.call('HMGET', key, 'tk', 'ts', 'iv')
+  local tk, ts, oiv = tonumber(h[1]), tonumber(h[2]), tonumber(h[3])
+  if not tk or not ts then return cap, now, cap end
+  if oiv and oiv ~= iv and oiv > 0 then tk = math.floor(tk * iv / oiv) end
+  if tk > cap then tk = cap end
+  if now > ts then
+    local to_full = math.ceil((cap - tk) / rate)
+    if now - ts >= to_full then tk = cap else tk = tk + (now - ts) * rate end
+    ts = now
+  end
+  return tk, ts, cap
+end
+
+local function bucket_store(key, tk, ts, iv, rate, cap, ttl)
+  redis.call('HSET', key, 'tk', int(tk), 'ts', int(ts), 'iv', int(iv))
+  redis.call('PEXPIRE', key, int(math.ceil(cap / rate) + ttl + 60000))
+end
+
+-- A quota period: {consumed, units held by nodes other than `node`}; leases of other
+-- nodes that expired are reclaimed (deleted) on the way.
+local function quota_load(key, node, now)
+  local all = redis.call('HGETALL', key)
+  local f = {}
+  for i = 1, #all, 2 do f[all[i]] = all[i + 1] end
+  local others = 0
+  for field, v in pairs(f) do
+    if string.sub(field, 1, 2) == 'o:' then
+      local m = string.sub(field, 3)
+      if m ~= node then
+        local e = tonumber(f['e:' .. m] or '0') or 0
+        if e <= now then
+          redis.call('HDEL', key, 'o:' .. m, 'e:' .. m)
+        else
+          others = others + tonumber(v)
+        end
+      end
+    end
+  end
+  return tonumber(f['c'] or '0') or 0, others
+end
+

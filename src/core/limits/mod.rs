@@ -1,3 +1,4 @@
+pub mod fleet;
 pub mod lease;
 pub mod limiter;
 pub mod plan;

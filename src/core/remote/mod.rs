@@ -1,3 +1,4 @@
+pub mod breaker;
 pub mod fleet_protocol;
 pub mod outbound;
 pub mod pull;

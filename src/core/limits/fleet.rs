@@ -1,0 +1,820 @@
+//! Fleet mode, the node's side: limits shared by many Envoys through
+//! `keymeter-limitd` and Redis, decided per request from the node's lease in shared
+//! data, with no network call on the request path in the common case.
+//!
+//! Per subject (key lineage, consumer, client address) the node keeps one
+//! [`FleetEntry`] in shared data, updated by CAS like the single-node limit state. A
+//! request is decided by [`decide`]:
+//!
+//! 1. from the node's lease (units leased from the fleet ahead of time);
+//! 2. if the lease cannot cover it and the fleet is reachable: [`Step::Take`]: the
+//!    request pauses for one `POST /v1/take` (the cost, taken atomically in Redis), at
+//!    most `timeout_ms`. That is the first request of a subject on a node, and a subject
+//!    at its cap (its chunks have shrunk to nothing), exact at the cost of a call for that
+//!    subject only. Pausing rather than a local credit keeps "never more than the quota"
+//!    true from the first request on;
+//! 3. if the fleet is unreachable (circuit breaker open): the partition fallback: token
+//!    buckets at a local share (`limit / fleet_size`, rounded up), never allow-all;
+//!    quotas within a bounded `overdraft` per subject on this node, then 429. What is
+//!    spent meanwhile goes into the lease's cumulative spend and is replayed (once, the
+//!    script counts only growth) when the fleet is back.
+//!
+//! Leases are refilled off the request path by the root context (one call in flight
+//! per subject per node); see `core::limits::lease` for the lease itself.
+
+use super::lease::{Ask, Lease, LeasePolicy};
+use super::limiter::Denial;
+use super::plan::{NamedBucket, NamedQuota};
+use super::token_bucket::{self, BucketLimit, BucketState};
+use crate::core::remote::fleet_protocol::{
+    BucketSpec, LeaseRequest, LeaseResponse, QuotaSpec, TakeRequest, TakeResponse,
+};
+use serde::{Deserialize, Serialize};
+
+/// `fleet` in the plugin configuration, as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetDoc {
+    pub cluster: String,
+    #[serde(default = "d_authority")]
+    pub authority: String,
+    #[serde(default = "d_timeout")]
+    pub timeout_ms: u64,
+    pub fleet_size: u64,
+    #[serde(default = "d_lease_ttl")]
+    pub lease_ttl_ms: u64,
+    #[serde(default = "d_rate_lease")]
+    pub rate_lease_ms: u64,
+    #[serde(default = "d_max_chunk")]
+    pub max_chunk: u64,
+    #[serde(default = "d_initial_chunk")]
+    pub initial_chunk: u64,
+    #[serde(default = "d_overdraft")]
+    pub overdraft: u64,
+    #[serde(default = "d_breaker_failures")]
+    pub breaker_failures: u32,
+    #[serde(default = "d_breaker_cooldown")]
+    pub breaker_cooldown_ms: u64,
+    #[serde(default = "d_refill_tick")]
+    pub refill_tick_ms: u64,
+    #[serde(default)]
+    pub node_name: Option<String>,
+}
+
+fn d_authority() -> String {
+    "keymeter-limitd".into()
+}
+fn d_timeout() -> u64 {
+    50
+}
+fn d_lease_ttl() -> u64 {
+    30_000
+}
+fn d_rate_lease() -> u64 {
+    1_000
+}
+fn d_max_chunk() -> u64 {
+    1_000
+}
+fn d_initial_chunk() -> u64 {
+    10
+}
+fn d_overdraft() -> u64 {
+    10
+}
+fn d_breaker_failures() -> u32 {
+    3
+}
+fn d_breaker_cooldown() -> u64 {
+    1_000
+}
+fn d_refill_tick() -> u64 {
+    20
+}
+
+/// The validated `fleet` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// Envoy cluster of the limitd instances.
+    pub cluster: String,
+    pub authority: String,
+    /// Bound of every call (and so of the wait of a paused request).
+    pub timeout_ms: u64,
+    /// Envoys sharing the limits: chunk rule and partition share.
+    pub fleet_size: u64,
+    /// Validity of leased quota units.
+    pub lease_ttl_ms: u64,
+    /// Validity of leased token-bucket units (bounds the rate skew).
+    pub rate_lease_ms: u64,
+    pub max_chunk: u64,
+    pub initial_chunk: u64,
+    /// Quota units a node may admit per subject while the fleet is unreachable.
+    pub overdraft: u64,
+    pub breaker_failures: u32,
+    pub breaker_cooldown_ms: u64,
+    /// How often the root context looks for leases to refill, renew or return.
+    pub refill_tick_ms: u64,
+    /// Prefix of this node's id in Redis (the id itself is unique per process).
+    pub node_name: String,
+}
+
+impl FleetDoc {
+    pub fn validate(&self) -> Result<FleetConfig, String> {
+        let field = |f: &str, m: &str| Err(format!("invalid plugin configuration: fleet.{f}: {m}"));
+        let printable = |s: &str| !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| (0x21..0x7f).contains(&b));
+        if !printable(&self.cluster) {
+            return field("cluster", "must be an Envoy cluster name (printable ASCII, no spaces)");
+        }
+        if !printable(&self.authority) {
+            return field("authority", "must be a host name");
+        }
+        let ranges: [(&str, u64, u64, u64); 7] = [
+            ("timeout_ms", self.timeout_ms, 5, 10_000),
+            ("fleet_size", self.fleet_size, 1, 10_000),
+            ("lease_ttl_ms", self.lease_ttl_ms, 100, 86_400_000),
+            ("rate_lease_ms", self.rate_lease_ms, 10, 86_400_000),
+            ("max_chunk", self.max_chunk, 1, 1 << 40),
+            ("breaker_cooldown_ms", self.breaker_cooldown_ms, 10, 600_000),
+            ("refill_tick_ms", self.refill_tick_ms, 5, 10_000),
+        ];
+        for (name, v, lo, hi) in ranges {
+            if !(lo..=hi).contains(&v) {
+                return field(name, &format!("must be between {lo} and {hi}"));
+            }
+        }
+        if self.initial_chunk == 0 || self.initial_chunk > self.max_chunk {
+            return field("initial_chunk", "must be between 1 and max_chunk");
+        }
+        if self.overdraft >= 1 << 40 {
+            return field("overdraft", "is too large");
+        }
+        if self.breaker_failures == 0 || self.breaker_failures > 1000 {
+            return field("breaker_failures", "must be between 1 and 1000");
+        }
+        let name = self.node_name.clone().unwrap_or_else(|| "envoy".into());
+        if name.is_empty()
+            || name.len() > 40
+            || !name
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        {
+            return field("node_name", "must be 1-40 of A-Z a-z 0-9 - _");
+        }
+        Ok(FleetConfig {
+            cluster: self.cluster.clone(),
+            authority: self.authority.clone(),
+            timeout_ms: self.timeout_ms,
+            fleet_size: self.fleet_size,
+            lease_ttl_ms: self.lease_ttl_ms,
+            rate_lease_ms: self.rate_lease_ms,
+            max_chunk: self.max_chunk,
+            initial_chunk: self.initial_chunk,
+            overdraft: self.overdraft,
+            breaker_failures: self.breaker_failures,
+            breaker_cooldown_ms: self.breaker_cooldown_ms,
+            refill_tick_ms: self.refill_tick_ms,
+            node_name: name,
+        })
+    }
+}
+
+impl FleetConfig {
+    pub fn policy(&self) -> LeasePolicy {
+        LeasePolicy {
+            max_chunk: self.max_chunk,
+            initial_chunk: self.initial_chunk,
+            // Renew a little before expiry: a tick and a call must fit in between.
+            renew_before_ms: (self.refill_tick_ms * 2 + self.timeout_ms).min(self.lease_ttl_ms / 2),
+            refill_timeout_ms: self.timeout_ms * 2 + self.refill_tick_ms,
+        }
+    }
+
+    /// Validity to ask for: token-bucket units are short-lived (they bound the rate
+    /// skew), quota units live `lease_ttl_ms`.
+    pub fn ttl_for(&self, buckets: &[NamedBucket]) -> u64 {
+        if buckets.is_empty() {
+            self.lease_ttl_ms
+        } else {
+            self.rate_lease_ms.min(self.lease_ttl_ms)
+        }
+    }
+}
+
+/// The node's state of one subject, in shared data (`km/fl/<subject>`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetEntry {
+    pub lease: Lease,
+    /// Sequence number of this node's last lease call for the subject.
+    pub seq: u64,
+    /// The fleet had nothing for this subject: deny locally until then, without calls.
+    pub denied_until_ms: u64,
+    /// Which limit was exhausted (for the refusal): quota or rate.
+    pub denied_quota: bool,
+    /// Partition fallback: local-share buckets, by limit-name hash.
+    pub local: Vec<(u32, BucketState)>,
+    /// Partition fallback: quota units admitted without a lease since the fleet was last
+    /// reached (bounded by `overdraft`; reset once a call has reported them).
+    pub overdraft_used: u64,
+}
+
+impl FleetEntry {
+    pub fn decode(bytes: &[u8]) -> FleetEntry {
+        bincode::deserialize(bytes).unwrap_or_default()
+    }
+    pub fn encode(&self) -> Vec<u8> {
+        bincode::serialize(self).expect("fleet entry encodes")
+    }
+}
+
+/// How a request was decided, for metrics and the status (lease hit ratio).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Lease,
+    Take,
+    Fallback,
+    /// The fleet said it has nothing (a recent take or lease call).
+    Exhausted,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FleetVerdict {
+    pub denial: Option<Denial>,
+    pub retry_after_secs: Option<u64>,
+    pub via: Via,
+}
+
+/// What to do with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Decided; store the entry if it changed.
+    Decided(FleetVerdict),
+    /// Pause the request for a `POST /v1/take` of its cost.
+    Take,
+}
+
+fn allowed(via: Via) -> Step {
+    Step::Decided(FleetVerdict {
+        denial: None,
+        retry_after_secs: None,
+        via,
+    })
+}
+
+fn denied(denial: Denial, retry_ms: Option<u64>, via: Via) -> Step {
+    Step::Decided(FleetVerdict {
+        denial: Some(denial),
+        retry_after_secs: retry_ms.map(|ms| ms.div_ceil(1000).max(1)),
+        via,
+    })
+}
+
+/// A rate limit's partition share: rate and burst divided by the fleet size, rounded
+/// up (see `lease::bounds::local_share`).
+pub fn local_share(limit: &BucketLimit, fleet_size: u64) -> BucketLimit {
+    use super::lease::bounds::local_share as share;
+    BucketLimit {
+        rate: share(limit.rate, fleet_size),
+        interval_ms: limit.interval_ms,
+        burst: share(limit.burst, fleet_size),
+    }
+}
+
+/// Decides one request of `cost` for a subject with these limits. `connected`: the
+/// circuit breaker lets calls through. Mutates `entry` only for what must be stored.
+pub fn decide(
+    entry: &mut FleetEntry,
+    buckets: &[NamedBucket],
+    quotas: &[NamedQuota],
+    cfg: &FleetConfig,
+    now_ms: u64,
+    cost: u64,
+    connected: bool,
+) -> Step {
+    if buckets.iter().any(|b| cost > b.limit.burst) {
+        return denied(Denial::CostExceedsBurst, None, Via::Lease);
+    }
+    if entry.lease.try_spend(cost, now_ms) {
+        return allowed(Via::Lease);
+    }
+    if connected {
+        if now_ms < entry.denied_until_ms {
+            let d = if entry.denied_quota {
+                Denial::QuotaExceeded
+            } else {
+                Denial::RateLimited
+            };
+            return denied(d, Some(entry.denied_until_ms - now_ms), Via::Exhausted);
+        }
+        return Step::Take;
+    }
+    fallback(entry, buckets, quotas, cfg, now_ms, cost)
+}
+
+/// The partition fallback (also used when a take call fails): never allow-all.
+pub fn fallback(
+    entry: &mut FleetEntry,
+    buckets: &[NamedBucket],
+    quotas: &[NamedQuota],
+    cfg: &FleetConfig,
+    now_ms: u64,
+    cost: u64,
+) -> Step {
+    let now_ns = now_ms.saturating_mul(1_000_000);
+    let mut next = Vec::with_capacity(buckets.len());
+    let mut retry: Option<u64> = None;
+    for b in buckets {
+        let h = super::limiter::name_hash(&b.name);
+        let old = entry
+            .local
+            .iter()
+            .find(|(n, _)| *n == h)
+            .map(|(_, s)| *s)
+            .unwrap_or_default();
+        let (d, new) = token_bucket::try_take(&local_share(&b.limit, cfg.fleet_size), &old, now_ns, cost);
+        if !d.allowed {
+            retry = Some(retry.unwrap_or(0).max(d.retry_after_ms.unwrap_or(1000)));
+        }
+        next.push((h, new));
+    }
+    if let Some(ms) = retry {
+        return denied(Denial::RateLimited, Some(ms), Via::Fallback);
+    }
+    if !quotas.is_empty() {
+        if entry.overdraft_used.saturating_add(cost) > cfg.overdraft {
+            // Retry when the fleet may be back: the breaker's cooldown.
+            return denied(Denial::QuotaExceeded, Some(cfg.breaker_cooldown_ms), Via::Fallback);
+        }
+        entry.overdraft_used += cost;
+    }
+    entry.local = next;
+    entry.lease.record_overdraft(cost);
+    allowed(Via::Fallback)
+}
+
+fn specs(buckets: &[NamedBucket], quotas: &[NamedQuota]) -> (Vec<BucketSpec>, Vec<QuotaSpec>) {
+    (
+        buckets
+            .iter()
+            .map(|b| BucketSpec {
+                name: b.name.clone(),
+                rate: b.limit.rate,
+                interval_ms: b.limit.interval_ms,
+                burst: b.limit.burst,
+            })
+            .collect(),
+        quotas
+            .iter()
+            .map(|q| QuotaSpec {
+                name: q.name.clone(),
+                period: q.period,
+                limit: q.limit,
+            })
+            .collect(),
+    )
+}
+
+/// The `POST /v1/take` body for a request of `cost`.
+pub fn take_request(subject: &str, buckets: &[NamedBucket], quotas: &[NamedQuota], cost: u64) -> TakeRequest {
+    let (buckets, quotas) = specs(buckets, quotas);
+    TakeRequest {
+        subject: subject.to_string(),
+        cost,
+        buckets,
+        quotas,
+    }
+}
+
+/// Applies a take answer to the entry; returns the request's verdict. A refusal makes
+/// the node deny the subject locally until the fleet could have more (the bucket's
+/// wait, or one breaker cooldown for a quota, which may get units back from returns).
+pub fn apply_take(entry: &mut FleetEntry, resp: &TakeResponse, cfg: &FleetConfig, now_ms: u64) -> FleetVerdict {
+    entry.overdraft_used = 0;
+    if resp.admitted {
+        entry.denied_until_ms = 0;
+        return FleetVerdict {
+            denial: None,
+            retry_after_secs: None,
+            via: Via::Take,
+        };
+    }
+    let quota_short = resp.quotas.iter().any(|q| q.available == 0);
+    let wait = if quota_short {
+        // Until the period ends if nothing is held anywhere, else a cooldown.
+        let end_ms = resp
+            .quotas
+            .iter()
+            .filter(|q| q.available == 0)
+            .map(|q| (q.period_end.max(0) as u64).saturating_mul(1000))
+            .min()
+            .unwrap_or(0);
+        let held = resp.quotas.iter().any(|q| q.outstanding > 0);
+        let to_end = end_ms.saturating_sub(resp.now_ms).max(1);
+        if held {
+            to_end.min(cfg.breaker_cooldown_ms)
+        } else {
+            to_end
+        }
+    } else {
+        resp.buckets.iter().map(|b| b.wait_ms).max().unwrap_or(1000).max(1)
+    };
+    entry.denied_until_ms = now_ms.saturating_add(wait);
+    entry.denied_quota = quota_short;
+    let d = if quota_short {
+        Denial::QuotaExceeded
+    } else {
+        Denial::RateLimited
+    };
+    FleetVerdict {
+        denial: Some(d),
+        retry_after_secs: Some(wait.div_ceil(1000).max(1)),
+        via: Via::Take,
+    }
+}
+
+/// A subject and the limits that apply to it.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    /// `k:<lineage>`, `c:<consumer>` or `ip:<addr>`.
+    pub name: &'a str,
+    pub buckets: &'a [NamedBucket],
+    pub quotas: &'a [NamedQuota],
+}
+
+/// Starts a background lease call if the entry needs one and none is in flight; the
+/// caller stores the entry (CAS) and sends the returned body.
+pub fn begin_lease(
+    entry: &mut FleetEntry,
+    node: &str,
+    subject: &Subject<'_>,
+    cfg: &FleetConfig,
+    now_ms: u64,
+    release: bool,
+) -> Option<(Ask, LeaseRequest)> {
+    let (buckets, quotas) = (subject.buckets, subject.quotas);
+    let policy = cfg.policy();
+    let ask = if release {
+        if entry.lease.refill_in_flight(now_ms, &policy) {
+            return None;
+        }
+        entry.lease.refill_sent_ms = now_ms.max(1);
+        entry.lease.release(now_ms)
+    } else {
+        if !entry.lease.needs_refill(now_ms, &policy) && entry.overdraft_used == 0 {
+            return None;
+        }
+        entry.lease.begin_refill(now_ms, &policy)?
+    };
+    entry.seq += 1;
+    let (b, q) = specs(buckets, quotas);
+    let req = LeaseRequest {
+        node: node.to_string(),
+        seq: entry.seq,
+        subject: subject.name.to_string(),
+        fleet_size: cfg.fleet_size,
+        ttl_ms: cfg.ttl_for(buckets),
+        want: ask.want,
+        hold: ask.hold,
+        returned: ask.returned,
+        spent_total: ask.spent_total,
+        buckets: b,
+        quotas: q,
+    };
+    Some((ask, req))
+}
+
+/// Applies a lease answer (for the ask it answers) to the entry.
+pub fn apply_lease(entry: &mut FleetEntry, ask: &Ask, resp: &LeaseResponse, now_ms: u64, cfg: &FleetConfig) {
+    if !resp.applied {
+        // Replayed or overtaken: nothing changed in Redis; the next ask has a new seq.
+        entry.lease.on_failure();
+        return;
+    }
+    entry.lease.on_grant(ask, resp.granted, resp.valid_ms);
+    entry.overdraft_used = 0;
+    if resp.granted < ask.want {
+        let bucket_wait = resp.buckets.iter().map(|b| b.wait_ms).max().unwrap_or(0);
+        let quota_empty = resp.quotas.iter().any(|q| q.available == 0);
+        let wait = if quota_empty {
+            bucket_wait.max(cfg.breaker_cooldown_ms)
+        } else {
+            bucket_wait.max(cfg.refill_tick_ms)
+        };
+        entry.lease.back_off(now_ms.saturating_add(wait));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::quota::Period;
+    use super::*;
+    use crate::core::remote::fleet_protocol::{BucketView, QuotaView};
+
+    fn cfg() -> FleetConfig {
+        let doc: FleetDoc = serde_json::from_str(r#"{"cluster":"limitd","fleet_size":3,"overdraft":5}"#).unwrap();
+        doc.validate().unwrap()
+    }
+
+    fn bucket(rate: u64, burst: u64) -> Vec<NamedBucket> {
+        vec![NamedBucket {
+            name: "ps".into(),
+            limit: BucketLimit {
+                rate,
+                interval_ms: 1000,
+                burst,
+            },
+        }]
+    }
+
+    fn monthly(limit: u64) -> Vec<NamedQuota> {
+        vec![NamedQuota {
+            name: "m".into(),
+            period: Period::Month,
+            limit,
+        }]
+    }
+
+    #[test]
+    fn config_defaults_and_errors_name_the_field() {
+        let c = cfg();
+        assert_eq!(
+            (c.timeout_ms, c.lease_ttl_ms, c.rate_lease_ms, c.node_name.as_str()),
+            (50, 30_000, 1_000, "envoy")
+        );
+        let bad = |j: &str| {
+            serde_json::from_str::<FleetDoc>(j)
+                .map_err(|e| e.to_string())
+                .and_then(|d| d.validate())
+                .unwrap_err()
+        };
+        assert!(bad(r#"{"cluster":"l","fleet_size":0}"#).contains("fleet.fleet_size"));
+        assert!(bad(r#"{"cluster":"l","fleet_size":1,"timeout_ms":1}"#).contains("fleet.timeout_ms"));
+        assert!(bad(r#"{"cluster":"","fleet_size":1}"#).contains("fleet.cluster"));
+        assert!(bad(r#"{"cluster":"l","fleet_size":1,"initial_chunk":5000}"#).contains("fleet.initial_chunk"));
+        assert!(bad(r#"{"cluster":"l","fleet_size":1,"node_name":"a b"}"#).contains("fleet.node_name"));
+        assert!(bad(r#"{"cluster":"l","fleet_size":1,"x":1}"#).contains("unknown field"));
+        assert_eq!(c.ttl_for(&bucket(1, 1)), 1_000);
+        assert_eq!(c.ttl_for(&[]), 30_000);
+    }
+
+    #[test]
+    fn lease_first_then_take_then_exhausted() {
+        let c = cfg();
+        let (b, q) = (bucket(100, 100), monthly(1000));
+        let mut e = FleetEntry::default();
+        // No lease yet: the request pauses for a take.
+        assert_eq!(decide(&mut e, &b, &q, &c, 1_000, 1, true), Step::Take);
+        // A background lease of 10 units arrives.
+        let (ask, req) = begin_lease(
+            &mut e,
+            "n1-x",
+            &Subject {
+                name: "k:a",
+                buckets: &b,
+                quotas: &q,
+            },
+            &c,
+            1_000,
+            false,
+        )
+        .unwrap();
+        assert_eq!((req.seq, req.want, req.ttl_ms, req.fleet_size), (1, 10, 1_000, 3));
+        assert!(
+            begin_lease(
+                &mut e,
+                "n1-x",
+                &Subject {
+                    name: "k:a",
+                    buckets: &b,
+                    quotas: &q
+                },
+                &c,
+                1_001,
+                false
+            )
+            .is_none(),
+            "one in flight"
+        );
+        let resp = LeaseResponse {
+            applied: true,
+            granted: 10,
+            valid_ms: 1_000,
+            now_ms: 0,
+            buckets: vec![],
+            quotas: vec![],
+        };
+        apply_lease(&mut e, &ask, &resp, 1_002, &c);
+        for _ in 0..10 {
+            assert_eq!(decide(&mut e, &b, &q, &c, 1_010, 1, true), allowed(Via::Lease));
+        }
+        // Lease empty; the fleet refuses a take for the quota: denied locally after.
+        assert_eq!(decide(&mut e, &b, &q, &c, 1_010, 1, true), Step::Take);
+        let refusal = TakeResponse {
+            admitted: false,
+            now_ms: 1_010,
+            buckets: vec![BucketView {
+                name: "ps".into(),
+                tokens: 50,
+                wait_ms: 0,
+            }],
+            quotas: vec![QuotaView {
+                name: "m".into(),
+                period_start: 0,
+                period_end: 100,
+                consumed: 990,
+                outstanding: 10,
+                available: 0,
+            }],
+        };
+        let v = apply_take(&mut e, &refusal, &c, 1_010);
+        assert_eq!(v.denial, Some(Denial::QuotaExceeded));
+        assert_eq!(
+            v.retry_after_secs,
+            Some(1),
+            "units are held elsewhere: retry after a cooldown"
+        );
+        match decide(&mut e, &b, &q, &c, 1_500, 1, true) {
+            Step::Decided(v) => assert_eq!((v.denial, v.via), (Some(Denial::QuotaExceeded), Via::Exhausted)),
+            s => panic!("{s:?}"),
+        }
+        assert_eq!(decide(&mut e, &b, &q, &c, 2_010, 1, true), Step::Take, "cooldown over");
+        // Cost above a bucket's burst never passes and never calls.
+        assert_eq!(
+            decide(&mut e, &b, &q, &c, 2_010, 101, true),
+            denied(Denial::CostExceedsBurst, None, Via::Lease)
+        );
+    }
+
+    #[test]
+    fn partition_fallback_uses_a_local_share_and_a_bounded_overdraft() {
+        let c = cfg(); // fleet of 3, overdraft 5
+        let b = bucket(30, 30);
+        let mut e = FleetEntry::default();
+        // Rate only: 30/s across 3 nodes is 10/s here, never allow-all.
+        let mut ok = 0;
+        for _ in 0..50 {
+            if let Step::Decided(v) = decide(&mut e, &b, &[], &c, 10_000, 1, false) {
+                ok += u32::from(v.denial.is_none());
+            }
+        }
+        assert_eq!(ok, 10);
+        // Quota: 5 units of overdraft, then 429 quota.
+        let mut e = FleetEntry::default();
+        let q = monthly(1_000);
+        for i in 0..5 {
+            assert_eq!(
+                decide(&mut e, &[], &q, &c, 10_000, 1, false),
+                allowed(Via::Fallback),
+                "{i}"
+            );
+        }
+        match decide(&mut e, &[], &q, &c, 10_000, 1, false) {
+            Step::Decided(v) => assert_eq!((v.denial, v.via), (Some(Denial::QuotaExceeded), Via::Fallback)),
+            s => panic!("{s:?}"),
+        }
+        // The overdraft is reported as spend with the next lease call (replay) and the
+        // allowance resets once that call is answered.
+        assert_eq!(e.lease.spent_total, 5);
+        let (ask, req) = begin_lease(
+            &mut e,
+            "n",
+            &Subject {
+                name: "k:a",
+                buckets: &[],
+                quotas: &q,
+            },
+            &c,
+            11_000,
+            false,
+        )
+        .unwrap();
+        assert_eq!(req.spent_total, 5);
+        let resp = LeaseResponse {
+            applied: true,
+            granted: 10,
+            valid_ms: 30_000,
+            now_ms: 0,
+            buckets: vec![],
+            quotas: vec![],
+        };
+        apply_lease(&mut e, &ask, &resp, 11_001, &c);
+        assert_eq!(e.overdraft_used, 0);
+        // Held lease units are spent first, even while partitioned.
+        assert_eq!(decide(&mut e, &[], &q, &c, 11_002, 1, false), allowed(Via::Lease));
+    }
+
+    #[test]
+    fn release_returns_everything_and_entries_round_trip() {
+        let c = cfg();
+        let q = monthly(100);
+        let mut e = FleetEntry::default();
+        let (ask, _) = begin_lease(
+            &mut e,
+            "n",
+            &Subject {
+                name: "k:a",
+                buckets: &[],
+                quotas: &q,
+            },
+            &c,
+            0,
+            false,
+        )
+        .unwrap();
+        let resp = LeaseResponse {
+            applied: true,
+            granted: 10,
+            valid_ms: 30_000,
+            now_ms: 0,
+            buckets: vec![],
+            quotas: vec![],
+        };
+        apply_lease(&mut e, &ask, &resp, 1, &c);
+        assert_eq!(decide(&mut e, &[], &q, &c, 2, 3, true), allowed(Via::Lease));
+        let (_, req) = begin_lease(
+            &mut e,
+            "n",
+            &Subject {
+                name: "k:a",
+                buckets: &[],
+                quotas: &q,
+            },
+            &c,
+            3,
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            (req.want, req.hold, req.returned, req.spent_total, req.seq),
+            (0, 0, 7, 3, 2)
+        );
+        // A replayed answer changes nothing and lets the next call go.
+        let stale = LeaseResponse { applied: false, ..resp };
+        apply_lease(&mut e, &ask, &stale, 4, &c);
+        assert_eq!(e.lease.refill_sent_ms, 0);
+        assert_eq!(FleetEntry::decode(&e.encode()), e);
+        assert_eq!(FleetEntry::decode(b"garbage"), FleetEntry::default());
+    }
+
+    #[test]
+    fn a_short_grant_backs_off_so_calls_follow_the_refill_rate() {
+        let c = cfg();
+        let b = bucket(100, 100);
+        let mut e = FleetEntry::default();
+        let (ask, _) = begin_lease(
+            &mut e,
+            "n",
+            &Subject {
+                name: "k:a",
+                buckets: &b,
+                quotas: &[],
+            },
+            &c,
+            0,
+            false,
+        )
+        .unwrap();
+        let resp = LeaseResponse {
+            applied: true,
+            granted: 1,
+            valid_ms: 1_000,
+            now_ms: 0,
+            buckets: vec![BucketView {
+                name: "ps".into(),
+                tokens: 0,
+                wait_ms: 10,
+            }],
+            quotas: vec![],
+        };
+        apply_lease(&mut e, &ask, &resp, 5, &c);
+        assert!(decide(&mut e, &b, &[], &c, 6, 1, true) == allowed(Via::Lease));
+        assert!(
+            begin_lease(
+                &mut e,
+                "n",
+                &Subject {
+                    name: "k:a",
+                    buckets: &b,
+                    quotas: &[]
+                },
+                &c,
+                24,
+                false
+            )
+            .is_none(),
+            "waits the refill tick (20 ms)"
+        );
+        assert!(begin_lease(
+            &mut e,
+            "n",
+            &Subject {
+                name: "k:a",
+                buckets: &b,
+                quotas: &[]
+            },
+            &c,
+            25,
+            false
+        )
+        .is_some());
+    }
+}

@@ -123,8 +123,10 @@ impl AdminRequest {
         let source = json_at(crate::core::remote::pull::SOURCE);
         // The usage export's health (null when no export runs in this Envoy).
         let export = json_at(crate::core::metering::export::HEALTH);
+        // Fleet mode's health (null when this Envoy's filters run single-node).
+        let fleet = json_at(super::fleet::HEALTH);
         let body = match read_meta(&store) {
-            None => json!({"loaded": false, "last_update": last, "source": source, "export": export}),
+            None => json!({"loaded": false, "last_update": last, "source": source, "export": export, "fleet": fleet}),
             Some(m) => json!({
                 "loaded": true,
                 "version": m.version,
@@ -136,6 +138,7 @@ impl AdminRequest {
                 "last_update": last,
                 "source": source,
                 "export": export,
+                "fleet": fleet,
             }),
         };
         self.reply(200, &body.to_string())

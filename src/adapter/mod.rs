@@ -6,6 +6,7 @@ mod export;
 #[cfg(feature = "fault-injection")]
 mod fault;
 mod filter;
+mod fleet;
 mod host;
 mod metering;
 mod root;

@@ -29,6 +29,8 @@ pub struct PluginState {
     pub meter: RefCell<Meter>,
     /// Fail-open passes are logged once per worker, not once per request.
     pub warned_fail_open: std::cell::Cell<bool>,
+    /// Fleet mode (role filter with `fleet`): this worker's lease refills and breaker.
+    pub fleet: Option<super::fleet::FleetNode>,
 }
 
 /// How often an admin-role worker advances pending key-set cleanup.
@@ -41,16 +43,36 @@ pub struct Root {
     service: Option<Service>,
     /// Role service with `export`: the usage export (independent of the pull).
     export: Option<ExportService>,
+    /// When usage was last flushed: in fleet mode the tick is the (faster) refill tick.
+    last_flush_ms: u64,
+    /// Unloading: waiting for the lease returns to be answered before `done()`.
+    closing: bool,
 }
 
 impl Context for Root {
     fn on_done(&mut self) -> bool {
         // A plugin reload or shutdown: hand this worker's counts over before the VM goes.
         self.flush_usage();
-        true
+        // Fleet mode: give the leases back (what is unspent returns to the fleet now,
+        // not after the lease TTL); wait for the answers, bounded by the call timeout.
+        let sent = self
+            .shared
+            .as_ref()
+            .and_then(|s| s.fleet.as_ref())
+            .map_or(0, |f| f.release_all());
+        self.closing = sent > 0;
+        !self.closing
     }
 
     fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+        if let Some(fleet) = self.shared.as_ref().and_then(|s| s.fleet.as_ref()) {
+            if fleet.on_lease_response(token, num_headers, body_size) {
+                if self.closing && fleet.pending_calls() == 0 {
+                    let _ = proxy_wasm::hostcalls::done();
+                }
+                return;
+            }
+        }
         if let Some(e) = self.export.as_mut().filter(|e| e.owns(token)) {
             e.on_http_call_response(token, num_headers, body_size);
         } else if let Some(s) = &mut self.service {
@@ -87,11 +109,18 @@ impl RootContext for Root {
                 let challenges = config.challenges();
                 let metering = config.metering;
                 crate::core::store::init_create_lock(&super::host::HostStore);
-                if config.role == Role::Filter && metering.enabled {
+                let fleet = config.fleet.clone().map(super::fleet::FleetNode::new);
+                if config.role == Role::Filter && (metering.enabled || fleet.is_some()) {
                     super::host::ensure_instance();
-                    let _ = proxy_wasm::hostcalls::set_tick_period(std::time::Duration::from_millis(
-                        metering.flush_interval_ms,
-                    ));
+                    let mut tick = if metering.enabled {
+                        metering.flush_interval_ms
+                    } else {
+                        u64::MAX
+                    };
+                    if let Some(f) = &fleet {
+                        tick = tick.min(f.cfg.refill_tick_ms);
+                    }
+                    let _ = proxy_wasm::hostcalls::set_tick_period(std::time::Duration::from_millis(tick));
                 }
                 log::info!("keymeter: configured as {:?}", config.role);
                 if config.role == Role::Admin {
@@ -114,6 +143,7 @@ impl RootContext for Root {
                     keys: RefCell::default(),
                     meter: RefCell::new(Meter::new(metering)),
                     warned_fail_open: Default::default(),
+                    fleet,
                 }));
                 true
             }
@@ -151,7 +181,15 @@ impl RootContext for Root {
         if let Some(e) = &mut self.export {
             e.on_tick();
         }
-        self.flush_usage();
+        if let Some(fleet) = self.shared.as_ref().and_then(|s| s.fleet.as_ref()) {
+            fleet.on_tick();
+        }
+        let now = super::host::now_ms();
+        let interval = self.shared.as_ref().map_or(0, |s| s.config.metering.flush_interval_ms);
+        if now.saturating_sub(self.last_flush_ms) >= interval {
+            self.last_flush_ms = now;
+            self.flush_usage();
+        }
     }
 
     fn get_type(&self) -> Option<ContextType> {

@@ -138,6 +138,8 @@ struct ConfigDoc {
     anonymous: Option<AnonymousDoc>,
     #[serde(default)]
     metering: MeteringDoc,
+    #[serde(default)]
+    fleet: Option<crate::core::limits::fleet::FleetDoc>,
 }
 
 /// What to do when a limit's shared state keeps changing under our CAS retries (many
@@ -219,6 +221,9 @@ pub struct Config {
     /// `None`: such requests get 401.
     pub anonymous_plan: Option<String>,
     pub metering: Metering,
+    /// Fleet mode (role filter): limits shared across Envoys through keymeter-limitd;
+    /// `None`: single-node limits in shared data (the default).
+    pub fleet: Option<crate::core::limits::fleet::FleetConfig>,
 }
 
 fn is_header_name(s: &str) -> bool {
@@ -311,6 +316,11 @@ impl Config {
             (Some(_), _) => return field("export", "is only valid for role service"),
             (None, _) => None,
         };
+        let fleet = match (&doc.fleet, doc.role) {
+            (Some(f), Role::Filter) => Some(f.validate()?),
+            (Some(_), _) => return field("fleet", "is only valid for role filter"),
+            (None, _) => None,
+        };
         Ok(Config {
             role: doc.role,
             sources: CredentialSources {
@@ -335,6 +345,7 @@ impl Config {
                 flush_interval_ms: flush_ms,
                 max_key_series: doc.metering.max_key_series,
             },
+            fleet,
         })
     }
 
@@ -632,6 +643,21 @@ mod source_tests {
 
     fn service(source: &str) -> Result<Config, String> {
         Config::parse(format!(r#"{{"role":"service","source":{source}}}"#).as_bytes())
+    }
+
+    #[test]
+    fn fleet_is_off_by_default_and_only_for_filters() {
+        assert!(Config::parse(br#"{"role":"filter"}"#).unwrap().fleet.is_none());
+        let c = Config::parse(br#"{"role":"filter","fleet":{"cluster":"limitd","fleet_size":3}}"#).unwrap();
+        assert_eq!(c.fleet.unwrap().fleet_size, 3);
+        let admin = format!(
+            r#"{{"role":"admin","admin_token_sha256":"{}","fleet":{{"cluster":"l","fleet_size":1}}}}"#,
+            "0".repeat(64)
+        );
+        let e = Config::parse(admin.as_bytes()).unwrap_err();
+        assert!(e.contains("fleet: is only valid for role filter"), "{e}");
+        let e = Config::parse(br#"{"role":"filter","fleet":{"cluster":"l","fleet_size":0}}"#).unwrap_err();
+        assert!(e.contains("fleet.fleet_size"), "{e}");
     }
 
     #[test]

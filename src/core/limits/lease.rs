@@ -113,6 +113,8 @@ pub struct Lease {
     pub spent_since_grant: u64,
     /// Cumulative units spent (reported to the lender as `spent_total`).
     pub spent_total: u64,
+    /// The largest `spent_total` the lender has acknowledged.
+    pub reported_total: u64,
     /// Units lent to children (as a parent) and not yet reported back.
     pub lent: u64,
     /// Units given up and not yet told to the lender.
@@ -170,6 +172,12 @@ impl Lease {
             || self.returned_pending > 0
     }
 
+    /// Whether the lender knows everything: nothing held, given up or spent unreported.
+    /// Only then may a holder forget the lease.
+    pub fn settled(&self) -> bool {
+        self.available == 0 && self.lent == 0 && self.returned_pending == 0 && self.spent_total == self.reported_total
+    }
+
     /// Whether a refill is in flight (one at a time); a stale one does not count.
     pub fn refill_in_flight(&self, now_ms: u64, policy: &LeasePolicy) -> bool {
         self.refill_sent_ms != 0 && now_ms.saturating_sub(self.refill_sent_ms) < policy.refill_timeout_ms
@@ -217,6 +225,7 @@ impl Lease {
     /// `valid_ms` from when the ask was sent.
     pub fn on_grant(&mut self, ask: &Ask, granted: u64, valid_ms: u64) {
         self.returned_pending = self.returned_pending.saturating_sub(ask.returned);
+        self.reported_total = self.reported_total.max(ask.spent_total);
         self.refill_sent_ms = 0;
         let expires = ask.sent_at_ms.saturating_add(valid_ms);
         // The lender extended everything we said we held up to `expires`; units we still

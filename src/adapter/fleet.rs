@@ -1,0 +1,618 @@
+//! Fleet mode in the filter: the host side of `core::limits::fleet`.
+//!
+//! * Request path (`FleetNode::decide`): reads the subject's node entry from shared
+//!   data, decides with the core, CAS-writes it back. When the core asks for a take, the
+//!   HTTP context dispatches `POST /v1/take` itself and pauses (bounded by `timeout_ms`);
+//!   its answer comes back to that context (`on_take_response`).
+//! * Root context (`on_tick`, every `refill_tick_ms` on each worker): for the subjects
+//!   this worker has seen, refills leases at their low-water mark, renews them before
+//!   expiry, returns them when the subject went idle (one call in flight per subject per
+//!   node, claimed in the shared entry), and publishes fleet health and metrics.
+//! * `release_all` (plugin unload, reload, shutdown): returns every lease this worker
+//!   knows of.
+//!
+//! Every call goes through the per-worker circuit breaker; while it is open requests use
+//! the core's partition fallback and only a trial call per cooldown is made.
+
+use super::host::{self, HostStore};
+use super::service::{dispatch, CallResponse};
+use crate::core::limits::fleet::{self, FleetConfig, FleetEntry, FleetVerdict, Step, Subject, Via};
+use crate::core::limits::lease::Ask;
+use crate::core::limits::plan::{NamedBucket, NamedQuota};
+use crate::core::remote::breaker::{Breaker, BreakerState};
+use crate::core::remote::fleet_protocol::{LeaseResponse, TakeResponse};
+use crate::core::store::{ensure_exists, Store, StoreError};
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+/// Fleet health for `GET /v1/status` (`fleet`), written by the root contexts.
+pub const HEALTH: &str = "km/fleet";
+/// CAS attempts on a subject's entry before the request falls back to a local decision.
+const CAS_RETRIES: usize = 32;
+/// Largest limitd answer read.
+const MAX_BODY: usize = 64 * 1024;
+
+fn entry_key(subject: &str) -> String {
+    format!("km/fl/{subject}")
+}
+
+/// Counters since this Envoy started, merged into `km/fleet` by every worker.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub lease_decisions: u64,
+    pub take_decisions: u64,
+    pub fallback_decisions: u64,
+    pub exhausted_decisions: u64,
+    pub lease_calls: u64,
+    pub lease_failures: u64,
+    pub take_calls: u64,
+    pub take_failures: u64,
+    pub refill_latency_ms_sum: u64,
+    /// Quota units admitted without a lease while partitioned (each later replayed).
+    pub overdraft_units: u64,
+}
+
+impl Counters {
+    fn add(&mut self, o: &Counters) {
+        self.lease_decisions += o.lease_decisions;
+        self.take_decisions += o.take_decisions;
+        self.fallback_decisions += o.fallback_decisions;
+        self.exhausted_decisions += o.exhausted_decisions;
+        self.lease_calls += o.lease_calls;
+        self.lease_failures += o.lease_failures;
+        self.take_calls += o.take_calls;
+        self.take_failures += o.take_failures;
+        self.refill_latency_ms_sum += o.refill_latency_ms_sum;
+        self.overdraft_units += o.overdraft_units;
+    }
+}
+
+/// What `GET /v1/status` shows under `fleet`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Health {
+    pub node_id: String,
+    /// `connected`, `partitioned` (breaker open) or `probing` (half-open), as last seen
+    /// by a worker.
+    pub state: String,
+    pub fleet_size: u64,
+    pub counters: Counters,
+    /// Requests decided from the lease over all fleet decisions.
+    pub lease_hit_ratio: f64,
+    pub refill_latency_ms_last: u64,
+    pub refill_latency_ms_mean: f64,
+    /// Quota units admitted on overdraft and not yet reported to the fleet.
+    pub overdraft_in_use: u64,
+    pub subjects: usize,
+    pub last_success_at_ms: u64,
+    pub last_failure_at_ms: u64,
+    pub last_error: Option<String>,
+}
+
+struct Tracked {
+    buckets: Vec<NamedBucket>,
+    quotas: Vec<NamedQuota>,
+    last_used_ms: u64,
+}
+
+struct Pending {
+    subject: String,
+    ask: Ask,
+    sent_ms: u64,
+    release: bool,
+}
+
+/// Metric ids, defined once at start-up.
+#[derive(Default)]
+struct Metrics {
+    decisions: [Option<u32>; 4],
+    calls: Option<u32>,
+    failures: Option<u32>,
+    latency: Option<u32>,
+    overdraft: Option<u32>,
+    partitioned: Option<u32>,
+}
+
+impl Metrics {
+    fn define() -> Metrics {
+        let c = |n: &str| hostcalls::define_metric(MetricType::Counter, n).ok();
+        Metrics {
+            decisions: [
+                c("keymeter_fleet_lease_decisions_total"),
+                c("keymeter_fleet_take_decisions_total"),
+                c("keymeter_fleet_fallback_decisions_total"),
+                c("keymeter_fleet_exhausted_decisions_total"),
+            ],
+            calls: c("keymeter_fleet_calls_total"),
+            failures: c("keymeter_fleet_call_failures_total"),
+            latency: c("keymeter_fleet_refill_latency_ms_total"),
+            overdraft: c("keymeter_fleet_overdraft_units_total"),
+            partitioned: hostcalls::define_metric(MetricType::Gauge, "keymeter_fleet_partitioned").ok(),
+        }
+    }
+
+    fn add(id: Option<u32>, v: u64) {
+        if let (Some(id), true) = (id, v > 0) {
+            let _ = hostcalls::increment_metric(id, v as i64);
+        }
+    }
+}
+
+/// One worker's fleet-mode state.
+pub struct FleetNode {
+    pub cfg: FleetConfig,
+    node_id: String,
+    breaker: RefCell<Breaker>,
+    subjects: RefCell<HashMap<String, Tracked>>,
+    calls: RefCell<HashMap<u32, Pending>>,
+    /// Not yet merged into `km/fleet`.
+    delta: RefCell<Counters>,
+    last_latency: std::cell::Cell<u64>,
+    last_error: RefCell<Option<(u64, String)>>,
+    last_success_ms: std::cell::Cell<u64>,
+    /// What was last published (skip the shared-data write when nothing changed).
+    published: std::cell::Cell<Option<(BreakerState, u64, usize, u64)>>,
+    metrics: Metrics,
+}
+
+/// The request path's next move.
+pub enum RequestStep {
+    Decided(FleetVerdict),
+    /// Paused for this take call.
+    Paused(u32),
+}
+
+impl FleetNode {
+    /// Called from `on_configure` (filter role with `fleet`).
+    pub fn new(cfg: FleetConfig) -> FleetNode {
+        host::ensure_instance();
+        let instance = HostStore
+            .get(host::INSTANCE)
+            .0
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["instance_id"].as_str().map(str::to_string))
+            .unwrap_or_else(|| "0".into());
+        let node_id = format!("{}-{instance}", cfg.node_name);
+        let _ = ensure_exists(&HostStore, HEALTH, b"{}", host::now_ms());
+        FleetNode {
+            cfg,
+            node_id,
+            breaker: RefCell::default(),
+            subjects: RefCell::default(),
+            calls: RefCell::default(),
+            delta: RefCell::default(),
+            last_latency: Default::default(),
+            last_error: RefCell::default(),
+            last_success_ms: Default::default(),
+            published: Default::default(),
+            metrics: Metrics::define(),
+        }
+    }
+
+    fn count(&self, via: Via) {
+        let mut d = self.delta.borrow_mut();
+        match via {
+            Via::Lease => d.lease_decisions += 1,
+            Via::Take => d.take_decisions += 1,
+            Via::Fallback => d.fallback_decisions += 1,
+            Via::Exhausted => d.exhausted_decisions += 1,
+        }
+    }
+
+    /// Applies `f` to the subject's entry under CAS; `None` when the entry stayed
+    /// contended (or the host failed) for all attempts.
+    fn update<T>(&self, subject: &str, mut f: impl FnMut(&mut FleetEntry) -> T) -> Option<T> {
+        let key = entry_key(subject);
+        let store = HostStore;
+        for _ in 0..CAS_RETRIES {
+            let (bytes, cas) = store.get(&key);
+            if cas == 0 {
+                if ensure_exists(&store, &key, &FleetEntry::default().encode(), host::now_ms()).is_err() {
+                    return None;
+                }
+                continue;
+            }
+            let old = bytes.map(|b| FleetEntry::decode(&b)).unwrap_or_default();
+            let mut e = old.clone();
+            let out = f(&mut e);
+            if e == old {
+                return Some(out);
+            }
+            match store.set(&key, &e.encode(), Some(cas)) {
+                Ok(()) => return Some(out),
+                Err(StoreError::CasMismatch) => continue,
+                Err(StoreError::Host) => return None,
+            }
+        }
+        None
+    }
+
+    /// Decides a request of `cost` for `subject`; may dispatch a take and pause.
+    pub fn decide(&self, subject: &Subject<'_>, now_ms: u64, cost: u64) -> RequestStep {
+        self.track(subject, now_ms);
+        let connected = self.breaker.borrow().connected(now_ms);
+        let cfg = &self.cfg;
+        let step = self.update(subject.name, |e| {
+            fleet::decide(e, subject.buckets, subject.quotas, cfg, now_ms, cost, connected)
+        });
+        match step {
+            Some(Step::Decided(v)) => {
+                self.count(v.via);
+                self.note_overdraft(&v, subject, cost);
+                RequestStep::Decided(v)
+            }
+            Some(Step::Take) => {
+                let allowed = self.breaker.borrow_mut().allow(now_ms, cfg.breaker_cooldown_ms);
+                if allowed {
+                    if let Some(token) = self.dispatch_take(subject, cost, now_ms) {
+                        return RequestStep::Paused(token);
+                    }
+                }
+                RequestStep::Decided(self.fall_back(subject, now_ms, cost))
+            }
+            // Contended beyond retries: decide from a fresh local fallback view, which
+            // never admits more than the local share.
+            None => RequestStep::Decided(self.fall_back(subject, now_ms, cost)),
+        }
+    }
+
+    fn note_overdraft(&self, v: &FleetVerdict, subject: &Subject<'_>, cost: u64) {
+        if v.via == Via::Fallback && v.denial.is_none() && !subject.quotas.is_empty() {
+            self.delta.borrow_mut().overdraft_units += cost;
+        }
+    }
+
+    fn fall_back(&self, subject: &Subject<'_>, now_ms: u64, cost: u64) -> FleetVerdict {
+        let cfg = &self.cfg;
+        let step = self.update(subject.name, |e| {
+            fleet::fallback(e, subject.buckets, subject.quotas, cfg, now_ms, cost)
+        });
+        let v = match step {
+            Some(Step::Decided(v)) => v,
+            _ => FleetVerdict {
+                denial: Some(crate::core::limits::limiter::Denial::RateLimited),
+                retry_after_secs: Some(1),
+                via: Via::Fallback,
+            },
+        };
+        self.count(v.via);
+        self.note_overdraft(&v, subject, cost);
+        v
+    }
+
+    fn dispatch_take(&self, subject: &Subject<'_>, cost: u64, now_ms: u64) -> Option<u32> {
+        let body = serde_json::to_vec(&fleet::take_request(
+            subject.name,
+            subject.buckets,
+            subject.quotas,
+            cost,
+        ))
+        .ok()?;
+        self.delta.borrow_mut().take_calls += 1;
+        match self.call("/v1/take", &body) {
+            Ok(token) => Some(token),
+            Err(e) => {
+                self.failed(now_ms, e);
+                self.delta.borrow_mut().take_failures += 1;
+                None
+            }
+        }
+    }
+
+    fn call(&self, path: &str, body: &[u8]) -> Result<u32, String> {
+        dispatch(
+            &self.cfg.cluster,
+            "POST",
+            path,
+            &self.cfg.authority,
+            &[("content-type", "application/json")],
+            &[],
+            Some(body),
+            self.cfg.timeout_ms,
+        )
+    }
+
+    fn failed(&self, now_ms: u64, why: String) {
+        if self
+            .breaker
+            .borrow_mut()
+            .failure(now_ms, self.cfg.breaker_failures, self.cfg.breaker_cooldown_ms)
+        {
+            log::warn!("keymeter fleet: limit service unreachable, deciding locally: {why}");
+        }
+        *self.last_error.borrow_mut() = Some((now_ms, why));
+    }
+
+    fn succeeded(&self, now_ms: u64) {
+        if self.breaker.borrow().state(now_ms) != BreakerState::Closed {
+            log::info!("keymeter fleet: limit service reachable again");
+        }
+        self.breaker.borrow_mut().success();
+        self.last_success_ms.set(now_ms);
+    }
+
+    /// Reads a limitd answer: the JSON body of a 200, or why there is none.
+    fn answer<T: serde::de::DeserializeOwned>(num_headers: usize, body_size: usize) -> Result<T, String> {
+        let r = CallResponse::read(num_headers, body_size, MAX_BODY);
+        match r.status() {
+            Some(200) => serde_json::from_slice(&r.body).map_err(|e| format!("bad answer: {e}")),
+            Some(s) => Err(format!("limitd answered {s}")),
+            None => Err("no answer (timeout or connection failure)".into()),
+        }
+    }
+
+    /// The take answer for a paused request (in its HTTP context).
+    pub fn on_take_response(
+        &self,
+        subject: &Subject<'_>,
+        cost: u64,
+        num_headers: usize,
+        body_size: usize,
+    ) -> FleetVerdict {
+        let now_ms = host::now_ms();
+        match Self::answer::<TakeResponse>(num_headers, body_size) {
+            Ok(resp) => {
+                self.succeeded(now_ms);
+                let cfg = &self.cfg;
+                let v = self
+                    .update(subject.name, |e| fleet::apply_take(e, &resp, cfg, now_ms))
+                    .unwrap_or_else(|| {
+                        let mut e = FleetEntry::default();
+                        fleet::apply_take(&mut e, &resp, cfg, now_ms)
+                    });
+                self.count(v.via);
+                v
+            }
+            Err(why) => {
+                self.delta.borrow_mut().take_failures += 1;
+                self.failed(now_ms, why);
+                self.fall_back(subject, now_ms, cost)
+            }
+        }
+    }
+
+    fn track(&self, subject: &Subject<'_>, now_ms: u64) {
+        let mut subjects = self.subjects.borrow_mut();
+        match subjects.get_mut(subject.name) {
+            Some(t) => {
+                t.last_used_ms = now_ms;
+                if t.buckets != subject.buckets || t.quotas != subject.quotas {
+                    t.buckets = subject.buckets.to_vec();
+                    t.quotas = subject.quotas.to_vec();
+                }
+            }
+            None => {
+                subjects.insert(
+                    subject.name.to_string(),
+                    Tracked {
+                        buckets: subject.buckets.to_vec(),
+                        quotas: subject.quotas.to_vec(),
+                        last_used_ms: now_ms,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Root tick: refill, renew or return the leases of the subjects this worker saw,
+    /// then publish health and metrics.
+    pub fn on_tick(&self) {
+        let now = host::now_ms();
+        let cfg = &self.cfg;
+        let idle_after = cfg.lease_ttl_ms;
+        let names: Vec<String> = self.subjects.borrow().keys().cloned().collect();
+        let mut overdraft_in_use = 0;
+        for name in names {
+            // Open: no calls; half-open: one trial call for the whole worker.
+            if self.breaker.borrow().state(now) != BreakerState::Closed
+                && !self.breaker.borrow_mut().allow(now, cfg.breaker_cooldown_ms)
+            {
+                continue;
+            }
+            let (buckets, quotas, idle) = {
+                let s = self.subjects.borrow();
+                let t = &s[&name];
+                (
+                    t.buckets.clone(),
+                    t.quotas.clone(),
+                    now.saturating_sub(t.last_used_ms) > idle_after,
+                )
+            };
+            let subject = Subject {
+                name: &name,
+                buckets: &buckets,
+                quotas: &quotas,
+            };
+            let node_id = &self.node_id;
+            let started = self.update(&name, |e| {
+                overdraft_in_use += e.overdraft_used;
+                if idle && e.lease.settled() && e.overdraft_used == 0 {
+                    return None;
+                }
+                fleet::begin_lease(e, node_id, &subject, cfg, now, idle)
+            });
+            match started {
+                Some(Some((ask, req))) => self.send_lease(name.clone(), ask, &req, now, idle),
+                Some(None) if idle => {
+                    // Nothing held, nothing to report: forget the subject.
+                    self.subjects.borrow_mut().remove(&name);
+                }
+                _ => {}
+            }
+        }
+        self.publish(now, overdraft_in_use);
+    }
+
+    fn send_lease(
+        &self,
+        subject: String,
+        ask: Ask,
+        req: &crate::core::remote::fleet_protocol::LeaseRequest,
+        now: u64,
+        release: bool,
+    ) {
+        let Ok(body) = serde_json::to_vec(req) else { return };
+        self.delta.borrow_mut().lease_calls += 1;
+        match self.call("/v1/lease", &body) {
+            Ok(token) => {
+                self.calls.borrow_mut().insert(
+                    token,
+                    Pending {
+                        subject,
+                        ask,
+                        sent_ms: now,
+                        release,
+                    },
+                );
+            }
+            Err(e) => {
+                self.delta.borrow_mut().lease_failures += 1;
+                self.failed(now, e);
+                let _ = self.update(&subject, |e| e.lease.on_failure());
+            }
+        }
+    }
+
+    /// A lease answer for the root context; false if `token` is not ours.
+    pub fn on_lease_response(&self, token: u32, num_headers: usize, body_size: usize) -> bool {
+        let Some(p) = self.calls.borrow_mut().remove(&token) else {
+            return false;
+        };
+        let now = host::now_ms();
+        let cfg = &self.cfg;
+        match Self::answer::<LeaseResponse>(num_headers, body_size) {
+            Ok(resp) => {
+                self.succeeded(now);
+                let latency = now.saturating_sub(p.sent_ms);
+                self.last_latency.set(latency);
+                self.delta.borrow_mut().refill_latency_ms_sum += latency;
+                let _ = self.update(&p.subject, |e| fleet::apply_lease(e, &p.ask, &resp, now, cfg));
+                if p.release {
+                    self.subjects.borrow_mut().remove(&p.subject);
+                }
+            }
+            Err(why) => {
+                self.delta.borrow_mut().lease_failures += 1;
+                self.failed(now, why);
+                let _ = self.update(&p.subject, |e| e.lease.on_failure());
+            }
+        }
+        true
+    }
+
+    /// Returns every lease this worker knows of (unload, reload, shutdown); best effort.
+    /// Returns how many calls were sent.
+    pub fn release_all(&self) -> usize {
+        let now = host::now_ms();
+        let names: Vec<String> = self.subjects.borrow().keys().cloned().collect();
+        let mut sent = 0;
+        for name in names {
+            let (buckets, quotas) = {
+                let s = self.subjects.borrow();
+                (s[&name].buckets.clone(), s[&name].quotas.clone())
+            };
+            let subject = Subject {
+                name: &name,
+                buckets: &buckets,
+                quotas: &quotas,
+            };
+            let node_id = &self.node_id;
+            let cfg = &self.cfg;
+            // A call in flight is given up: the release supersedes it (newer seq).
+            let started = self.update(&name, |e| {
+                e.lease.refill_sent_ms = 0;
+                fleet::begin_lease(e, node_id, &subject, cfg, now, true)
+            });
+            if let Some(Some((ask, req))) = started {
+                self.send_lease(name.clone(), ask, &req, now, true);
+                sent += 1;
+            }
+        }
+        sent
+    }
+
+    pub fn pending_calls(&self) -> usize {
+        self.calls.borrow().len()
+    }
+
+    /// Merges this worker's counters into `km/fleet` and updates the metrics.
+    fn publish(&self, now: u64, overdraft_in_use: u64) {
+        let delta = std::mem::take(&mut *self.delta.borrow_mut());
+        let state = self.breaker.borrow().state(now);
+        let seen = (
+            state,
+            overdraft_in_use,
+            self.subjects.borrow().len(),
+            self.last_latency.get(),
+        );
+        if delta == Counters::default() && self.published.get() == Some(seen) {
+            return;
+        }
+        self.published.set(Some(seen));
+        let m = &self.metrics;
+        for (i, v) in [
+            delta.lease_decisions,
+            delta.take_decisions,
+            delta.fallback_decisions,
+            delta.exhausted_decisions,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            Metrics::add(m.decisions[i], v);
+        }
+        Metrics::add(m.calls, delta.lease_calls + delta.take_calls);
+        Metrics::add(m.failures, delta.lease_failures + delta.take_failures);
+        Metrics::add(m.latency, delta.refill_latency_ms_sum);
+        Metrics::add(m.overdraft, delta.overdraft_units);
+        if let Some(id) = m.partitioned {
+            let _ = hostcalls::record_metric(id, u64::from(state == BreakerState::Open));
+        }
+        let store = HostStore;
+        for _ in 0..CAS_RETRIES {
+            let (bytes, cas) = store.get(HEALTH);
+            let mut h: Health = bytes.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+            h.counters.add(&delta);
+            h.node_id.clone_from(&self.node_id);
+            h.state = match state {
+                BreakerState::Closed => "connected",
+                BreakerState::Open => "partitioned",
+                BreakerState::HalfOpen => "probing",
+            }
+            .into();
+            h.fleet_size = self.cfg.fleet_size;
+            let c = &h.counters;
+            let decided = c.lease_decisions + c.take_decisions + c.fallback_decisions + c.exhausted_decisions;
+            h.lease_hit_ratio = if decided == 0 {
+                0.0
+            } else {
+                c.lease_decisions as f64 / decided as f64
+            };
+            h.refill_latency_ms_mean = if c.lease_calls == 0 {
+                0.0
+            } else {
+                c.refill_latency_ms_sum as f64 / c.lease_calls.saturating_sub(c.lease_failures).max(1) as f64
+            };
+            if self.last_latency.get() > 0 {
+                h.refill_latency_ms_last = self.last_latency.get();
+            }
+            h.overdraft_in_use = overdraft_in_use;
+            h.subjects = self.subjects.borrow().len();
+            h.last_success_at_ms = h.last_success_at_ms.max(self.last_success_ms.get());
+            if let Some((at, e)) = self.last_error.borrow().as_ref() {
+                if *at >= h.last_failure_at_ms {
+                    h.last_failure_at_ms = *at;
+                    h.last_error = Some(e.clone());
+                }
+            }
+            let bytes = serde_json::to_vec(&h).unwrap_or_default();
+            match store.set(HEALTH, &bytes, Some(cas)) {
+                Ok(()) => return,
+                Err(StoreError::CasMismatch) => continue,
+                Err(StoreError::Host) => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,252 @@
+"""Fleet mode in real Envoys: limits shared through keymeter-limitd and a real
+redis-server, each on free loopback ports, all stopped at teardown (fixtures) and at
+exit (fleet.py's atexit hook).
+
+Machine: 2 shared cores, so Envoys run with 2 workers (1 where a test needs many
+processes) and request loops are bounded in count and time. Numbers that depend on
+timing are checked against the documented bounds, never against a lucky exact value.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import time
+
+import pytest
+
+import fleet
+import harness
+from keys import Key, keyset
+from test_auth import TOKEN, get, push
+
+MONTHLY = {"name": "monthly", "period": "month", "limit": 1000}
+
+
+@pytest.fixture
+def redis(tmp_path):
+    r = fleet.RedisServer(tmp_path / "redis").start()
+    try:
+        yield r
+    finally:
+        r.kill()
+
+
+@pytest.fixture
+def limitd(redis, tmp_path):
+    """Factory: limitd(n) starts n limitd instances on the test's Redis."""
+    started: list[fleet.Limitd] = []
+
+    def start(n: int = 1) -> list[fleet.Limitd]:
+        new = [fleet.Limitd(redis.url, tmp_path / "limitd").start() for _ in range(n)]
+        started.extend(new)
+        return new
+
+    try:
+        yield start
+    finally:
+        for d in started:
+            d.kill()
+
+
+def envoys(start_envoy, ds, n, doc, concurrency=2, **fleet_kw):
+    """n Envoys in fleet mode (fleet_size n) over the limitd instances `ds`, each loaded
+    with key set `doc` (every Envoy has its own shared data)."""
+    conf = fleet.filter_conf(n, **fleet_kw)
+    out = []
+    for _ in range(n):
+        e = start_envoy(concurrency=concurrency, filter_conf=conf,
+                        extra_clusters=[fleet.limitd_cluster([d.port for d in ds])])  # fmt: skip
+        r = push(e, doc)
+        assert r.status == 200, r
+        out.append(e)
+    return out
+
+
+def hammer(es, key, n, threads=8, deadline_s=60.0):
+    """n requests spread round-robin over the Envoys; returns (statuses, max seconds)."""
+    stop = time.monotonic() + deadline_s
+
+    def one(i):
+        if time.monotonic() > stop:
+            return None, 0.0
+        t = time.monotonic()
+        s = get(es[i % len(es)], headers={"x-api-key": key.key}).status
+        return s, time.monotonic() - t
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(one, range(n)))
+    return [s for s, _ in results if s is not None], max(d for _, d in results)
+
+
+def drain(es, key, rounds=300):
+    """One request per Envoy per round until every Envoy refused 3 rounds in a row:
+    units still held in any Envoy's lease get spent. Returns the admitted count."""
+    admitted, refused_rounds = 0, 0
+    for _ in range(rounds):
+        codes = [get(e, headers={"x-api-key": key.key}).status for e in es]
+        admitted += codes.count(200)
+        refused_rounds = refused_rounds + 1 if 200 not in codes else 0
+        if refused_rounds >= 3:
+            return admitted
+        time.sleep(0.05)
+    raise AssertionError("quota never drained")
+
+
+def fleet_status(envoy):
+    """`fleet` of keymeter's GET /v1/status."""
+    r = harness.http("GET", envoy.admin_api_url("/v1/status"), {"authorization": f"Bearer {TOKEN}"})
+    assert r.status == 200, r
+    return r.json()["fleet"]
+
+
+def wait_for(pred, timeout=10.0, step=0.1, what="condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_monthly_quota_of_1000_across_three_envoys_is_never_exceeded(start_envoy, limitd):
+    ds = limitd(2)
+    k = Key(plan="m")
+    plans = {"m": {"quotas": [MONTHLY]}}
+    es = envoys(start_envoy, ds, 3, keyset(1, [k], plans), max_chunk=100)
+    codes, _ = hammer(es, k, 1300, threads=12)
+    admitted = codes.count(200)
+    assert admitted <= 1000, admitted
+    assert set(codes) <= {200, 429}, set(codes)
+    total = admitted + drain(es, k)
+    # Never more than the quota; once every lease is spent or returned, all of it.
+    assert total == 1000, (admitted, total)
+    subject = f"k:{k.id}"
+    consumed = wait_for(lambda: (c := ds[0].peek(subject, [MONTHLY])["monthly"]["consumed"]) == 1000 and c,
+                        what="every spend reported to the fleet")  # fmt: skip
+    assert consumed == 1000
+    st = [fleet_status(e) for e in es]
+    assert all(s["state"] == "connected" for s in st), st
+    lease = sum(s["counters"]["lease_decisions"] for s in st)
+    take = sum(s["counters"]["take_decisions"] for s in st)
+    print(f"\nquota 1000 / 3 Envoys: first pass {admitted}, total {total}; decisions lease {lease}, take {take}")
+    assert lease > take, "most requests are decided from leases"
+
+
+def test_rate_limit_across_three_envoys_within_3_percent(start_envoy, limitd):
+    ds = limitd(2)
+    k = Key(plan="r")
+    rate, burst = 40, 40
+    plans = {"r": {"rate_limits": [{"name": "per-second", "rate": rate, "per": "1s", "burst": burst}]}}
+    es = envoys(start_envoy, ds, 3, keyset(1, [k], plans), rate_lease_ms=300)
+    duration = 6.0
+    t0 = time.monotonic()
+    end = t0 + duration
+    statuses = []
+
+    def loop(i):
+        n = 0
+        out = []
+        while time.monotonic() < end and n < 5000:
+            out.append(get(es[(i + n) % 3], headers={"x-api-key": k.key}).status)
+            n += 1
+        return out
+
+    with concurrent.futures.ThreadPoolExecutor(9) as pool:
+        for r in pool.map(loop, range(9)):
+            statuses += r
+    elapsed = time.monotonic() - t0
+    admitted = statuses.count(200)
+    expected = burst + rate * elapsed
+    print(f"\nrate {rate}/s burst {burst} over 3 Envoys, {elapsed:.2f} s, {len(statuses)} requests: "
+          f"admitted {admitted}, expected {expected:.0f} ({(admitted - expected) / expected:+.1%})")  # fmt: skip
+    assert len(statuses) > 3 * expected, "the load did not saturate the limit"
+    assert abs(admitted - expected) <= 0.03 * expected, (admitted, expected)
+
+
+def test_consumer_shared_limits_across_envoys(start_envoy, limitd):
+    ds = limitd(1)
+    k1, k2 = Key(consumer="acme", plan="c"), Key(consumer="acme", plan="c")
+    other = Key(consumer="globex", plan="c")
+    quota = {"name": "daily", "period": "day", "limit": 30}
+    plans = {"c": {"quotas": [quota], "limit_by": "consumer"}}
+    es = envoys(start_envoy, ds, 2, keyset(1, [k1, k2, other], plans), concurrency=1)
+    admitted = 0
+    for i in range(60):
+        key = (k1, k2)[i % 2]
+        admitted += get(es[(i // 2) % 2], headers={"x-api-key": key.key}).status == 200
+    admitted += drain(es, k1)
+    assert admitted == 30, "two keys of one consumer share one quota across both Envoys"
+    assert get(es[0], headers={"x-api-key": other.key}).status == 200, "another consumer is unaffected"
+    wait_for(lambda: ds[0].peek("c:acme", [quota])["daily"]["consumed"] == 30, what="consumer usage reported")
+
+
+def test_redis_killed_mid_run_falls_back_then_replays_exactly(start_envoy, limitd, redis):
+    ds = limitd(1)
+    k = Key(plan="m")
+    plans = {"m": {"quotas": [MONTHLY]}}
+    es = envoys(start_envoy, ds, 2, keyset(1, [k], plans), concurrency=1, overdraft=5, max_chunk=10,
+                breaker_failures=2, breaker_cooldown_ms=300, timeout_ms=100)  # fmt: skip
+    codes, _ = hammer(es, k, 40, threads=4)
+    before = codes.count(200)
+    assert before == 40
+    redis.kill()
+    codes, slowest = hammer(es, k, 120, threads=4)
+    during = codes.count(200)
+    # Held lease units (chunks of at most max_chunk 10, plus half a chunk below the
+    # low-water mark) and then 5 units of overdraft per Envoy; then 429, never allow-all.
+    assert 10 <= during <= 2 * (10 + 5 + 5), during
+    assert codes.count(429) == len(codes) - during
+    assert slowest < 1.0, f"a request waited {slowest:.2f} s during the outage (timeout 100 ms)"
+    wait_for(lambda: all(fleet_status(e)["state"] == "partitioned" for e in es), what="partitioned status")
+    redis.start()  # same port, data back from the append-only file
+    wait_for(lambda: all(fleet_status(e)["state"] == "connected" for e in es), timeout=15, what="reconnection")
+    wait_for(lambda: ds[0].peek(f"k:{k.id}", [MONTHLY])["monthly"]["consumed"] == before + during,
+             what="the outage's spend replayed exactly once")  # fmt: skip
+    codes, _ = hammer(es, k, 20, threads=4)
+    assert codes.count(200) == 20, "recovered without restart"
+    st = fleet_status(es[0])
+    assert st["counters"]["overdraft_units"] <= 5 and st["overdraft_in_use"] == 0, st
+
+
+def test_a_limitd_killed_and_restarted(start_envoy, limitd):
+    ds = limitd(2)
+    k = Key(plan="m")
+    plans = {"m": {"quotas": [MONTHLY]}}
+    es = envoys(start_envoy, ds, 1, keyset(1, [k], plans), concurrency=1, max_chunk=5, timeout_ms=100)
+    codes, _ = hammer(es, k, 30, threads=2)
+    assert codes.count(200) == 30
+    ds[0].kill()
+    codes, slowest = hammer(es, k, 60, threads=2)
+    assert codes.count(200) == 60, "the other limitd serves the fleet"
+    assert slowest < 1.0
+    ds[0].start()
+    codes, _ = hammer(es, k, 60, threads=2)
+    assert codes.count(200) == 60
+    wait_for(lambda: ds[0].metrics().get("keymeter_limitd_lease_calls_total", 0) > 0, what="the restarted limitd used")
+    wait_for(lambda: ds[1].peek(f"k:{k.id}", [MONTHLY])["monthly"]["consumed"] == 150, what="exact usage")
+
+
+def test_an_envoy_killed_holding_leases_gives_them_back_after_the_ttl(start_envoy, limitd):
+    ds = limitd(1)
+    k = Key(plan="m")
+    quota = {"name": "monthly", "period": "month", "limit": 60}
+    plans = {"m": {"quotas": [quota]}}
+    a, b = envoys(start_envoy, ds, 2, keyset(1, [k], plans), concurrency=1, lease_ttl_ms=2000, max_chunk=20)
+    for _ in range(5):
+        assert get(a, headers={"x-api-key": k.key}).status == 200
+    subject = f"k:{k.id}"
+    node_a = fleet_status(a)["node_id"]
+    # Wait until A has reported its spend (it renews before the TTL) while holding units.
+    held = wait_for(lambda: (p := ds[0].peek(subject, [quota])["monthly"])["consumed"] == 5
+                    and p["holders"].get(node_a), what="A reporting while holding a lease")  # fmt: skip
+    assert held > 0
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait(10)
+    killed_at = time.monotonic()
+    first = drain([b], k)
+    assert first <= 60 - 5 - held, (first, held)
+    time.sleep(max(0.0, 2.5 - (time.monotonic() - killed_at)))
+    second = drain([b], k)
+    assert 5 + first + second == 60, (first, second, held)

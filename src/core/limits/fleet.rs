@@ -47,8 +47,9 @@ pub struct FleetDoc {
     pub rate_lease_ms: u64,
     #[serde(default = "d_max_chunk")]
     pub max_chunk: u64,
-    #[serde(default = "d_initial_chunk")]
-    pub initial_chunk: u64,
+    /// Default: 10, or `max_chunk` if smaller.
+    #[serde(default)]
+    pub initial_chunk: Option<u64>,
     #[serde(default = "d_overdraft")]
     pub overdraft: u64,
     #[serde(default = "d_breaker_failures")]
@@ -57,6 +58,8 @@ pub struct FleetDoc {
     pub breaker_cooldown_ms: u64,
     #[serde(default = "d_refill_tick")]
     pub refill_tick_ms: u64,
+    #[serde(default = "d_report_interval")]
+    pub report_interval_ms: u64,
     #[serde(default)]
     pub node_name: Option<String>,
 }
@@ -76,9 +79,6 @@ fn d_rate_lease() -> u64 {
 fn d_max_chunk() -> u64 {
     1_000
 }
-fn d_initial_chunk() -> u64 {
-    10
-}
 fn d_overdraft() -> u64 {
     10
 }
@@ -90,6 +90,9 @@ fn d_breaker_cooldown() -> u64 {
 }
 fn d_refill_tick() -> u64 {
     20
+}
+fn d_report_interval() -> u64 {
+    1_000
 }
 
 /// The validated `fleet` section.
@@ -114,6 +117,9 @@ pub struct FleetConfig {
     pub breaker_cooldown_ms: u64,
     /// How often the root context looks for leases to refill, renew or return.
     pub refill_tick_ms: u64,
+    /// Spend not yet reported is reported at least this often (billing freshness, and
+    /// the bound on what a crashed node can have spent unreported).
+    pub report_interval_ms: u64,
     /// Prefix of this node's id in Redis (the id itself is unique per process).
     pub node_name: String,
 }
@@ -128,7 +134,7 @@ impl FleetDoc {
         if !printable(&self.authority) {
             return field("authority", "must be a host name");
         }
-        let ranges: [(&str, u64, u64, u64); 7] = [
+        let ranges: [(&str, u64, u64, u64); 8] = [
             ("timeout_ms", self.timeout_ms, 5, 10_000),
             ("fleet_size", self.fleet_size, 1, 10_000),
             ("lease_ttl_ms", self.lease_ttl_ms, 100, 86_400_000),
@@ -136,13 +142,15 @@ impl FleetDoc {
             ("max_chunk", self.max_chunk, 1, 1 << 40),
             ("breaker_cooldown_ms", self.breaker_cooldown_ms, 10, 600_000),
             ("refill_tick_ms", self.refill_tick_ms, 5, 10_000),
+            ("report_interval_ms", self.report_interval_ms, 10, 3_600_000),
         ];
         for (name, v, lo, hi) in ranges {
             if !(lo..=hi).contains(&v) {
                 return field(name, &format!("must be between {lo} and {hi}"));
             }
         }
-        if self.initial_chunk == 0 || self.initial_chunk > self.max_chunk {
+        let initial_chunk = self.initial_chunk.unwrap_or(self.max_chunk.min(10));
+        if initial_chunk == 0 || initial_chunk > self.max_chunk {
             return field("initial_chunk", "must be between 1 and max_chunk");
         }
         if self.overdraft >= 1 << 40 {
@@ -168,11 +176,12 @@ impl FleetDoc {
             lease_ttl_ms: self.lease_ttl_ms,
             rate_lease_ms: self.rate_lease_ms,
             max_chunk: self.max_chunk,
-            initial_chunk: self.initial_chunk,
+            initial_chunk,
             overdraft: self.overdraft,
             breaker_failures: self.breaker_failures,
             breaker_cooldown_ms: self.breaker_cooldown_ms,
             refill_tick_ms: self.refill_tick_ms,
+            report_interval_ms: self.report_interval_ms,
             node_name: name,
         })
     }
@@ -215,6 +224,8 @@ pub struct FleetEntry {
     /// Partition fallback: quota units admitted without a lease since the fleet was last
     /// reached (bounded by `overdraft`; reset once a call has reported them).
     pub overdraft_used: u64,
+    /// When the last lease call was sent (for the report interval).
+    pub last_call_ms: u64,
 }
 
 impl FleetEntry {
@@ -459,11 +470,14 @@ pub fn begin_lease(
         entry.lease.refill_sent_ms = now_ms.max(1);
         entry.lease.release(now_ms)
     } else {
-        if !entry.lease.needs_refill(now_ms, &policy) && entry.overdraft_used == 0 {
+        let report_due = entry.lease.spent_total > entry.lease.reported_total
+            && now_ms.saturating_sub(entry.last_call_ms) >= cfg.report_interval_ms;
+        if !entry.lease.needs_refill(now_ms, &policy) && entry.overdraft_used == 0 && !report_due {
             return None;
         }
         entry.lease.begin_refill(now_ms, &policy)?
     };
+    entry.last_call_ms = now_ms;
     entry.seq += 1;
     let (b, q) = specs(buckets, quotas);
     let req = LeaseRequest {
@@ -550,6 +564,8 @@ mod tests {
         assert!(bad(r#"{"cluster":"l","fleet_size":1,"timeout_ms":1}"#).contains("fleet.timeout_ms"));
         assert!(bad(r#"{"cluster":"","fleet_size":1}"#).contains("fleet.cluster"));
         assert!(bad(r#"{"cluster":"l","fleet_size":1,"initial_chunk":5000}"#).contains("fleet.initial_chunk"));
+        let small: FleetDoc = serde_json::from_str(r#"{"cluster":"l","fleet_size":1,"max_chunk":5}"#).unwrap();
+        assert_eq!(small.validate().unwrap().initial_chunk, 5);
         assert!(bad(r#"{"cluster":"l","fleet_size":1,"node_name":"a b"}"#).contains("fleet.node_name"));
         assert!(bad(r#"{"cluster":"l","fleet_size":1,"x":1}"#).contains("unknown field"));
         assert_eq!(c.ttl_for(&bucket(1, 1)), 1_000);
@@ -753,6 +769,37 @@ mod tests {
         assert_eq!(e.lease.refill_sent_ms, 0);
         assert_eq!(FleetEntry::decode(&e.encode()), e);
         assert_eq!(FleetEntry::decode(b"garbage"), FleetEntry::default());
+    }
+
+    #[test]
+    fn unreported_spend_is_reported_within_the_report_interval() {
+        let c = cfg(); // report every 1000 ms
+        let q = monthly(10_000);
+        let s = Subject {
+            name: "k:a",
+            buckets: &[],
+            quotas: &q,
+        };
+        let mut e = FleetEntry::default();
+        let (ask, _) = begin_lease(&mut e, "n", &s, &c, 0, false).unwrap();
+        let resp = LeaseResponse {
+            applied: true,
+            granted: 10,
+            valid_ms: 30_000,
+            now_ms: 0,
+            buckets: vec![],
+            quotas: vec![],
+        };
+        apply_lease(&mut e, &ask, &resp, 1, &c);
+        assert!(
+            begin_lease(&mut e, "n", &s, &c, 2_000, false).is_none(),
+            "nothing spent, nothing due"
+        );
+        assert_eq!(decide(&mut e, &[], &q, &c, 2_000, 1, true), allowed(Via::Lease));
+        assert!(
+            begin_lease(&mut e, "n", &s, &c, 2_000, false).is_some(),
+            "spend unreported for 2 s"
+        );
     }
 
     #[test]

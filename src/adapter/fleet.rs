@@ -16,12 +16,13 @@
 
 use super::host::{self, HostStore};
 use super::service::{dispatch, CallResponse};
+use crate::core::cas::{cas_update, Create, Step as CasStep};
 use crate::core::limits::fleet::{self, FleetConfig, FleetEntry, FleetVerdict, Step, Subject, Via};
 use crate::core::limits::lease::Ask;
 use crate::core::limits::plan::{NamedBucket, NamedQuota};
 use crate::core::remote::breaker::{Breaker, BreakerState};
 use crate::core::remote::fleet_protocol::{LeaseResponse, TakeResponse};
-use crate::core::store::{ensure_exists, Store, StoreError};
+use crate::core::store::{ensure_exists, Store};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 use serde::{Deserialize, Serialize};
@@ -201,32 +202,21 @@ impl FleetNode {
         }
     }
 
-    /// Applies `f` to the subject's entry under CAS; `None` when the entry stayed
-    /// contended (or the host failed) for all attempts.
+    /// Applies `f` to the subject's entry under CAS (`f` may run more than once);
+    /// `None` when the entry stayed contended (or the host failed) for all attempts.
     fn update<T>(&self, subject: &str, mut f: impl FnMut(&mut FleetEntry) -> T) -> Option<T> {
-        let key = entry_key(subject);
-        let store = HostStore;
-        for _ in 0..CAS_RETRIES {
-            let (bytes, cas) = store.get(&key);
-            if cas == 0 {
-                if ensure_exists(&store, &key, &FleetEntry::default().encode(), host::now_ms()).is_err() {
-                    return None;
-                }
-                continue;
-            }
-            let old = bytes.map(|b| FleetEntry::decode(&b)).unwrap_or_default();
+        let create = Create::ViaLock { now_ms: host::now_ms() };
+        cas_update(&HostStore, &entry_key(subject), CAS_RETRIES, create, |current| {
+            let old = current.map(FleetEntry::decode).unwrap_or_default();
             let mut e = old.clone();
             let out = f(&mut e);
-            if e == old {
-                return Some(out);
+            if current.is_some() && e == old {
+                CasStep::Keep(out)
+            } else {
+                CasStep::Write(e.encode(), out)
             }
-            match store.set(&key, &e.encode(), Some(cas)) {
-                Ok(()) => return Some(out),
-                Err(StoreError::CasMismatch) => continue,
-                Err(StoreError::Host) => return None,
-            }
-        }
-        None
+        })
+        .ok()
     }
 
     /// Decides a request of `cost` for `subject`; may dispatch a take and pause.
@@ -427,13 +417,14 @@ impl FleetNode {
             };
             let node_id = &self.node_id;
             let started = self.update(&name, |e| {
-                overdraft_in_use += e.overdraft_used;
-                if idle && e.lease.settled() && e.overdraft_used == 0 {
-                    return None;
+                let overdraft = e.overdraft_used;
+                if idle && e.lease.settled() && overdraft == 0 {
+                    return (overdraft, None);
                 }
-                fleet::begin_lease(e, node_id, &subject, cfg, now, idle)
+                (overdraft, fleet::begin_lease(e, node_id, &subject, cfg, now, idle))
             });
-            match started {
+            overdraft_in_use += started.as_ref().map_or(0, |(o, _)| *o);
+            match started.map(|(_, s)| s) {
                 Some(Some((ask, req))) => self.send_lease(name.clone(), ask, &req, now, idle),
                 Some(None) if idle => {
                     // Nothing held, nothing to report: forget the subject.
@@ -570,10 +561,9 @@ impl FleetNode {
         if let Some(id) = m.partitioned {
             let _ = hostcalls::record_metric(id, u64::from(state == BreakerState::Open));
         }
-        let store = HostStore;
-        for _ in 0..CAS_RETRIES {
-            let (bytes, cas) = store.get(HEALTH);
-            let mut h: Health = bytes.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        let create = Create::ViaLock { now_ms: now };
+        let _ = cas_update(&HostStore, HEALTH, CAS_RETRIES, create, |current| {
+            let mut h: Health = current.and_then(|b| serde_json::from_slice(b).ok()).unwrap_or_default();
             h.counters.add(&delta);
             h.node_id.clone_from(&self.node_id);
             h.state = match state {
@@ -590,11 +580,8 @@ impl FleetNode {
             } else {
                 c.lease_decisions as f64 / decided as f64
             };
-            h.refill_latency_ms_mean = if c.lease_calls == 0 {
-                0.0
-            } else {
-                c.refill_latency_ms_sum as f64 / c.lease_calls.saturating_sub(c.lease_failures).max(1) as f64
-            };
+            let answered = c.lease_calls.saturating_sub(c.lease_failures).max(1);
+            h.refill_latency_ms_mean = c.refill_latency_ms_sum as f64 / answered as f64;
             if self.last_latency.get() > 0 {
                 h.refill_latency_ms_last = self.last_latency.get();
             }
@@ -607,12 +594,7 @@ impl FleetNode {
                     h.last_error = Some(e.clone());
                 }
             }
-            let bytes = serde_json::to_vec(&h).unwrap_or_default();
-            match store.set(HEALTH, &bytes, Some(cas)) {
-                Ok(()) => return,
-                Err(StoreError::CasMismatch) => continue,
-                Err(StoreError::Host) => return,
-            }
-        }
+            CasStep::Write(serde_json::to_vec(&h).unwrap_or_default(), ())
+        });
     }
 }

@@ -37,7 +37,7 @@ SHELL       := /bin/bash
 
 .DEFAULT_GOAL := test
 
-.PHONY: tools wasm cli limitd fleet-tools check test run bench-tools bench bench-quick soak fuzz wasm-fault demo-config clean distclean
+.PHONY: tools wasm cli limitd fleet-tools check test run run-fleet bench-tools bench bench-quick soak fuzz wasm-fault demo-config clean distclean
 
 # --------------------------------------------------------------------------- tools
 
@@ -116,6 +116,11 @@ test: tools fleet-tools wasm wasm-fault cli limitd
 
 run: tools wasm cli
 	KEYMETER_CLI=$(CLI) ENVOY_BIN=$(ENVOY_BIN) PYTHON=$(PY) $(ROOT)/scripts/run-demo.sh
+
+# Fleet mode on one machine: Redis, one keymeter-limitd and two Envoys (API on 10000 and
+# 10001) sharing one demo key's limits; prints curl loops. Ctrl-C stops everything.
+run-fleet: tools fleet-tools wasm limitd
+	ENVOY_BIN=$(ENVOY_BIN) KEYMETER_WASM=$(WASM) KEYMETER_LIMITD=$(LIMITD) $(PY) $(ROOT)/scripts/run-fleet.py
 
 # envoy/demo.json is generated from the harness (one source of truth) and committed,
 # so `make run` needs no pytest; rerun this after changing harness.envoy_config.

@@ -147,10 +147,10 @@ bench-tools:
 BENCH_ARGS ?=
 TRIVIAL_DIR := $(ROOT)/target/trivial-filter
 
-bench bench-quick: tools wasm bench-tools
+bench bench-quick: tools wasm bench-tools fleet-tools limitd
 	cargo build --release --target $(WASM_TARGET) \
 		--manifest-path $(ROOT)/bench/trivial-filter/Cargo.toml --target-dir $(TRIVIAL_DIR)
-	cd $(ROOT) && ENVOY_BIN=$(ENVOY_BIN) KEYMETER_WASM=$(WASM) \
+	cd $(ROOT) && ENVOY_BIN=$(ENVOY_BIN) KEYMETER_WASM=$(WASM) KEYMETER_LIMITD=$(LIMITD) \
 		TRIVIAL_WASM=$(TRIVIAL_DIR)/$(WASM_TARGET)/release/trivial_filter.wasm \
 		$(PY) bench/run.py $(if $(filter bench-quick,$@),--quick) $(BENCH_ARGS)
 

@@ -18,6 +18,10 @@ What is measured
     6b proxy-bare Envoy proxying to an upstream Envoy (direct_response, on wrk's CPU)
     6  proxy-km  the same with keymeter 1k in front of the router: 6/6b is what the
                  filter costs relative to an ordinary proxied request
+    4f           scenario 4 in fleet mode: limits leased from keymeter-limitd + Redis
+                 (both pinned to wrk's CPU); 4f/4 CPU per request shows what leasing
+                 costs on the request path, and limitd calls/s at full load that the
+                 calls follow the refill rate, not the request rate
   and, measured apart (unpinned, wrk -t2, same rounds), the two-worker scaling set:
     3u/3w        trivial filter at --concurrency 1 / 2
     4u/4w        keymeter 1k at --concurrency 1 / 2: 4w/3w and 4w/4u show what the
@@ -101,6 +105,7 @@ sys.path.insert(0, str(ROOT / "wasm-tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import extra  # noqa: E402
+import fleet  # noqa: E402
 import harness  # noqa: E402
 import keys as km_keys  # noqa: E402
 
@@ -143,6 +148,7 @@ def stop_wrk() -> None:
 def cleanup() -> None:
     stop_wrk()
     harness.stop_all()
+    fleet.stop_all()
 
 
 atexit.register(cleanup)
@@ -517,6 +523,11 @@ class Scenario:
         return out
 
 
+def limitd_calls(d: fleet.Limitd) -> float:
+    m = d.metrics()
+    return m.get("keymeter_limitd_lease_calls_total", 0) + m.get("keymeter_limitd_take_calls_total", 0)
+
+
 def log(msg: str) -> None:
     print(msg, flush=True)
 
@@ -728,6 +739,20 @@ def main() -> int:
             f"RSS {rss0} -> {rss1} KiB" + (f", {push_info['bytes_per_key']} B/key" if 'bytes_per_key' in push_info else ""))
         del large_doc, large_chunks
 
+        # ---- fleet mode: the same 1k keys, limits leased from keymeter-limitd + Redis
+        # (both on wrk's CPU, so the measured CPU is Envoy's alone).
+        fleet_redis = fleet.RedisServer(workroot / "redis", aof=False).start()
+        fleet_limitd = fleet.Limitd(fleet_redis.url, workroot / "limitd").start()
+        if pin:
+            for proc in (fleet_redis.proc, fleet_limitd.proc):
+                os.sched_setaffinity(proc.pid, {int(wrk_cpu)})
+        fleet_cfg = keymeter_config(fleet.filter_conf(1, timeout_ms=100))
+        fleet_cfg["static_resources"]["clusters"].append(fleet.limitd_cluster([fleet_limitd.port]))
+        e_fleet = mk_envoy(fleet_cfg, "keymeter-fleet")
+        r = admin_call(e_fleet, "PUT", "/v1/keyset", small_doc)
+        if r.status != 200:
+            raise RuntimeError(f"1k key-set push (fleet) failed: {r}")
+
         e_nometer = mk_envoy(keymeter_config({"role": "filter", "metering": {"enabled": False}}), "nometer")
         r = admin_call(e_nometer, "PUT", "/v1/keyset", small_doc)
         if r.status != 200:
@@ -743,6 +768,7 @@ def main() -> int:
             Scenario("km_large", f"5  keymeter {big} keys", e_big, hdr, skip=large_skip),
             Scenario("km_large_rot", f"5r keymeter {big}, {args.rotate} rot.", e_big, script=script, skip=large_skip),
             Scenario("km_nometer", f"4m keymeter {args.keys // 1000}k, metering off", e_nometer, hdr),
+            Scenario("km_fleet", f"4f keymeter {args.keys // 1000}k, fleet mode", e_fleet, hdr),
             Scenario("km_huge", f"5h keymeter {huge / 1e6:g}M keys", e_huge, hdr, skip=huge_skip),
             Scenario("proxy_bare", "6b bare Envoy -> upstream Envoy", e_proxy_bare, hdr),
             Scenario("proxy_km", f"6  keymeter {args.keys // 1000}k -> upstream", e_proxy_km, hdr),
@@ -765,7 +791,12 @@ def main() -> int:
         for rnd in range(rounds):
             order = active[rnd % len(active):] + active[:rnd % len(active)]
             for s in order:
+                calls0 = limitd_calls(fleet_limitd) if s.name == "km_fleet" else 0
                 res = wrk.run(s.envoy.url(BENCH_PATH), duration, s.headers, s.script, watch=s.envoy)
+                if s.name == "km_fleet":
+                    # Calls to limitd per second at full load: bounded by subjects x
+                    # refill rate, not by the request rate (one key here).
+                    res["limitd_calls_per_s"] = round((limitd_calls(fleet_limitd) - calls0) / duration, 1)
                 res["round"] = rnd
                 res["rss_kib"] = rss_kib(s.envoy.pid)
                 s.runs.append(res)
@@ -793,7 +824,8 @@ def main() -> int:
                             "ok": r.status == 200 and before == 200 and after == 401 and other == 200}
         results["delta_revoke"] = deltas
 
-        for e in (e_bare, e_native, e_trivial, e_km, e_big, e_nometer, e_huge, e_proxy_bare, e_proxy_km, e_upstream):
+        for e in (e_bare, e_native, e_trivial, e_km, e_big, e_nometer, e_huge, e_proxy_bare, e_proxy_km, e_upstream,
+                  e_fleet):
             if e:
                 e.stop()
 
@@ -890,7 +922,12 @@ def main() -> int:
         "4w/4u rps": per_round("k2", "k1", "rps", lambda a, b: a / b),
         "3w/3u rps": per_round("t2", "t1", "rps", lambda a, b: a / b),
         "4w/3w cpu/req": per_round("k2", "t2", "cpu_us_per_req", lambda a, b: a / b),
+        "4f/4 rps": per_round("km_fleet", "km", "rps", lambda a, b: a / b),
+        "4f/4 cpu/req": per_round("km_fleet", "km", "cpu_us_per_req", lambda a, b: a / b),
     }
+    fleet_calls = [r["limitd_calls_per_s"] for r in by["km_fleet"].runs if "limitd_calls_per_s" in r]
+    results["fleet"] = {"limitd_calls_per_s": fleet_calls,
+                        "requests_per_s": [r["rps"] for r in by["km_fleet"].runs]}
     results["ratios"] = ratios
 
     print()
@@ -916,6 +953,11 @@ def main() -> int:
             fmt = "{:+.2f}" if " cpu us" in name else "{:.3f}" if "/" in name else "{:+.0f}"
             print(f"{name:14s} median {fmt.format(v['median'])}  min {fmt.format(v['min'])}  "
                   f"max {fmt.format(v['max'])}  ({v['n']} rounds)")
+    fc = results.get("fleet", {}).get("limitd_calls_per_s")
+    if fc:
+        print(f"fleet mode (4f): calls to limitd per second at full load {statistics.median(fc):.1f} "
+              f"(min {min(fc)}, max {max(fc)}) for one key at "
+              f"{statistics.median(results['fleet']['requests_per_s']):.0f} req/s")
     lp = results.get("large_push", {})
     print(f"\nfull push ({lp.get('method', 'one-shot PUT')}) of {lp.get('keys')} keys ({lp.get('doc_bytes', 0) / 2**20:.0f} MiB JSON, generated in "
           f"{lp.get('generate_s')}s): " + (f"HTTP {lp['status']} in {lp['push_s']}s" if 'status' in lp

@@ -27,12 +27,13 @@ LIMITD_CLUSTER = "keymeter_limitd"
 _running: list = []
 
 
-def _stop_all() -> None:
+def stop_all() -> None:
+    """Stops every Redis and limitd this process started."""
     for p in list(_running):
         p.kill()
 
 
-atexit.register(_stop_all)
+atexit.register(stop_all)
 
 
 class RedisServer:

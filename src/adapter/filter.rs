@@ -7,8 +7,9 @@ use super::root::PluginState;
 use crate::core::keyset::meta::Meta;
 use crate::core::keyset::names::key_entry_name;
 use crate::core::keyset::names::META;
+use crate::core::limits::fleet::Subject as FleetSubject;
 use crate::core::limits::plan::Plan;
-use crate::core::request::{self, Caller, Decision, Fetch, Unauthenticated};
+use crate::core::request::{self, Caller, Decision, Fetch, FleetLimits, Unauthenticated};
 use crate::core::store::{read_value, Store};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
@@ -25,6 +26,8 @@ pub struct FilterRequest {
     status: u32,
     request_bytes: u64,
     response_bytes: u64,
+    /// Fleet mode: the take call this request is paused for, and the limits it decides.
+    pending_take: Option<(u32, FleetLimits)>,
 }
 
 /// `core::request::Fetch` over proxy-wasm: one host call per method.
@@ -72,6 +75,7 @@ impl FilterRequest {
             status: 0,
             request_bytes: 0,
             response_bytes: 0,
+            pending_take: None,
         }
     }
 
@@ -98,14 +102,55 @@ impl FilterRequest {
     }
 }
 
-impl Context for FilterRequest {}
+impl Context for FilterRequest {
+    /// Fleet mode: the take this request was paused for answered (or failed, or timed
+    /// out): apply the verdict, then resume or refuse.
+    fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+        let Some((_, limits)) = self.pending_take.take_if(|(t, _)| *t == token) else {
+            return;
+        };
+        let state = self.state.clone();
+        let (Some(fleet), Some(mut decision)) = (state.fleet.as_ref(), self.decision.take()) else {
+            return;
+        };
+        let subject = FleetSubject {
+            name: &limits.subject,
+            buckets: &limits.buckets,
+            quotas: &limits.quotas,
+        };
+        let verdict = fleet.on_take_response(&subject, decision.cost, num_headers, body_size);
+        decision.apply_fleet(&verdict);
+        let action = self.apply(&decision);
+        self.decision = Some(decision);
+        if action == Action::Continue {
+            self.resume_http_request();
+        }
+    }
+}
 
 impl HttpContext for FilterRequest {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let state = self.state.clone();
         let mut cache = state.keys.borrow_mut();
-        let decision = request::decide(&state.config, &mut cache, &mut HostFetch { state: &state }, &HostStore);
+        let mut decision = request::decide(&state.config, &mut cache, &mut HostFetch { state: &state }, &HostStore);
         drop(cache);
+        // Fleet mode: the node's lease decides the limits, or the request waits for one
+        // take call (bounded by the fleet timeout).
+        if let (Some(limits), Some(fleet)) = (decision.fleet.take(), state.fleet.as_ref()) {
+            let subject = FleetSubject {
+                name: &limits.subject,
+                buckets: &limits.buckets,
+                quotas: &limits.quotas,
+            };
+            match fleet.decide(&subject, limits.now_ms, decision.cost) {
+                super::fleet::RequestStep::Decided(v) => decision.apply_fleet(&v),
+                super::fleet::RequestStep::Paused(token) => {
+                    self.pending_take = Some((token, limits));
+                    self.decision = Some(decision);
+                    return Action::Pause;
+                }
+            }
+        }
         let action = self.apply(&decision);
         self.decision = Some(decision);
         action

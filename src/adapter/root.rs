@@ -56,7 +56,7 @@ impl Context for Root {
         // Fleet mode: give the leases back (what is unspent returns to the fleet now,
         // not after the lease TTL); wait for the answers, bounded by the call timeout.
         let sent = self
-            .shared
+            .state
             .as_ref()
             .and_then(|s| s.fleet.as_ref())
             .map_or(0, |f| f.release_all());
@@ -65,7 +65,7 @@ impl Context for Root {
     }
 
     fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
-        if let Some(fleet) = self.shared.as_ref().and_then(|s| s.fleet.as_ref()) {
+        if let Some(fleet) = self.state.as_ref().and_then(|s| s.fleet.as_ref()) {
             if fleet.on_lease_response(token, num_headers, body_size) {
                 if self.closing && fleet.pending_calls() == 0 {
                     let _ = proxy_wasm::hostcalls::done();
@@ -181,11 +181,11 @@ impl RootContext for Root {
         if let Some(e) = &mut self.export {
             e.on_tick();
         }
-        if let Some(fleet) = self.shared.as_ref().and_then(|s| s.fleet.as_ref()) {
+        if let Some(fleet) = self.state.as_ref().and_then(|s| s.fleet.as_ref()) {
             fleet.on_tick();
         }
         let now = super::host::now_ms();
-        let interval = self.shared.as_ref().map_or(0, |s| s.config.metering.flush_interval_ms);
+        let interval = self.state.as_ref().map_or(0, |s| s.config.metering.flush_interval_ms);
         if now.saturating_sub(self.last_flush_ms) >= interval {
             self.last_flush_ms = now;
             self.flush_usage();

@@ -1,7 +1,7 @@
 //! Authentication order, authorization, state-key naming and limit application for one
 //! request.
 
-use super::decision::{Caller, Decision, Strip, Unauthenticated};
+use super::decision::{Caller, Decision, FleetLimits, Strip, Unauthenticated};
 use super::fetch::Fetch;
 use super::key_cache::KeyCache;
 use crate::core::auth::api_key::hashes_equal;
@@ -251,6 +251,21 @@ fn enforce(
         .and_then(|l| l.rate_limits.as_deref())
         .unwrap_or(&plan.rate_limits);
     let quotas = limits.and_then(|l| l.quotas.as_deref()).unwrap_or(&plan.quotas);
+    if cfg.fleet.is_some() && !(buckets.is_empty() && quotas.is_empty()) {
+        // Fleet mode: the node's lease decides (km/rl/k/<lineage> -> k:<lineage>, a
+        // client address -> ip:<addr>).
+        let subject = match target {
+            Target::Entry(key) => key.strip_prefix("km/rl/").unwrap_or(key).replacen('/', ":", 1),
+            Target::Anonymous(addr) => format!("ip:{addr}"),
+        };
+        d.fleet = Some(FleetLimits {
+            subject,
+            buckets: buckets.to_vec(),
+            quotas: quotas.to_vec(),
+            now_ms,
+        });
+        return d;
+    }
     let outcome = match target {
         Target::Entry(key) => limiter::apply(store, key, buckets, quotas, now_ms, cost),
         Target::Anonymous(subject) => {

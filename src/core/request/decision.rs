@@ -3,6 +3,9 @@
 use crate::core::auth::key_record::KeyRecord;
 use crate::core::auth::problem::Problem;
 use crate::core::config::{Config, IdentityField};
+use crate::core::limits::fleet::FleetVerdict;
+use crate::core::limits::limiter::Denial;
+use crate::core::limits::plan::{NamedBucket, NamedQuota};
 use crate::core::metering::usage::Outcome;
 use std::rc::Rc;
 
@@ -72,6 +75,17 @@ pub enum Strip {
     Path(String),
 }
 
+/// Fleet mode: the limits of an otherwise admitted request, left to the node's lease
+/// (`core::limits::fleet::decide` in the adapter, which may pause for a take).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetLimits {
+    /// `k:<lineage>`, `c:<consumer>` or `ip:<addr>`.
+    pub subject: String,
+    pub buckets: Vec<NamedBucket>,
+    pub quotas: Vec<NamedQuota>,
+    pub now_ms: u64,
+}
+
 /// The outcome of [`super::decide`] for one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
@@ -91,6 +105,8 @@ pub struct Decision {
     pub ratelimit: Option<(String, String)>,
     /// The limit state stayed contended through every CAS retry (counted and logged).
     pub contended: bool,
+    /// Fleet mode: limits still to decide from the node's lease (`None` when decided).
+    pub fleet: Option<FleetLimits>,
 }
 
 impl Decision {
@@ -104,7 +120,26 @@ impl Decision {
             strip: None,
             ratelimit: None,
             contended: false,
+            fleet: None,
         }
+    }
+
+    /// Applies the fleet's verdict on this request's limits (`FleetLimits`): a denial
+    /// becomes the same refusal a single-node limit gives (no `RateLimit` fields: a
+    /// node knows its lease, not the fleet's remaining count).
+    pub fn apply_fleet(&mut self, v: &FleetVerdict) {
+        self.fleet = None;
+        let Some(denial) = v.denial else { return };
+        let (outcome, problem) = match denial {
+            Denial::QuotaExceeded => (Outcome::QuotaExceeded, Problem::QuotaExceeded),
+            Denial::CostExceedsBurst => (Outcome::RateLimited, Problem::CostExceedsBurst),
+            Denial::RateLimited => (Outcome::RateLimited, Problem::RateLimited),
+        };
+        self.outcome = outcome;
+        self.refused = Some(Refused {
+            problem,
+            retry_after_secs: v.retry_after_secs,
+        });
     }
 
     pub(super) fn refuse(mut self, problem: Problem, retry_after_secs: Option<u64>) -> Self {

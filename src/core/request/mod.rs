@@ -15,7 +15,7 @@ mod plans_cache;
 mod tests;
 
 pub use decide::decide;
-pub use decision::{Caller, Decision, Refused, Strip, Unauthenticated};
+pub use decision::{Caller, Decision, FleetLimits, Refused, Strip, Unauthenticated};
 pub use fetch::Fetch;
 pub use key_cache::KeyCache;
 pub use plans_cache::PlansCache;

@@ -1031,3 +1031,59 @@ fn identity_headers_left_out_by_configuration_cost_no_host_call() {
         .any(|c| c.contains("consumer") || c.contains("x-keymeter-plan")));
     assert!(Config::parse(br#"{"role":"filter","headers":{"forward":["tier"]}}"#).is_err());
 }
+
+/// Fleet mode: the limits are left to the node's lease (the adapter decides them with
+/// `limits::fleet`), so the single-node limit state is neither read nor written, and
+/// the verdict becomes the same refusal a single-node limit gives.
+#[test]
+fn fleet_mode_defers_limits_to_the_lease() {
+    let c = cfg(r#"{"role":"filter","fleet":{"cluster":"limitd","fleet_size":3}}"#);
+    let mut h = host(&[record()], &[("pro", plan(100, 100, Some(1000)))]);
+    warm(&c, &mut h);
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(d.refused, None);
+    let f = d.fleet.clone().expect("limits left to the lease");
+    assert_eq!(f.subject, format!("k:{ID}"));
+    assert_eq!((f.buckets.len(), f.quotas.len(), f.now_ms), (1, 1, T0));
+    assert!(!calls.iter().any(|c| c.contains("km/rl/")), "{calls:?}");
+    assert_eq!(d.ratelimit, None);
+    let mut refused = d.clone();
+    refused.apply_fleet(&crate::core::limits::fleet::FleetVerdict {
+        denial: Some(crate::core::limits::limiter::Denial::QuotaExceeded),
+        retry_after_secs: Some(7),
+        via: crate::core::limits::fleet::Via::Exhausted,
+    });
+    assert_eq!(refused.outcome, Outcome::QuotaExceeded);
+    assert_eq!(
+        refused.refused,
+        Some(Refused {
+            problem: Problem::QuotaExceeded,
+            retry_after_secs: Some(7)
+        })
+    );
+    assert_eq!(refused.fleet, None);
+    // A plan without limits has nothing for the fleet to decide.
+    let mut h = host(
+        &[record()],
+        &[(
+            "pro",
+            Plan {
+                rate_limits: vec![],
+                ..plan(1, 1, None)
+            },
+        )],
+    );
+    assert_eq!(run(&c, &mut h).0.fleet, None);
+    // Consumer-wide limits use the consumer as the subject.
+    let mut h = host(
+        &[record()],
+        &[(
+            "pro",
+            Plan {
+                limit_by: LimitBy::Consumer,
+                ..plan(1, 1, None)
+            },
+        )],
+    );
+    assert_eq!(run(&c, &mut h).0.fleet.unwrap().subject, "c:acme");
+}

@@ -96,6 +96,11 @@ struct Tracked {
     buckets: Vec<NamedBucket>,
     quotas: Vec<NamedQuota>,
     last_used_ms: u64,
+    /// A request found the lease at its low-water mark or near expiry.
+    wanted: bool,
+    /// Otherwise the tick looks at the entry no earlier than this (reports, idle
+    /// returns), so a tick costs shared-data reads only for subjects that need them.
+    next_check_ms: u64,
 }
 
 struct Pending {
@@ -221,12 +226,15 @@ impl FleetNode {
 
     /// Decides a request of `cost` for `subject`; may dispatch a take and pause.
     pub fn decide(&self, subject: &Subject<'_>, now_ms: u64, cost: u64) -> RequestStep {
-        self.track(subject, now_ms);
         let connected = self.breaker.borrow().connected(now_ms);
         let cfg = &self.cfg;
+        let policy = cfg.policy();
         let step = self.update(subject.name, |e| {
-            fleet::decide(e, subject.buckets, subject.quotas, cfg, now_ms, cost, connected)
+            let step = fleet::decide(e, subject.buckets, subject.quotas, cfg, now_ms, cost, connected);
+            (step, e.lease.needs_refill(now_ms, &policy))
         });
+        self.track(subject, now_ms, step.as_ref().is_none_or(|(_, w)| *w));
+        let step = step.map(|(s, _)| s);
         match step {
             Some(Step::Decided(v)) => {
                 self.count(v.via);
@@ -363,11 +371,12 @@ impl FleetNode {
         }
     }
 
-    fn track(&self, subject: &Subject<'_>, now_ms: u64) {
+    fn track(&self, subject: &Subject<'_>, now_ms: u64, wanted: bool) {
         let mut subjects = self.subjects.borrow_mut();
         match subjects.get_mut(subject.name) {
             Some(t) => {
                 t.last_used_ms = now_ms;
+                t.wanted |= wanted;
                 if t.buckets != subject.buckets || t.quotas != subject.quotas {
                     t.buckets = subject.buckets.to_vec();
                     t.quotas = subject.quotas.to_vec();
@@ -380,6 +389,8 @@ impl FleetNode {
                         buckets: subject.buckets.to_vec(),
                         quotas: subject.quotas.to_vec(),
                         last_used_ms: now_ms,
+                        wanted: true,
+                        next_check_ms: 0,
                     },
                 );
             }
@@ -392,7 +403,17 @@ impl FleetNode {
         let now = host::now_ms();
         let cfg = &self.cfg;
         let idle_after = cfg.lease_ttl_ms;
-        let names: Vec<String> = self.subjects.borrow().keys().cloned().collect();
+        let names: Vec<String> = self
+            .subjects
+            .borrow_mut()
+            .iter_mut()
+            .filter(|(_, t)| t.wanted || now >= t.next_check_ms)
+            .map(|(name, t)| {
+                t.wanted = false;
+                t.next_check_ms = now + cfg.report_interval_ms.min(cfg.lease_ttl_ms / 4).max(cfg.refill_tick_ms);
+                name.clone()
+            })
+            .collect();
         let mut overdraft_in_use = 0;
         for name in names {
             // Open: no calls; half-open: one trial call for the whole worker.

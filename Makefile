@@ -22,7 +22,7 @@ WASM      := $(ROOT)/target/$(WASM_TARGET)/release/keymeter.wasm
 FAULT_DIR  := $(ROOT)/target/fault-injection
 FAULT_WASM := $(FAULT_DIR)/$(WASM_TARGET)/release/keymeter.wasm
 CLI       := $(ROOT)/target/release/keymeter
-LIMITD    := $(ROOT)/target/release/keymeter-limitd
+LIMITD    := $(ROOT)/target/limitd/keymeter-limitd
 
 # Stamp names carry the pinned versions so that bumping a pin re-runs the install.
 STAMP_RUST  := $(TOOLS)/.stamp-rust-$(WASM_TARGET)
@@ -82,7 +82,7 @@ cli:
 
 # Fleet mode's limit service (host binary; its deps never reach the wasm).
 limitd:
-	cargo build --release --bin keymeter-limitd
+	cargo build --profile limitd --bin keymeter-limitd
 
 # Redis for fleet mode's tests and demo: Debian's redis-server (7.x), installed like the
 # bench tools (`apt-get update` only when the install fails on stale package lists).

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import harness
 
-DEFAULT_LIMITD = harness.REPO_ROOT / "target" / "release" / "keymeter-limitd"
+DEFAULT_LIMITD = harness.REPO_ROOT / "target" / "limitd" / "keymeter-limitd"
 LIMITD_CLUSTER = "keymeter_limitd"
 
 _running: list = []

@@ -94,7 +94,7 @@ class Limitd:
     cluster points)."""
 
     def __init__(self, redis_url: str, workdir: Path, *, binary: str | os.PathLike | None = None,
-                 port: int | None = None, redis_timeout_ms: int = 50):  # fmt: skip
+                 port: int | None = None, redis_timeout_ms: int = 500):  # fmt: skip
         self.binary = str(binary or os.environ.get("KEYMETER_LIMITD") or DEFAULT_LIMITD)
         self.redis_url = redis_url
         self.port = port or harness.free_port()

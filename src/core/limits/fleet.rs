@@ -426,7 +426,16 @@ pub fn apply_take(entry: &mut FleetEntry, resp: &TakeResponse, cfg: &FleetConfig
             to_end
         }
     } else {
-        resp.buckets.iter().map(|b| b.wait_ms).max().unwrap_or(1000).max(1)
+        // The next tokens are shared by every node: waiting for one node's share (F times
+        // the time to the next `cost` tokens) keeps the calls of a subject at its cap near
+        // its refill rate instead of every node racing for each token.
+        resp.buckets
+            .iter()
+            .map(|b| b.wait_ms)
+            .max()
+            .unwrap_or(1000)
+            .max(1)
+            .saturating_mul(cfg.fleet_size)
     };
     entry.denied_until_ms = now_ms.saturating_add(wait);
     entry.denied_quota = quota_short;
@@ -506,7 +515,14 @@ pub fn apply_lease(entry: &mut FleetEntry, ask: &Ask, resp: &LeaseResponse, now_
     entry.lease.on_grant(ask, resp.granted, resp.valid_ms);
     entry.overdraft_used = 0;
     if resp.granted < ask.want {
-        let bucket_wait = resp.buckets.iter().map(|b| b.wait_ms).max().unwrap_or(0);
+        // As for a refused take: one node's share of the next tokens.
+        let bucket_wait = resp
+            .buckets
+            .iter()
+            .map(|b| b.wait_ms)
+            .max()
+            .unwrap_or(0)
+            .saturating_mul(cfg.fleet_size);
         let quota_empty = resp.quotas.iter().any(|q| q.available == 0);
         let wait = if quota_empty {
             bucket_wait.max(cfg.breaker_cooldown_ms)
@@ -844,11 +860,11 @@ mod tests {
                     quotas: &[]
                 },
                 &c,
-                24,
+                34,
                 false
             )
             .is_none(),
-            "waits the refill tick (20 ms)"
+            "waits its share of the next token: 10 ms x 3 nodes"
         );
         assert!(begin_lease(
             &mut e,
@@ -859,7 +875,7 @@ mod tests {
                 quotas: &[]
             },
             &c,
-            25,
+            35,
             false
         )
         .is_some());

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,9 @@ PLAN = {
 
 def main() -> int:
     harness.install_signal_handlers()
+    fleet._chain_signal_handlers()  # after the harness's: Redis and limitd first
+    # Ctrl-C raises KeyboardInterrupt even when started from a shell that ignores SIGINT.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for p in (*API_PORTS, *ENVOY_ADMIN_PORTS, *KEYMETER_ADMIN_PORTS, LIMITD_PORT):
         if not harness.port_is_free(p):
             print(f"run-fleet: 127.0.0.1:{p} is in use (another demo running?)", file=sys.stderr)

@@ -13,8 +13,10 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -34,6 +36,28 @@ def stop_all() -> None:
 
 
 atexit.register(stop_all)
+
+
+def _chain_signal_handlers() -> None:
+    """SIGTERM/SIGHUP do not run atexit: stop Redis and limitd first, then hand over to
+    the handler already installed (the harness's, which stops the Envoys and re-raises)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        prev = signal.getsignal(sig)
+
+        def handler(signum, frame, prev=prev):
+            stop_all()
+            if callable(prev):
+                prev(signum, frame)
+            else:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+
+        signal.signal(sig, handler)
+
+
+_chain_signal_handlers()
 
 
 class RedisServer:

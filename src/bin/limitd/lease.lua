@@ -64,10 +64,14 @@ for i = 1, nb do
   local tk, ts, cap = bucket_now(KEYS[1 + i], rate, iv, burst, now)
   tk = tk + returned * iv
   if tk > cap then tk = cap end
-  -- A bucket refills continuously: the grant is only capped by the tokens there are
-  -- (first come, first served; nodes ask for twice their recent spend). Shrinking it
-  -- would starve a fast limit whose bucket is always nearly empty under load.
+  -- A bucket refills continuously: the grant is capped by the tokens there are and by
+  -- a node's share of the burst (burst / share, at least 1), so one node cannot lease
+  -- a whole small burst while the others get nothing. It does not shrink with the
+  -- tokens left: that would starve a fast limit whose bucket is nearly empty under load.
   local c = math.floor(tk / iv)
+  local fair = math.floor(burst / share)
+  if fair < 1 then fair = 1 end
+  if c > fair then c = fair end
   if c < grant then grant = c end
   bk[i] = {tk, ts, iv, rate, cap}
 end

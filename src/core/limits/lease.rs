@@ -25,8 +25,10 @@
 //! * Quota chunks shrink as the lender nears its limit: a grant is at most
 //!   `available / share` (at least 1), with `share = 2 × fleet size`, so at the cap
 //!   every holder gets single units and the last units are exact. Token-bucket grants
-//!   are only capped by the tokens in the fleet bucket (it refills continuously; a
-//!   shrinking chunk would starve a fast limit whose bucket is always nearly empty).
+//!   are capped by the tokens in the fleet bucket and by `burst / share` (one holder
+//!   cannot lease a whole small burst), but do not shrink with the tokens left (the
+//!   bucket refills continuously; that would starve a fast limit whose bucket is always
+//!   nearly empty).
 //! * A grant smaller than asked comes with a time to wait (the next bucket token, or a
 //!   backoff for an exhausted quota): no new ask before then, so the calls per subject
 //!   are bounded by the limit's refill rate, not by the request rate.

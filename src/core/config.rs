@@ -677,7 +677,7 @@ mod jwt_tests {
         );
         assert!(e(r#"{"payload_key":"p","default_plan":"f","consumer_claim":""}"#).contains("jwt.consumer_claim"));
         assert!(e(r#"{"payload_key":"p","plan_claim":"x y"}"#).contains("jwt.plan_claim"));
-        assert!(e(r#"{"payload_key":"p","default_plan":"f","key_wins":"yes"}"#).contains("key_wins"));
+        assert!(e(r#"{"payload_key":"p","default_plan":"f","key_wins":"yes"}"#).contains("expected a boolean"));
         assert!(e(r#"{"payload_key":"p","default_plan":"f","keywins":true}"#).contains("unknown field `keywins`"));
         assert!(Config::parse(br#"{"role":"admin","admin_token_sha256":"0000000000000000000000000000000000000000000000000000000000000000","jwt":{"payload_key":"p","default_plan":"f"}}"#)
             .unwrap_err()

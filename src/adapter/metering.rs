@@ -28,7 +28,7 @@ pub struct Who<'a> {
 pub struct Meter {
     config: Metering,
     agg: Aggregator,
-    unauthenticated: [u64; 5],
+    unauthenticated: [u64; Unauthenticated::ALL.len()],
     contention: u64,
     metric_ids: HashMap<String, u32>,
     /// lineage -> whether it has its own labelled series (decided once per worker).
@@ -40,7 +40,7 @@ impl Meter {
         Meter {
             config,
             agg: Aggregator::default(),
-            unauthenticated: [0; 5],
+            unauthenticated: [0; Unauthenticated::ALL.len()],
             contention: 0,
             metric_ids: HashMap::new(),
             labelled: HashMap::new(),
@@ -138,7 +138,13 @@ impl Meter {
         if !self.is_labelled(store, &s.lineage) {
             return;
         }
-        let labels = format!("consumer.{}.plan.{plan}.key_id.{}", s.consumer, s.lineage);
+        // Positional: the harness's stats_tags walk consumer, plan, key_id, credential.
+        let labels = format!(
+            "consumer.{}.plan.{plan}.key_id.{}.credential.{}",
+            s.consumer,
+            s.lineage,
+            crate::core::metering::credential::of_lineage(&s.lineage)
+        );
         for (o, n) in Outcome::ALL.iter().zip(c.requests) {
             self.counter(format!("keymeter_requests_total.{labels}.outcome.{}", o.label()), n);
         }

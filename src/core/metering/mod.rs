@@ -1,3 +1,4 @@
 pub mod counts;
+pub mod credential;
 pub mod export;
 pub mod usage;

@@ -6,6 +6,7 @@ use super::fetch::Fetch;
 use crate::core::auth::api_key::hashes_equal;
 use crate::core::auth::cidr::limit_subject;
 use crate::core::auth::credential::{self, CredentialError, Field, Source};
+use crate::core::auth::jwt::order::{self, Which};
 use crate::core::auth::key_record::{KeyRecord, Refusal};
 use crate::core::auth::path;
 use crate::core::auth::problem::Problem;
@@ -19,10 +20,12 @@ use crate::core::store::Store;
 use std::rc::Rc;
 
 /// Decides one request. Host reads happen in this order, each only when needed:
-/// `km/meta`; the credential sources in `credential::find` order; the key entry;
+/// `km/meta`; the credential sources in `credential::find` order (with a `jwt` config:
+/// the dynamic metadata when no key decides, or first when `key_wins` is off, see
+/// `core::auth::jwt::order`; a JWT user continues in `super::jwt`); the key entry;
 /// (`:method` and `:path` only for scopes or route costs; the peer address only for
 /// CIDRs); the clock; then the limit state through `store`.
-pub fn decide(cfg: &Config, host: &mut impl Fetch, store: &dyn Store) -> Decision {
+pub fn decide<H: Fetch>(cfg: &Config, host: &mut H, store: &dyn Store) -> Decision {
     let Some(meta) = host.meta() else {
         return match cfg.when_no_keyset {
             NoKeySet::Deny => Decision::unauthenticated(Unauthenticated::KeySetUnavailable, Problem::KeySetUnavailable),
@@ -34,23 +37,40 @@ pub fn decide(cfg: &Config, host: &mut impl Fetch, store: &dyn Store) -> Decisio
         };
     };
     let mut path: Option<String> = None;
-    let found = credential::find(&cfg.sources, |f| match f {
-        Field::ApiKeyHeader => host.api_key_header(cfg.sources.header.as_deref()?),
-        Field::Authorization => host.authorization(),
-        Field::Path => {
-            path = host.path();
-            path.clone()
+    let mut jwt_metadata: Option<Vec<u8>> = None;
+    let find_key = |host: &mut H| {
+        credential::find(&cfg.sources, |f| match f {
+            Field::ApiKeyHeader => host.api_key_header(cfg.sources.header.as_deref()?),
+            Field::Authorization => host.authorization(),
+            Field::Path => {
+                path = host.path();
+                path.clone()
+            }
+        })
+    };
+    // Without a `jwt` config there is never a token: the API-key path exactly as before.
+    let which = match &cfg.jwt {
+        None => order::choose(true, host, find_key, |_| false),
+        Some(j) => order::choose(j.key_wins, host, find_key, |host| {
+            jwt_metadata = super::jwt::verified_metadata(j, host);
+            jwt_metadata.is_some()
+        }),
+    };
+    let cred = match which {
+        Which::Key(c) => c,
+        Which::Jwt => {
+            let (Some(j), Some(metadata)) = (&cfg.jwt, &jwt_metadata) else {
+                return Decision::unauthenticated(Unauthenticated::Missing, Problem::MissingCredential);
+            };
+            return super::jwt::decide_jwt(cfg, j, host, store, &meta, metadata);
         }
-    });
-    let cred = match found {
-        Ok(c) => c,
-        Err(CredentialError::Missing) => {
+        Which::Neither(CredentialError::Missing) => {
             return match &cfg.anonymous_plan {
                 Some(plan) => anonymous(cfg, host, store, &meta, plan),
                 None => Decision::unauthenticated(Unauthenticated::Missing, Problem::MissingCredential),
             }
         }
-        Err(CredentialError::Malformed(_) | CredentialError::BadChecksum(_)) => {
+        Which::Neither(CredentialError::Malformed(_) | CredentialError::BadChecksum(_)) => {
             return Decision::unauthenticated(Unauthenticated::Malformed, Problem::MalformedCredential)
         }
     };
@@ -151,7 +171,7 @@ fn anonymous(cfg: &Config, host: &mut impl Fetch, store: &dyn Store, meta: &Meta
 /// Applies the plan's limits (or the key's replacement limits) to the state at
 /// `state_key`, recording cost, `RateLimit` fields and any refusal in `d`.
 #[allow(clippy::too_many_arguments)]
-fn enforce(
+pub(super) fn enforce(
     cfg: &Config,
     store: &dyn Store,
     mut d: Decision,

@@ -1,8 +1,10 @@
 //! What the request decision tells the adapter to do.
 
+use crate::core::auth::jwt::identity::JwtIdentity;
 use crate::core::auth::key_record::KeyRecord;
 use crate::core::auth::problem::Problem;
 use crate::core::config::Config;
+use crate::core::metering::credential;
 use crate::core::metering::usage::Outcome;
 use std::rc::Rc;
 
@@ -14,6 +16,12 @@ pub enum Caller {
     Key(Rc<KeyRecord>),
     /// Anonymous access under this plan.
     Anonymous(String),
+    /// A user with a JWT verified by Envoy's jwt_authn (see `core::auth::jwt`), and
+    /// its usage lineage (`jwt-<consumer>`).
+    Jwt {
+        identity: JwtIdentity,
+        lineage: String,
+    },
 }
 
 /// Reasons a request had no authentic key; counted globally, not per key (anyone can
@@ -26,15 +34,21 @@ pub enum Unauthenticated {
     KeySetUnavailable,
     /// Let through unauthenticated because no key set is loaded (`when_no_keyset: allow`).
     FailOpen,
+    /// A verified JWT whose consumer claim is unusable (nobody to charge).
+    TokenIdentityUnusable,
+    /// A verified JWT with no plan in the key set (no plan to count under).
+    TokenPlanUnknown,
 }
 
 impl Unauthenticated {
-    pub const ALL: [Unauthenticated; 5] = [
+    pub const ALL: [Unauthenticated; 7] = [
         Self::Missing,
         Self::Malformed,
         Self::Invalid,
         Self::KeySetUnavailable,
         Self::FailOpen,
+        Self::TokenIdentityUnusable,
+        Self::TokenPlanUnknown,
     ];
     /// The `reason` label of `keymeter_unauthenticated_total`.
     pub fn label(self) -> &'static str {
@@ -44,6 +58,8 @@ impl Unauthenticated {
             Self::Invalid => "invalid_credential",
             Self::KeySetUnavailable => "keyset_unavailable",
             Self::FailOpen => "fail_open",
+            Self::TokenIdentityUnusable => "token_identity_unusable",
+            Self::TokenPlanUnknown => "token_plan_unknown",
         }
     }
 }
@@ -129,17 +145,26 @@ impl Decision {
             return;
         }
         let h = &cfg.headers;
-        let (rec, anonymous_plan) = match &self.caller {
-            Caller::Key(r) => (Some(&**r), None),
-            Caller::Anonymous(p) => (None, Some(p.as_str())),
-            Caller::Nobody => (None, None),
+        let (rec, consumer, plan, auth) = match &self.caller {
+            Caller::Key(r) => (
+                Some(&**r),
+                Some(r.consumer.as_str()),
+                Some(r.plan.as_str()),
+                Some(credential::API_KEY),
+            ),
+            Caller::Anonymous(p) => (None, Some("anonymous"), Some(p.as_str()), Some(credential::ANONYMOUS)),
+            Caller::Jwt { identity, .. } => (
+                None,
+                Some(identity.consumer.as_str()),
+                Some(identity.plan.as_str()),
+                Some(credential::JWT),
+            ),
+            Caller::Nobody => (None, None, None, None),
         };
         f(&h.key_id, rec.map(|r| r.id.as_str()));
-        f(
-            &h.consumer,
-            rec.map(|r| r.consumer.as_str()).or(anonymous_plan.map(|_| "anonymous")),
-        );
-        f(&h.plan, rec.map(|r| r.plan.as_str()).or(anonymous_plan));
+        f(&h.consumer, consumer);
+        f(&h.plan, plan);
+        f(&h.auth, auth);
         for (name, header) in &cfg.forward_metadata {
             f(header, rec.and_then(|r| r.metadata(name)));
         }

@@ -9,6 +9,7 @@
 mod decide;
 mod decision;
 mod fetch;
+mod jwt;
 mod plans_cache;
 #[cfg(test)]
 mod tests;

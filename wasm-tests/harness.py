@@ -41,7 +41,7 @@ WASM_FILTER_NAME = "envoy.filters.http.wasm"
 WASM_VM_ID = "keymeter"
 # Identity headers the filter adds for the upstream; a route that bypasses the filter
 # must strip client-supplied copies so they cannot be forged.
-IDENTITY_HEADERS = ("x-keymeter-key-id", "x-keymeter-consumer", "x-keymeter-plan")
+IDENTITY_HEADERS = ("x-keymeter-key-id", "x-keymeter-consumer", "x-keymeter-plan", "x-keymeter-auth")
 ADMIN_LISTENER_BUFFER_LIMIT = 256 * 1024 * 1024
 
 
@@ -265,6 +265,87 @@ WASM_DISABLED = {
     }
 }
 
+# --------------------------------------------------------------------------- jwt_authn
+
+JWT_AUTHN_FILTER_NAME = "envoy.filters.http.jwt_authn"
+JWT_PROVIDER = "idp"
+# The provider's payload_in_metadata key; keymeter's `jwt.payload_key` must match.
+JWT_PAYLOAD_KEY = "jwt_payload"
+JWT_ISSUER = "https://idp.keymeter.test"
+JWT_AUDIENCE = "keymeter-api"
+# Per-route requirements (jwt_authn's requirement_map): a route names one of these in its
+# typed_per_filter_config (jwt_route_config()); a route naming none verifies no token,
+# so keymeter takes API keys only there.
+JWT_REQUIREMENTS = {
+    # A verified JWT is required (jwt_authn answers 401 without one).
+    "jwt": {"provider_name": JWT_PROVIDER},
+    # A JWT if one is sent (verified, else 401 from jwt_authn); none: keymeter decides
+    # on the API key as usual.
+    "either": {"requires_any": {"requirements": [{"provider_name": JWT_PROVIDER}, {"allow_missing": {}}]}},
+}
+
+
+def jwt_authn_filter(
+    *,
+    jwks: str | Mapping[str, Any] | None = None,
+    jwks_file: str | os.PathLike | None = None,
+    issuer: str = JWT_ISSUER,
+    audiences: Iterable[str] = (JWT_AUDIENCE,),
+    payload_key: str = JWT_PAYLOAD_KEY,
+    forward: bool = False,
+) -> dict:
+    """Envoy's jwt_authn filter, to run before keymeter (envoy_config(jwt_authn=...)).
+
+    It verifies signature, issuer, audience and expiry against a local JWKS (`jwks`
+    inline, or `jwks_file`, read by Envoy at start-up; in production this is a
+    `remote_jwks` with caching) and writes the verified payload to dynamic metadata
+    under `payload_key` (`payload_in_metadata`), where keymeter reads the claims.
+    `forward=False` removes the token from the request once verified. Requirements are
+    per route only (no `rules`): see JWT_REQUIREMENTS and jwt_route_config().
+    """
+    if (jwks is None) == (jwks_file is None):
+        raise ValueError("pass exactly one of jwks and jwks_file")
+    if jwks is not None:
+        local = {"inline_string": jwks if isinstance(jwks, str) else json.dumps(jwks)}
+    else:
+        local = {"filename": str(jwks_file)}
+    return {
+        "name": JWT_AUTHN_FILTER_NAME,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {
+                JWT_PROVIDER: {
+                    "issuer": issuer,
+                    "audiences": list(audiences),
+                    "local_jwks": local,
+                    "payload_in_metadata": payload_key,
+                    "forward": forward,
+                }
+            },
+            "requirement_map": copy.deepcopy(JWT_REQUIREMENTS),
+        },
+    }
+
+
+def jwt_route_config(requirement: str | None) -> dict:
+    """typed_per_filter_config entry selecting a JWT requirement for a route
+    (`"jwt"`, `"either"`), or, with None, turning jwt_authn off there (API keys only)."""
+    per_route: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig"
+    }
+    if requirement is None:
+        per_route["disabled"] = True
+    else:
+        if requirement not in JWT_REQUIREMENTS:
+            raise ValueError(f"unknown JWT requirement {requirement!r}")
+        per_route["requirement_name"] = requirement
+    return {JWT_AUTHN_FILTER_NAME: per_route}
+
+
+def jwt_filter_conf(**overrides: Any) -> dict:
+    """keymeter's `jwt` plugin configuration matching jwt_authn_filter()'s defaults."""
+    return {"payload_key": JWT_PAYLOAD_KEY, **overrides}
+
 
 def _http_listener(
     name: str,
@@ -335,17 +416,18 @@ def default_admin_conf(token: str = TEST_ADMIN_TOKEN) -> dict:
 # values never contain dots (the key-set validation guarantees it), but they can be
 # any allowed name, including a label name (a consumer called "plan"). So every
 # extractor is positional: anchored at the metric name, it walks the fixed label order
-# (consumer, plan, key_id, then outcome | status_class; or plan, outcome; or reason)
-# segment by segment, and a value can never be taken for a label name.
+# (consumer, plan, key_id, credential, then outcome | status_class; or plan, outcome; or
+# reason) segment by segment, and a value can never be taken for a label name.
 _KM = r"^wasmcustom\.keymeter_[a-z_]+"
 _V = r"[^.]+"
-_PER_KEY = rf"\.consumer\.{_V}\.plan\.{_V}\.key_id\.{_V}"
-KEYMETER_LABELS = ("consumer", "plan", "key_id", "outcome", "status_class", "reason")
+_PER_KEY = rf"\.consumer\.{_V}\.plan\.{_V}\.key_id\.{_V}\.credential\.{_V}"
+KEYMETER_LABELS = ("consumer", "plan", "key_id", "credential", "outcome", "status_class", "reason")
 KEYMETER_STATS_CONFIG = {
     "stats_tags": [
         {"tag_name": "consumer", "regex": rf"{_KM}(\.consumer\.({_V}))"},
         {"tag_name": "plan", "regex": rf"{_KM}(?:\.consumer\.{_V})?(\.plan\.({_V}))"},
         {"tag_name": "key_id", "regex": rf"{_KM}\.consumer\.{_V}\.plan\.{_V}(\.key_id\.({_V}))"},
+        {"tag_name": "credential", "regex": rf"{_KM}\.consumer\.{_V}\.plan\.{_V}\.key_id\.{_V}(\.credential\.({_V}))"},
         {"tag_name": "outcome", "regex": rf"{_KM}(?:{_PER_KEY}|\.plan\.{_V})(\.outcome\.({_V}))$"},
         {"tag_name": "status_class", "regex": rf"{_KM}{_PER_KEY}(\.status_class\.({_V}))$"},
         {"tag_name": "reason", "regex": rf"{_KM}(\.reason\.({_V}))$"},
@@ -372,6 +454,8 @@ def envoy_config(
     vm_id: str = WASM_VM_ID,
     lds_dir: str | os.PathLike | None = None,
     normalize_path: bool = True,
+    jwt_authn: Mapping[str, Any] | None = None,
+    jwt_default_requirement: str | None = "either",
 ) -> dict:
     """The Envoy bootstrap (as a dict, to be written as JSON).
 
@@ -397,9 +481,15 @@ def envoy_config(
     if admin_conf is None:
         admin_conf = default_admin_conf()
 
-    def filters(conf: Mapping[str, Any]) -> list:
+    def filters(conf: Mapping[str, Any], public: bool = False) -> list:
         chain = [wasm_filter(conf, wasm_path, vm_id=vm_id)] if wasm else []
+        if public and jwt_authn is not None:
+            chain.insert(0, copy.deepcopy(dict(jwt_authn)))
         return chain + [copy.deepcopy(ROUTER_FILTER)]
+
+    default_route: dict[str, Any] = {"match": {"prefix": "/"}, "route": {"cluster": "backend"}}
+    if jwt_authn is not None and jwt_default_requirement is not None:
+        default_route["typed_per_filter_config"] = jwt_route_config(jwt_default_requirement)
 
     public_routes = list(copy.deepcopy(list(extra_routes))) + [
         {
@@ -410,12 +500,17 @@ def envoy_config(
             "typed_per_filter_config": copy.deepcopy(WASM_DISABLED),
             "request_headers_to_remove": list(IDENTITY_HEADERS),
         },
-        {"match": {"prefix": "/"}, "route": {"cluster": "backend"}},
+        default_route,
     ]
 
     listeners = [
         _http_listener(
-            "public", public_port, "public", filters(filter_conf), public_routes, normalize_path=normalize_path
+            "public",
+            public_port,
+            "public",
+            filters(filter_conf, public=True),
+            public_routes,
+            normalize_path=normalize_path,
         )
     ]
     if admin_listener and admin_api_port is not None:

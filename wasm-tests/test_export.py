@@ -86,8 +86,9 @@ def check_cloudevent(e: dict, instance_id: str) -> None:
     assert isinstance(e["subject"], str) and e["subject"]
     assert set(e) <= {"specversion", "id", "source", "type", "subject", "time", "datacontenttype", "data"}
     d = e["data"]
-    assert set(d) == {"lineage", "key_id", "plan", "requests", "responses", "request_bytes", "response_bytes",
-                      "cost_units"}
+    assert set(d) == {"lineage", "key_id", "plan", "credential", "requests", "responses", "request_bytes",
+                      "response_bytes", "cost_units"}
+    assert d["credential"] in ("api-key", "jwt", "anonymous")
     assert any(d["requests"].values()) or any(d["responses"].values())
 
 

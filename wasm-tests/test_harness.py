@@ -17,6 +17,7 @@ import pytest
 
 import harness
 from echo_backend import EchoBackend
+from jwt_tokens import Issuer
 
 HERE = Path(__file__).resolve().parent
 
@@ -204,6 +205,15 @@ def test_demo_config_is_current_and_valid(envoy_bin, tmp_path):
         hcm["http_filters"] = [
             f for f in hcm["http_filters"] if f["name"] != harness.WASM_FILTER_NAME
         ]
+        # The demo's JWKS is written by scripts/demo-jwt.py at start-up; Envoy reads the
+        # file when it loads the config, so give it one.
+        for f in hcm["http_filters"]:
+            if f["name"] == harness.JWT_AUTHN_FILTER_NAME:
+                for provider in f["typed_config"]["providers"].values():
+                    assert provider["local_jwks"]["filename"] == gen_demo.JWKS_PATH
+                    jwks = tmp_path / "jwks.json"
+                    jwks.write_text(Issuer().jwks_json())
+                    provider["local_jwks"]["filename"] = str(jwks)
     path = tmp_path / "demo-nowasm.json"
     path.write_text(json.dumps(cfg))
     result = subprocess.run(

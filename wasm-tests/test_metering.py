@@ -112,18 +112,21 @@ def test_usage_matches_what_the_backend_saw(start_envoy, backend):
     # Prometheus shows the same numbers, as labelled series
     def prom_ok():
         s = prom_samples(envoy, "keymeter_requests_total")
-        key = frozenset({("consumer", "acme"), ("plan", "small"), ("key_id", limited.id), ("outcome", "admitted")})
+        key = frozenset({("consumer", "acme"), ("plan", "small"), ("key_id", limited.id), ("credential", "api-key"),
+                         ("outcome", "admitted")})
         return s.get(key) == 5
 
     harness.wait_until(prom_ok, timeout=10, message="prometheus never showed the admitted count")
     s = prom_samples(envoy, "keymeter_requests_total")
-    assert s[frozenset({("consumer", "acme"), ("plan", "small"), ("key_id", limited.id), ("outcome", "rate_limited")})] == 3
+    assert s[frozenset({("consumer", "acme"), ("plan", "small"), ("key_id", limited.id), ("credential", "api-key"),
+                        ("outcome", "rate_limited")})] == 3
     plan_totals = prom_samples(envoy, "keymeter_plan_requests_total")
     assert plan_totals[frozenset({("plan", "big"), ("outcome", "admitted")})] == 9
     unauth = prom_samples(envoy, "keymeter_unauthenticated_total")
     assert unauth[frozenset({("reason", "missing_credential")})] == 3
     resp = prom_samples(envoy, "keymeter_responses_total")
-    assert resp[frozenset({("consumer", "zeta"), ("plan", "big"), ("key_id", other.id), ("status_class", "5xx")})] == 3
+    assert resp[frozenset({("consumer", "zeta"), ("plan", "big"), ("key_id", other.id), ("credential", "api-key"),
+                           ("status_class", "5xx")})] == 3
     # no key material in any metric
     assert limited.key not in envoy.prometheus()
 

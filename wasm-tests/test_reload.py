@@ -188,7 +188,7 @@ def run(start_envoy, backend, tmp_path, wasm_path, collector, t0):
     # Prometheus: exactly the same per-key numbers, and the global totals.
     def labels(key):
         d = key.doc
-        return {("consumer", d["consumer"]), ("plan", d["plan"]), ("key_id", key.id)}
+        return {("consumer", d["consumer"]), ("plan", d["plan"]), ("key_id", key.id), ("credential", "api-key")}
 
     by_id = {k.id: k for k in keys}
     want_prom = {

@@ -118,11 +118,11 @@ def test_a_429_reports_the_quota_that_really_remains(start_envoy):
 # --------------------------------------------------------------------------- 10.7 metric labels
 
 FAMILIES = {
-    "keymeter_requests_total": ("consumer", "plan", "key_id", "outcome"),
-    "keymeter_responses_total": ("consumer", "plan", "key_id", "status_class"),
-    "keymeter_request_bytes_total": ("consumer", "plan", "key_id"),
-    "keymeter_response_bytes_total": ("consumer", "plan", "key_id"),
-    "keymeter_cost_units_total": ("consumer", "plan", "key_id"),
+    "keymeter_requests_total": ("consumer", "plan", "key_id", "credential", "outcome"),
+    "keymeter_responses_total": ("consumer", "plan", "key_id", "credential", "status_class"),
+    "keymeter_request_bytes_total": ("consumer", "plan", "key_id", "credential"),
+    "keymeter_response_bytes_total": ("consumer", "plan", "key_id", "credential"),
+    "keymeter_cost_units_total": ("consumer", "plan", "key_id", "credential"),
     "keymeter_plan_requests_total": ("plan", "outcome"),
     "keymeter_plan_cost_units_total": ("plan",),
     "keymeter_unauthenticated_total": ("reason",),
@@ -149,8 +149,8 @@ def prometheus_samples(text: str) -> list[tuple[str, dict, float]]:
 
 # Valid names (1-64 of A-Z a-z 0-9 _ -) chosen to look like the label names the
 # stats_tags regexes look for, or like Envoy's own tag patterns.
-ADVERSARIAL_CONSUMERS = ["plan", "key_id", "outcome", "consumer", "status_class", "reason", "x_rq_200", "-"]
-ADVERSARIAL_PLANS = ["outcome", "consumer", "key_id", "plan", "status_class"]
+ADVERSARIAL_CONSUMERS = ["plan", "key_id", "outcome", "consumer", "status_class", "reason", "x_rq_200", "-", "credential"]
+ADVERSARIAL_PLANS = ["outcome", "consumer", "key_id", "plan", "status_class", "credential"]
 
 
 def test_metric_labels_cannot_be_forged_by_names(start_envoy):
@@ -178,6 +178,8 @@ def test_metric_labels_cannot_be_forged_by_names(start_envoy):
         assert set(labels) == set(FAMILIES[family]), f"{family}: labels {labels}"
         if "key_id" in labels:
             assert (labels["consumer"], labels["plan"], labels["key_id"]) in expected, labels
+        if "credential" in labels:
+            assert labels["credential"] == "api-key", labels
         if "outcome" in labels:
             assert labels["outcome"] in ("admitted", "unauthorized", "forbidden", "rate_limited", "quota_exceeded")
         if "status_class" in labels:

@@ -166,6 +166,7 @@ impl AdminRequest {
                 v["key_id"] = r.key_id.clone().into();
                 v["consumer"] = r.consumer.clone().into();
                 v["plan"] = r.plan.clone().into();
+                v["credential"] = crate::core::metering::credential::of_lineage(&r.lineage).into();
                 v
             })
             .collect();

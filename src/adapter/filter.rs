@@ -9,6 +9,7 @@ use crate::core::keyset::names::key_entry_name;
 use crate::core::keyset::names::META;
 use crate::core::limits::fleet::Subject as FleetSubject;
 use crate::core::limits::plan::Plan;
+use crate::core::metering::credential::ANONYMOUS_LINEAGE;
 use crate::core::request::{self, Caller, Decision, Fetch, FleetLimits, Unauthenticated};
 use crate::core::store::{read_value, Store};
 use proxy_wasm::traits::{Context, HttpContext};
@@ -64,6 +65,9 @@ impl Fetch for HostFetch<'_> {
     }
     fn plans(&mut self, meta: &Meta) -> Rc<BTreeMap<String, Plan>> {
         self.state.plans.borrow_mut().get(&HostStore, meta)
+    }
+    fn dynamic_metadata(&mut self) -> Option<Vec<u8>> {
+        host::dynamic_metadata()
     }
 }
 
@@ -173,10 +177,16 @@ impl HttpContext for FilterRequest {
                 plan: &r.plan,
             },
             Caller::Anonymous(plan) => Who {
-                lineage: "anonymous",
-                key_id: "anonymous",
+                lineage: ANONYMOUS_LINEAGE,
+                key_id: ANONYMOUS_LINEAGE,
                 consumer: "anonymous",
                 plan,
+            },
+            Caller::Jwt { identity, lineage } => Who {
+                lineage,
+                key_id: lineage,
+                consumer: &identity.consumer,
+                plan: &identity.plan,
             },
             Caller::Nobody => return,
         };

@@ -50,6 +50,12 @@ pub fn peer_ip() -> Option<IpAddr> {
     crate::core::auth::cidr::parse_peer(std::str::from_utf8(&raw).ok()?)
 }
 
+/// The stream's dynamic metadata as Envoy serializes it for `["metadata"]`: one
+/// `envoy.config.core.v3.Metadata` protobuf (decoded by `core::auth::jwt::metadata`).
+pub fn dynamic_metadata() -> Option<Vec<u8>> {
+    hostcalls::get_property(vec!["metadata"]).ok()?
+}
+
 /// Where this Envoy process's identity for usage collectors lives: shared data is wiped
 /// with the process, so a new id here means "counters restarted from zero".
 pub const INSTANCE: &str = "km/instance";

@@ -142,7 +142,13 @@ impl Meter {
         if !self.is_labelled(store, &s.lineage) {
             return;
         }
-        let labels = format!("consumer.{}.plan.{plan}.key_id.{}", s.consumer, s.lineage);
+        // Positional: the harness's stats_tags walk consumer, plan, key_id, credential.
+        let labels = format!(
+            "consumer.{}.plan.{plan}.key_id.{}.credential.{}",
+            s.consumer,
+            s.lineage,
+            crate::core::metering::credential::of_lineage(&s.lineage)
+        );
         for (o, n) in Outcome::ALL.iter().zip(c.requests) {
             self.counter(format!("keymeter_requests_total.{labels}.outcome.{}", o.label()), n);
         }

@@ -5,6 +5,7 @@
 //! of running half-configured.
 
 use crate::core::auth::credential::CredentialSources;
+use crate::core::auth::jwt::config::{JwtConfig, JwtDoc};
 use serde::Deserialize;
 
 /// What one plugin instance does. All roles share one `vm_id`, hence one key set.
@@ -72,9 +73,11 @@ pub struct IdentityHeaders {
     pub key_id: String,
     pub consumer: String,
     pub plan: String,
+    /// How the request was authenticated: `api-key`, `jwt` or `anonymous`.
+    pub auth: String,
     /// Prefix for forwarded metadata: `x-keymeter-meta-<name>`.
     pub metadata_prefix: String,
-    /// Which of `key_id`, `consumer`, `plan` keymeter writes (all by default). Each
+    /// Which of `key_id`, `consumer`, `plan`, `auth` keymeter writes (all by default). Each
     /// write is a host call and clears Envoy's route cache; a header left out is
     /// neither set nor removed, so strip it in the HCM if anything could trust it.
     pub forward: Vec<IdentityField>,
@@ -87,6 +90,8 @@ pub enum IdentityField {
     KeyId,
     Consumer,
     Plan,
+    /// `x-keymeter-auth`: how the request was authenticated.
+    Auth,
 }
 
 impl IdentityHeaders {
@@ -102,8 +107,14 @@ impl Default for IdentityHeaders {
             key_id: "x-keymeter-key-id".into(),
             consumer: "x-keymeter-consumer".into(),
             plan: "x-keymeter-plan".into(),
+            auth: "x-keymeter-auth".into(),
             metadata_prefix: "x-keymeter-meta-".into(),
-            forward: vec![IdentityField::KeyId, IdentityField::Consumer, IdentityField::Plan],
+            forward: vec![
+                IdentityField::KeyId,
+                IdentityField::Consumer,
+                IdentityField::Plan,
+                IdentityField::Auth,
+            ],
         }
     }
 }
@@ -140,6 +151,7 @@ struct ConfigDoc {
     metering: MeteringDoc,
     #[serde(default)]
     fleet: Option<crate::core::limits::fleet::FleetDoc>,
+    jwt: Option<JwtDoc>,
 }
 
 /// What to do when a limit's shared state keeps changing under our CAS retries (many
@@ -224,6 +236,8 @@ pub struct Config {
     /// Fleet mode (role filter): limits shared across Envoys through keymeter-limitd;
     /// `None`: single-node limits in shared data (the default).
     pub fleet: Option<crate::core::limits::fleet::FleetConfig>,
+    /// JWT users (claims verified by Envoy's jwt_authn); `None`: off.
+    pub jwt: Option<JwtConfig>,
 }
 
 fn is_header_name(s: &str) -> bool {
@@ -263,6 +277,7 @@ impl Config {
             ("headers.key_id", &h.key_id),
             ("headers.consumer", &h.consumer),
             ("headers.plan", &h.plan),
+            ("headers.auth", &h.auth),
             ("headers.metadata_prefix", &h.metadata_prefix),
         ] {
             if !is_header_name(v) {
@@ -321,6 +336,11 @@ impl Config {
             (Some(_), _) => return field("fleet", "is only valid for role filter"),
             (None, _) => None,
         };
+        let jwt = match (&doc.jwt, doc.role) {
+            (Some(j), Role::Filter) => Some(j.validate()?),
+            (Some(_), _) => return field("jwt", "is only valid for role filter"),
+            (None, _) => None,
+        };
         Ok(Config {
             role: doc.role,
             sources: CredentialSources {
@@ -346,6 +366,7 @@ impl Config {
                 max_key_series: doc.metering.max_key_series,
             },
             fleet,
+            jwt,
         })
     }
 
@@ -634,6 +655,74 @@ mod tests {
         );
         assert_eq!(c.sources.header, None);
         assert_eq!(c.challenges(), ["Bearer realm=\"keymeter\""]);
+    }
+}
+
+#[cfg(test)]
+mod jwt_tests {
+    use super::*;
+
+    fn filter(jwt: &str) -> Result<Config, String> {
+        Config::parse(format!(r#"{{"role":"filter","jwt":{jwt}}}"#).as_bytes())
+    }
+
+    #[test]
+    fn jwt_is_off_by_default() {
+        assert!(Config::parse(br#"{"role":"filter"}"#).unwrap().jwt.is_none());
+        assert_eq!(
+            Config::parse(br#"{"role":"filter"}"#).unwrap().headers.auth,
+            "x-keymeter-auth"
+        );
+    }
+
+    #[test]
+    fn jwt_parses_with_defaults() {
+        let c = filter(r#"{"payload_key":"jwt_payload","default_plan":"free"}"#).unwrap();
+        assert_eq!(
+            c.jwt.unwrap(),
+            JwtConfig {
+                metadata_namespace: "envoy.filters.http.jwt_authn".into(),
+                payload_key: "jwt_payload".into(),
+                consumer_claim: "sub".into(),
+                plan_claim: None,
+                default_plan: Some("free".into()),
+                key_wins: true,
+            }
+        );
+        let c = filter(
+            r#"{"metadata_namespace":"my.ns","payload_key":"p","consumer_claim":"custom:tenant","plan_claim":"custom:plan","key_wins":false}"#,
+        )
+        .unwrap()
+        .jwt
+        .unwrap();
+        assert_eq!(c.metadata_namespace, "my.ns");
+        assert_eq!(c.consumer_claim, "custom:tenant");
+        assert_eq!(c.plan_claim.as_deref(), Some("custom:plan"));
+        assert_eq!(c.default_plan, None);
+        assert!(!c.key_wins);
+    }
+
+    #[test]
+    fn jwt_errors_name_the_field() {
+        let e = |j: &str| filter(j).unwrap_err();
+        assert!(e(r#"{"default_plan":"free"}"#).contains("missing field `payload_key`"));
+        assert!(e(r#"{"payload_key":"p"}"#).contains("jwt.default_plan: is required when there is no plan_claim"));
+        assert!(e(r#"{"payload_key":"","default_plan":"free"}"#).contains("jwt.payload_key"));
+        assert!(e(r#"{"payload_key":"a b","default_plan":"free"}"#).contains("jwt.payload_key"));
+        assert!(e(r#"{"payload_key":"p","default_plan":"a b"}"#).contains("jwt.default_plan: must be a plan name"));
+        assert!(
+            e(r#"{"payload_key":"p","default_plan":"f","metadata_namespace":""}"#).contains("jwt.metadata_namespace")
+        );
+        assert!(e(r#"{"payload_key":"p","default_plan":"f","consumer_claim":""}"#).contains("jwt.consumer_claim"));
+        assert!(e(r#"{"payload_key":"p","plan_claim":"x y"}"#).contains("jwt.plan_claim"));
+        assert!(e(r#"{"payload_key":"p","default_plan":"f","key_wins":"yes"}"#).contains("expected a boolean"));
+        assert!(e(r#"{"payload_key":"p","default_plan":"f","keywins":true}"#).contains("unknown field `keywins`"));
+        assert!(Config::parse(br#"{"role":"admin","admin_token_sha256":"0000000000000000000000000000000000000000000000000000000000000000","jwt":{"payload_key":"p","default_plan":"f"}}"#)
+            .unwrap_err()
+            .contains("jwt: is only valid for role filter"));
+        assert!(Config::parse(br#"{"role":"filter","headers":{"auth":"X-Auth"}}"#)
+            .unwrap_err()
+            .contains("headers.auth"));
     }
 }
 

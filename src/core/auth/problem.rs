@@ -25,6 +25,11 @@ pub enum Problem {
     QuotaExceeded,
     /// The request's cost is larger than the bucket can ever hold.
     CostExceedsBurst,
+    /// A verified JWT whose consumer claim is absent, not a string or not a valid name.
+    TokenIdentityUnusable,
+    /// A verified JWT with no plan: its plan claim names no plan in the key set and
+    /// there is no (existing) `default_plan`.
+    TokenPlanUnknown,
 }
 
 pub const TYPE_BASE: &str = "urn:keymeter:problem:";
@@ -32,7 +37,7 @@ pub const TYPE_BASE: &str = "urn:keymeter:problem:";
 pub const QUOTA_EXCEEDED_TYPE: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
 
 impl Problem {
-    pub const ALL: [Problem; 14] = [
+    pub const ALL: [Problem; 16] = [
         Problem::MissingCredential,
         Problem::MalformedCredential,
         Problem::InvalidCredential,
@@ -47,6 +52,8 @@ impl Problem {
         Problem::RateLimited,
         Problem::QuotaExceeded,
         Problem::CostExceedsBurst,
+        Problem::TokenIdentityUnusable,
+        Problem::TokenPlanUnknown,
     ];
 
     pub fn status(self) -> u32 {
@@ -55,7 +62,7 @@ impl Problem {
             MissingCredential | MalformedCredential | InvalidCredential | KeyDisabled | KeyExpired | KeyNotYetValid => {
                 401
             }
-            OutOfScope | AmbiguousPath | AddressNotAllowed => 403,
+            OutOfScope | AmbiguousPath | AddressNotAllowed | TokenIdentityUnusable | TokenPlanUnknown => 403,
             KeySetUnavailable | Unavailable => 503,
             RateLimited | QuotaExceeded | CostExceedsBurst => 429,
         }
@@ -79,6 +86,8 @@ impl Problem {
             RateLimited => "rate-limited",
             QuotaExceeded => "quota-exceeded",
             CostExceedsBurst => "cost-exceeds-burst",
+            TokenIdentityUnusable => "token-identity-unusable",
+            TokenPlanUnknown => "token-plan-unknown",
         }
     }
 
@@ -99,6 +108,8 @@ impl Problem {
             RateLimited => "Rate limit exceeded",
             QuotaExceeded => "Quota exceeded",
             CostExceedsBurst => "Request cost exceeds the rate limit capacity",
+            TokenIdentityUnusable => "Token has no usable consumer",
+            TokenPlanUnknown => "Token has no plan",
         }
     }
 
@@ -125,6 +136,10 @@ impl Problem {
                 "The API key's quota for the current period is used up; retry after the time given in Retry-After."
             }
             CostExceedsBurst => "This request costs more than the API key's rate limit can ever allow.",
+            TokenIdentityUnusable => {
+                "The token is valid, but its consumer claim is missing or not a name of 1-64 characters of A-Z a-z 0-9 _ -."
+            }
+            TokenPlanUnknown => "The token is valid, but it names no plan this API offers.",
         }
     }
 

@@ -208,6 +208,11 @@ fn event(instance_id: &str, now_ms: u64, rec: &UsageRecord, from: &Counters) -> 
     obj.insert("lineage".into(), rec.lineage.clone().into());
     obj.insert("key_id".into(), rec.key_id.clone().into());
     obj.insert("plan".into(), rec.plan.clone().into());
+    // api-key, jwt or anonymous (derived from the lineage, see core::metering::credential).
+    obj.insert(
+        "credential".into(),
+        crate::core::metering::credential::of_lineage(&rec.lineage).into(),
+    );
     let mut ev = serde_json::json!({
         "specversion": "1.0",
         "id": id,

@@ -1,4 +1,5 @@
 pub mod counts;
+pub mod credential;
 pub mod export;
 pub mod label_cache;
 pub mod usage;

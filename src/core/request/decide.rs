@@ -7,6 +7,7 @@ use super::key_cache::KeyCache;
 use crate::core::auth::api_key::hashes_equal;
 use crate::core::auth::cidr::limit_subject;
 use crate::core::auth::credential::{self, CredentialError, Field, Source};
+use crate::core::auth::jwt::order::{self, Which};
 use crate::core::auth::key_record::{KeyRecord, Refusal};
 use crate::core::auth::path;
 use crate::core::auth::problem::Problem;
@@ -21,12 +22,14 @@ use crate::core::store::Store;
 use std::rc::Rc;
 
 /// Decides one request. Host reads happen in this order, each only when needed:
-/// `km/meta`; the credential sources in `credential::find` order; the clock, if `cache`
-/// holds the key under this `km/meta`, else the key entry (on a miss, `km/meta` again
-/// and, if the generation moved, the entry once more); `:method` and `:path` only for
-/// scopes or route costs; the peer address only for CIDRs; the clock (once per
+/// `km/meta`; the credential sources in `credential::find` order (with a `jwt` config:
+/// the dynamic metadata when no key decides, or first when `key_wins` is off, see
+/// `core::auth::jwt::order`; a JWT user continues in `super::jwt`); the clock, if
+/// `cache` holds the key under this `km/meta`, else the key entry (on a miss, `km/meta`
+/// again and, if the generation moved, the entry once more); `:method` and `:path` only
+/// for scopes or route costs; the peer address only for CIDRs; the clock (once per
 /// request); then the limit state through `store`.
-pub fn decide(cfg: &Config, cache: &mut KeyCache, host: &mut impl Fetch, store: &dyn Store) -> Decision {
+pub fn decide<H: Fetch>(cfg: &Config, cache: &mut KeyCache, host: &mut H, store: &dyn Store) -> Decision {
     let Some((meta, meta_cas)) = host.meta() else {
         return match cfg.when_no_keyset {
             NoKeySet::Deny => Decision::unauthenticated(Unauthenticated::KeySetUnavailable, Problem::KeySetUnavailable),
@@ -38,23 +41,40 @@ pub fn decide(cfg: &Config, cache: &mut KeyCache, host: &mut impl Fetch, store: 
         };
     };
     let mut path: Option<String> = None;
-    let found = credential::find(&cfg.sources, |f| match f {
-        Field::ApiKeyHeader => host.api_key_header(cfg.sources.header.as_deref()?),
-        Field::Authorization => host.authorization(),
-        Field::Path => {
-            path = host.path();
-            path.clone()
+    let mut jwt_metadata: Option<Vec<u8>> = None;
+    let find_key = |host: &mut H| {
+        credential::find(&cfg.sources, |f| match f {
+            Field::ApiKeyHeader => host.api_key_header(cfg.sources.header.as_deref()?),
+            Field::Authorization => host.authorization(),
+            Field::Path => {
+                path = host.path();
+                path.clone()
+            }
+        })
+    };
+    // Without a `jwt` config there is never a token: the API-key path exactly as before.
+    let which = match &cfg.jwt {
+        None => order::choose(true, host, find_key, |_| false),
+        Some(j) => order::choose(j.key_wins, host, find_key, |host| {
+            jwt_metadata = super::jwt::verified_metadata(j, host);
+            jwt_metadata.is_some()
+        }),
+    };
+    let cred = match which {
+        Which::Key(c) => c,
+        Which::Jwt => {
+            let (Some(j), Some(metadata)) = (&cfg.jwt, &jwt_metadata) else {
+                return Decision::unauthenticated(Unauthenticated::Missing, Problem::MissingCredential);
+            };
+            return super::jwt::decide_jwt(cfg, j, host, store, &meta, metadata);
         }
-    });
-    let cred = match found {
-        Ok(c) => c,
-        Err(CredentialError::Missing) => {
+        Which::Neither(CredentialError::Missing) => {
             return match &cfg.anonymous_plan {
                 Some(plan) => anonymous(cfg, host, store, &meta, plan),
                 None => Decision::unauthenticated(Unauthenticated::Missing, Problem::MissingCredential),
             }
         }
-        Err(CredentialError::Malformed(_) | CredentialError::BadChecksum(_)) => {
+        Which::Neither(CredentialError::Malformed(_) | CredentialError::BadChecksum(_)) => {
             return Decision::unauthenticated(Unauthenticated::Malformed, Problem::MalformedCredential)
         }
     };
@@ -174,7 +194,7 @@ pub fn decide(cfg: &Config, cache: &mut KeyCache, host: &mut impl Fetch, store: 
 
 /// Without a clock, expiry, not-before and every limit are unknowable: fail closed
 /// (time 0 would silently admit expired keys).
-fn clock_failed() -> Decision {
+pub(super) fn clock_failed() -> Decision {
     log::warn!("keymeter: the host clock failed; refusing");
     Decision::unauthenticated(Unauthenticated::Unavailable, Problem::Unavailable)
 }
@@ -223,7 +243,7 @@ fn anonymous(cfg: &Config, host: &mut impl Fetch, store: &dyn Store, meta: &Meta
 }
 
 /// Where a subject's limit state lives.
-enum Target<'a> {
+pub(super) enum Target<'a> {
     /// Its own entry (keys and consumers: bounded by the key set).
     Entry(&'a str),
     /// A slot of the bounded anonymous table (client addresses are unbounded).
@@ -233,7 +253,7 @@ enum Target<'a> {
 /// Applies the plan's limits (or the key's replacement limits) to the state at
 /// `target`, recording cost, `RateLimit` fields and any refusal in `d`.
 #[allow(clippy::too_many_arguments)]
-fn enforce(
+pub(super) fn enforce(
     cfg: &Config,
     store: &dyn Store,
     mut d: Decision,

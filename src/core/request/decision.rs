@@ -1,11 +1,13 @@
 //! What the request decision tells the adapter to do.
 
+use crate::core::auth::jwt::identity::JwtIdentity;
 use crate::core::auth::key_record::KeyRecord;
 use crate::core::auth::problem::Problem;
 use crate::core::config::{Config, IdentityField};
 use crate::core::limits::fleet::FleetVerdict;
 use crate::core::limits::limiter::Denial;
 use crate::core::limits::plan::{NamedBucket, NamedQuota};
+use crate::core::metering::credential;
 use crate::core::metering::usage::Outcome;
 use std::rc::Rc;
 
@@ -17,6 +19,12 @@ pub enum Caller {
     Key(Rc<KeyRecord>),
     /// Anonymous access under this plan.
     Anonymous(String),
+    /// A user with a JWT verified by Envoy's jwt_authn (see `core::auth::jwt`), and
+    /// its usage lineage (`jwt-<consumer>`).
+    Jwt {
+        identity: JwtIdentity,
+        lineage: String,
+    },
 }
 
 /// Reasons a request had no authentic key; counted globally, not per key (anyone can
@@ -32,16 +40,22 @@ pub enum Unauthenticated {
     /// Refused because keymeter could not decide: the host clock failed, or the key's
     /// plan is missing from the key set (fail closed, 503).
     Unavailable,
+    /// A verified JWT whose consumer claim is unusable (nobody to charge).
+    TokenIdentityUnusable,
+    /// A verified JWT with no plan in the key set (no plan to count under).
+    TokenPlanUnknown,
 }
 
 impl Unauthenticated {
-    pub const ALL: [Unauthenticated; 6] = [
+    pub const ALL: [Unauthenticated; 8] = [
         Self::Missing,
         Self::Malformed,
         Self::Invalid,
         Self::KeySetUnavailable,
         Self::FailOpen,
         Self::Unavailable,
+        Self::TokenIdentityUnusable,
+        Self::TokenPlanUnknown,
     ];
     /// The `reason` label of `keymeter_unauthenticated_total`.
     pub fn label(self) -> &'static str {
@@ -52,6 +66,8 @@ impl Unauthenticated {
             Self::KeySetUnavailable => "keyset_unavailable",
             Self::FailOpen => "fail_open",
             Self::Unavailable => "unavailable",
+            Self::TokenIdentityUnusable => "token_identity_unusable",
+            Self::TokenPlanUnknown => "token_plan_unknown",
         }
     }
 }
@@ -169,22 +185,33 @@ impl Decision {
             return;
         }
         let h = &cfg.headers;
-        let (rec, anonymous_plan) = match &self.caller {
-            Caller::Key(r) => (Some(&**r), None),
-            Caller::Anonymous(p) => (None, Some(p.as_str())),
-            Caller::Nobody => (None, None),
+        let (rec, consumer, plan, auth) = match &self.caller {
+            Caller::Key(r) => (
+                Some(&**r),
+                Some(r.consumer.as_str()),
+                Some(r.plan.as_str()),
+                Some(credential::API_KEY),
+            ),
+            Caller::Anonymous(p) => (None, Some("anonymous"), Some(p.as_str()), Some(credential::ANONYMOUS)),
+            Caller::Jwt { identity, .. } => (
+                None,
+                Some(identity.consumer.as_str()),
+                Some(identity.plan.as_str()),
+                Some(credential::JWT),
+            ),
+            Caller::Nobody => (None, None, None, None),
         };
         if h.forwards(IdentityField::KeyId) {
             f(&h.key_id, rec.map(|r| r.id.as_str()));
         }
         if h.forwards(IdentityField::Consumer) {
-            f(
-                &h.consumer,
-                rec.map(|r| r.consumer.as_str()).or(anonymous_plan.map(|_| "anonymous")),
-            );
+            f(&h.consumer, consumer);
         }
         if h.forwards(IdentityField::Plan) {
-            f(&h.plan, rec.map(|r| r.plan.as_str()).or(anonymous_plan));
+            f(&h.plan, plan);
+        }
+        if h.forwards(IdentityField::Auth) {
+            f(&h.auth, auth);
         }
         for (name, header) in &cfg.forward_metadata {
             f(header, rec.and_then(|r| r.metadata(name)));

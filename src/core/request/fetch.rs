@@ -28,4 +28,8 @@ pub trait Fetch {
     fn key_entry(&mut self, id: &str) -> Option<Vec<u8>>;
     /// The plans active under `meta`.
     fn plans(&mut self, meta: &Meta) -> Rc<BTreeMap<String, Plan>>;
+    /// The stream's dynamic metadata, serialized (`get_property(["metadata"])`, an
+    /// `envoy.config.core.v3.Metadata` protobuf): where Envoy's jwt_authn puts a
+    /// verified JWT payload. Read only with a `jwt` config and no deciding API key.
+    fn dynamic_metadata(&mut self) -> Option<Vec<u8>>;
 }

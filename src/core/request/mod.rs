@@ -9,6 +9,7 @@
 mod decide;
 mod decision;
 mod fetch;
+mod jwt;
 mod key_cache;
 mod plans_cache;
 #[cfg(test)]

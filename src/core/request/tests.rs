@@ -59,6 +59,8 @@ struct FakeHost {
     before_entry: Option<Interleave>,
     /// The worker's key cache, kept across requests like the adapter's.
     cache: KeyCache,
+    /// What `get_property(["metadata"])` returns (jwt_authn's verified payload).
+    metadata: Option<Vec<u8>>,
 }
 
 impl FakeHost {
@@ -107,6 +109,10 @@ impl Fetch for FakeHost {
     }
     fn plans(&mut self, meta: &Meta) -> Rc<BTreeMap<String, Plan>> {
         self.plans.get(&*self.store, meta)
+    }
+    fn dynamic_metadata(&mut self) -> Option<Vec<u8>> {
+        self.log("property metadata");
+        self.metadata.clone()
     }
 }
 
@@ -180,6 +186,7 @@ fn host(recs: &[KeyRecord], plans: &[(&str, Plan)]) -> FakeHost {
         plans: PlansCache::default(),
         before_entry: None,
         cache: KeyCache::default(),
+        metadata: None,
     }
 }
 
@@ -235,10 +242,11 @@ fn hot(cfg: &Config, h: &mut FakeHost) {
     run(cfg, h);
 }
 
-const IDENTITY: [&str; 3] = [
+const IDENTITY: [&str; 4] = [
     "set_req x-keymeter-key-id",
     "set_req x-keymeter-consumer",
     "set_req x-keymeter-plan",
+    "set_req x-keymeter-auth",
 ];
 
 fn seq(parts: &[&[&str]]) -> Vec<String> {
@@ -250,7 +258,7 @@ fn key_entry() -> String {
 }
 
 #[test]
-fn admitted_request_makes_exactly_13_host_calls() {
+fn admitted_request_makes_exactly_14_host_calls() {
     let c = filter_cfg();
     let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
     warm(&c, &mut h);
@@ -269,7 +277,7 @@ fn admitted_request_makes_exactly_13_host_calls() {
             &["resp_header :status", "set_resp ratelimit-policy", "set_resp ratelimit"],
         ])
     );
-    assert_eq!(calls.len(), 13, "host calls per admitted request");
+    assert_eq!(calls.len(), 14, "host calls per admitted request");
     assert_eq!(
         d.ratelimit,
         Some((r#""burst";q=100;w=1"#.into(), r#""burst";r=98;t=0"#.into()))
@@ -296,7 +304,7 @@ fn metering_off_skips_the_status_read_and_headers_off_skip_ratelimit() {
     assert!(!calls
         .iter()
         .any(|c| c.starts_with("resp_header") || c.starts_with("set_resp")));
-    assert_eq!(calls.len(), 10, "{calls:?}");
+    assert_eq!(calls.len(), 11, "{calls:?}");
 }
 
 #[test]
@@ -397,6 +405,7 @@ fn no_key_set_denies_or_fails_open() {
         plans: PlansCache::default(),
         before_entry: None,
         cache: KeyCache::default(),
+        metadata: None,
     };
     let (d, calls) = run(&filter_cfg(), &mut h);
     assert_eq!(refused(&d), Problem::KeySetUnavailable);
@@ -415,6 +424,7 @@ fn no_key_set_denies_or_fails_open() {
             "remove_req x-keymeter-key-id",
             "remove_req x-keymeter-consumer",
             "remove_req x-keymeter-plan",
+            "remove_req x-keymeter-auth",
             "remove_req x-keymeter-meta-tier",
         ]])
     );
@@ -530,7 +540,7 @@ fn cidrs_read_the_peer_address_and_refuse_outside() {
             "time"
         ]])
     );
-    assert_eq!(calls.len(), 14);
+    assert_eq!(calls.len(), 15);
 
     h.peer = Some("192.168.1.1".parse().unwrap());
     let (d, calls) = run(&c, &mut h);
@@ -559,7 +569,7 @@ fn route_costs_read_method_and_path_and_charge_the_cost() {
             "time",
         ]])
     );
-    assert_eq!(calls.len(), 15);
+    assert_eq!(calls.len(), 16);
 }
 
 #[test]
@@ -568,7 +578,7 @@ fn forwarded_metadata_adds_one_header_write_each() {
     let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
     warm(&c, &mut h);
     let (_, calls) = run(&c, &mut h);
-    assert_eq!(calls.len(), 15);
+    assert_eq!(calls.len(), 16);
     assert!(calls.contains(&"set_req x-keymeter-meta-tier".to_string()));
     // A name the key has no value for is removed (a client cannot inject it).
     assert!(calls.contains(&"remove_req x-keymeter-meta-region".to_string()));
@@ -680,7 +690,7 @@ fn bearer_and_query_param_credentials_are_found_and_stripped() {
         seq(&[&["get km/meta", "req_header x-api-key", "req_header authorization"]])
     );
     assert!(calls.contains(&"remove_req authorization".to_string()));
-    assert_eq!(calls.len(), 14);
+    assert_eq!(calls.len(), 15);
 
     let c =
         cfg(r#"{"role":"filter","credentials":{"header":null,"bearer":false,"basic":false,"query_param":"api_key"}}"#);
@@ -711,7 +721,7 @@ fn keep_credential_skips_the_strip() {
     warm(&c, &mut h);
     let (d, calls) = run(&c, &mut h);
     assert_eq!(d.strip, None);
-    assert_eq!(calls.len(), 12);
+    assert_eq!(calls.len(), 13);
 }
 
 #[test]
@@ -745,6 +755,7 @@ fn anonymous_plan_limits_per_client_address() {
                 "remove_req x-keymeter-key-id",
                 "set_req x-keymeter-consumer",
                 "set_req x-keymeter-plan",
+                "set_req x-keymeter-auth",
             ],
             &["resp_header :status", "set_resp ratelimit-policy", "set_resp ratelimit"],
         ])
@@ -921,7 +932,7 @@ fn a_key_whose_plan_is_missing_fails_closed() {
 }
 
 #[test]
-fn a_cached_key_record_saves_the_entry_read_12_host_calls() {
+fn a_cached_key_record_saves_the_entry_read_13_host_calls() {
     let c = filter_cfg();
     let mut h = host(&[record()], &[("pro", plan(100, 100, None))]);
     hot(&c, &mut h);
@@ -938,7 +949,8 @@ fn a_cached_key_record_saves_the_entry_read_12_host_calls() {
             &["resp_header :status", "set_resp ratelimit-policy", "set_resp ratelimit"],
         ])
     );
-    assert_eq!(calls.len(), 12, "host calls per admitted request, steady state");
+    // 14 without the cache; 12 with `headers.forward` leaving out `auth`.
+    assert_eq!(calls.len(), 13, "host calls per admitted request, steady state");
 }
 
 #[test]
@@ -1087,3 +1099,6 @@ fn fleet_mode_defers_limits_to_the_lease() {
     );
     assert_eq!(run(&c, &mut h).0.fleet.unwrap().subject, "c:acme");
 }
+
+/// The JWT paths.
+mod jwt;

@@ -4,8 +4,10 @@
 //! Every call needs `Authorization: Bearer <admin token>` (checked before routing, so
 //! unknown paths cannot be told from known ones without it); the config holds only the
 //! token's sha256. Every answer carries `cache-control: no-store`. Update bodies are
-//! buffered by Envoy (the admin listener's buffer limit bounds them) and applied in
-//! one callback; the ones read whole into the heap (delta, commit) have byte caps (413).
+//! buffered by Envoy (the admin listener's buffer limit bounds them); full pushes are
+//! parsed from that buffer in slices and written key by key (large sets arrive as staged
+//! uploads, one chunk per call), and the bodies read whole into the heap (delta, commit)
+//! have byte caps (413).
 
 use super::host::{self, HostBuffer, HostStore};
 use super::root::PluginState;

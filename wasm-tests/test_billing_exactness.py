@@ -194,7 +194,8 @@ def test_every_outcome_is_charged_exactly_once(start_envoy, backend, resetting, 
 
     def prom(metric):
         samples = prom_samples(envoy, metric)
-        return {name: samples.get(frozenset({("consumer", "acme"), ("plan", k[name].doc["plan"]), ("key_id", k[name].id)}))
+        return {name: samples.get(frozenset({("consumer", "acme"), ("plan", k[name].doc["plan"]), ("key_id", k[name].id),
+                                            ("credential", "api-key")}))
                 for name in script}
 
     harness.wait_until(lambda: prom("keymeter_response_bytes_total") == {n: r or None for n, (_, r) in expected.items()},

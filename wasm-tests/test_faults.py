@@ -145,7 +145,8 @@ def test_usage_index_cas_exhaustion_neither_stalls_nor_miscounts(start_envoy, ba
     assert served == sent
 
     def labels(k):
-        return frozenset({("consumer", k.doc["consumer"]), ("plan", "p"), ("key_id", k.id), ("outcome", "admitted")})
+        return frozenset({("consumer", k.doc["consumer"]), ("plan", "p"), ("key_id", k.id), ("credential", "api-key"),
+                          ("outcome", "admitted")})
 
     def prom():
         samples = prom_samples(envoy, "keymeter_requests_total")

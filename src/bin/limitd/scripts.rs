@@ -112,19 +112,25 @@ pub fn take_call(req: &TakeRequest, now_secs: i64) -> (Vec<String>, Vec<String>,
     (keys, args, periods)
 }
 
+/// The `(tokens, wait_ms)` pair per bucket, from position `at` on (advanced past them).
+fn bucket_views(buckets: &[BucketSpec], u: &impl Fn(usize) -> Option<u64>, at: &mut usize) -> Option<Vec<BucketView>> {
+    let mut views = Vec::with_capacity(buckets.len());
+    for b in buckets {
+        views.push(BucketView {
+            name: b.name.clone(),
+            tokens: u(*at)?,
+            wait_ms: u(*at + 1)?,
+        });
+        *at += 2;
+    }
+    Some(views)
+}
+
 pub fn take_response(req: &TakeRequest, periods: &[(i64, i64)], r: &[i64]) -> Option<TakeResponse> {
     let u = |i: usize| r.get(i).map(|&v| v.max(0) as u64);
     let (admitted, now_ms) = (*r.first()? == 1, u(1)?);
     let mut at = 2;
-    let mut buckets = Vec::with_capacity(req.buckets.len());
-    for b in &req.buckets {
-        buckets.push(BucketView {
-            name: b.name.clone(),
-            tokens: u(at)?,
-            wait_ms: u(at + 1)?,
-        });
-        at += 2;
-    }
+    let buckets = bucket_views(&req.buckets, &u, &mut at)?;
     let mut quotas = Vec::with_capacity(req.quotas.len());
     for (q, &(start, end)) in req.quotas.iter().zip(periods) {
         let (consumed, available) = (u(at)?, u(at + 1)?);
@@ -164,15 +170,7 @@ pub fn lease_response(req: &LeaseRequest, periods: &[(i64, i64)], r: &[i64]) -> 
     }
     let (granted, valid_ms) = (u(2)?, u(3)?);
     let mut at = 4;
-    let mut buckets = Vec::with_capacity(req.buckets.len());
-    for b in &req.buckets {
-        buckets.push(BucketView {
-            name: b.name.clone(),
-            tokens: u(at)?,
-            wait_ms: u(at + 1)?,
-        });
-        at += 2;
-    }
+    let buckets = bucket_views(&req.buckets, &u, &mut at)?;
     let mut quotas = Vec::with_capacity(req.quotas.len());
     for (q, &(start, end)) in req.quotas.iter().zip(periods) {
         quotas.push(QuotaView {

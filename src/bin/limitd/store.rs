@@ -117,42 +117,33 @@ impl Store {
         }
     }
 
+    /// One command on whichever backend this is, bounded by the timeout.
+    async fn query<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, StoreError> {
+        match &self.backend {
+            Backend::Single(m) => {
+                let mut m = m.clone();
+                self.bounded(cmd.query_async(&mut m)).await
+            }
+            Backend::Cluster(cl) => {
+                self.bounded(async {
+                    let mut c = Self::cluster_conn(&cl.client, &cl.conn).await?;
+                    cmd.query_async(&mut c).await
+                })
+                .await
+            }
+        }
+    }
+
     /// HGETALL `key` as field/value pairs.
     pub async fn hgetall(&self, key: &str) -> Result<Vec<(String, String)>, StoreError> {
         let mut cmd = redis::cmd("HGETALL");
         cmd.arg(key);
-        let v: Vec<(String, String)> = match &self.backend {
-            Backend::Single(m) => {
-                let mut m = m.clone();
-                self.bounded(cmd.query_async(&mut m)).await?
-            }
-            Backend::Cluster(cl) => {
-                self.bounded(async {
-                    let mut c = Self::cluster_conn(&cl.client, &cl.conn).await?;
-                    cmd.query_async(&mut c).await
-                })
-                .await?
-            }
-        };
-        Ok(v)
+        self.query(cmd).await
     }
 
     /// PING, for the health check.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let cmd = redis::cmd("PING");
-        let _: Value = match &self.backend {
-            Backend::Single(m) => {
-                let mut m = m.clone();
-                self.bounded(cmd.query_async(&mut m)).await?
-            }
-            Backend::Cluster(cl) => {
-                self.bounded(async {
-                    let mut c = Self::cluster_conn(&cl.client, &cl.conn).await?;
-                    cmd.query_async(&mut c).await
-                })
-                .await?
-            }
-        };
+        let _: Value = self.query(redis::cmd("PING")).await?;
         Ok(())
     }
 }

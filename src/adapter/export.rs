@@ -48,7 +48,7 @@ impl ExportService {
         self.parked_metric = hostcalls::define_metric(MetricType::Counter, "keymeter_export_parked_events_total").ok();
         log::info!(
             "keymeter export: usage to {} via cluster {} every {}ms, at most {} events per batch",
-            self.exporter.health.url,
+            self.exporter.health.link.url,
             self.config.cluster,
             self.config.interval_ms,
             self.config.max_events
@@ -68,18 +68,18 @@ impl ExportService {
 
     pub fn on_tick(&mut self) {
         let now = host::now_ms();
-        let failures = self.exporter.health.failures;
+        let failures = self.exporter.health.link.failures;
         let due = self.exporter.due(now);
         if due {
             if let Some(body) = self.exporter.begin(now, &HostStore, &instance_id()) {
                 self.send(now, body);
             }
         }
-        if self.exporter.health.failures != failures {
-            Self::count(self.failures_metric, self.exporter.health.failures - failures);
+        if self.exporter.health.link.failures != failures {
+            Self::count(self.failures_metric, self.exporter.health.link.failures - failures);
             self.log_failure();
         }
-        if due || self.exporter.health.failures != failures {
+        if due || self.exporter.health.link.failures != failures {
             self.publish();
         }
     }
@@ -123,11 +123,11 @@ impl ExportService {
 
     fn log_failure(&self) {
         let h = &self.exporter.health;
-        if let Some(e) = &h.last_error {
+        if let Some(e) = &h.link.last_error {
             log::warn!(
                 "keymeter export: {} failed ({} in a row), batch of {} events kept for retry: {}",
-                h.url,
-                h.consecutive_failures,
+                h.link.url,
+                h.link.consecutive_failures,
                 h.pending_events,
                 e.message
             );

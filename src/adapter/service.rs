@@ -117,7 +117,7 @@ impl Service {
         }
         log::info!(
             "keymeter pull: polling {} via cluster {} every {}ms",
-            self.poller.health.url,
+            self.poller.health.link.url,
             self.source.cluster,
             self.source.interval_ms
         );
@@ -126,9 +126,9 @@ impl Service {
 
     pub fn on_tick(&mut self) {
         let now = host::now_ms();
-        let failures = self.poller.health.failures;
+        let failures = self.poller.health.link.failures;
         let due = self.poller.due(now);
-        if self.poller.health.failures != failures {
+        if self.poller.health.link.failures != failures {
             // a call in flight was given up
             self.log_failure();
             self.publish();
@@ -175,7 +175,7 @@ impl Service {
             etag: r.header("etag"),
             body: Body::Reader(&open_body),
         };
-        let was = self.poller.health.state;
+        let was = self.poller.health.link.state;
         match self.poller.on_response(now, token, resp, running_version()) {
             PollResult::Ignored => return,
             PollResult::Unchanged => {
@@ -208,11 +208,11 @@ impl Service {
 
     fn log_failure(&self) {
         let h = &self.poller.health;
-        if let Some(e) = &h.last_error {
+        if let Some(e) = &h.link.last_error {
             log::warn!(
                 "keymeter pull: {} failed ({} in a row), keeping the running key set: {}",
-                h.url,
-                h.consecutive_failures,
+                h.link.url,
+                h.link.consecutive_failures,
                 e.message
             );
         }

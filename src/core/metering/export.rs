@@ -34,7 +34,9 @@
 
 use crate::core::config::ExportConfig;
 use crate::core::metering::usage::{entries, Counters, UsageRecord};
-use crate::core::remote::outbound::{answered, is_envoy_upstream_failure, snippet, ts, CallError, Outbound};
+use crate::core::remote::outbound::{
+    answered, is_envoy_upstream_failure, snippet, ts, CallError, LinkHealth, Outbound,
+};
 pub use crate::core::remote::outbound::{State, LOST_CALL_GRACE_MS, MIN_BACKOFF_MS};
 use crate::core::store::Store;
 use serde::{Deserialize, Serialize};
@@ -79,24 +81,17 @@ pub type ExportError = CallError<ErrorKind>;
 /// What the admin status shows under `export` (stored in `km/export`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
-    pub cluster: String,
-    /// `http://<authority><path>`, for humans: the request goes through `cluster`.
-    pub url: String,
-    pub interval_ms: u64,
+    /// Cluster, URL, state of the last attempt, failures and the last error.
+    #[serde(flatten)]
+    pub link: LinkHealth<ErrorKind>,
     pub max_events: usize,
-    pub state: State,
-    pub consecutive_failures: u32,
     pub last_attempt_at: Option<String>,
-    pub last_success_at: Option<String>,
-    /// The most recent error, kept after recovery (see `state`).
-    pub last_error: Option<ExportError>,
     pub next_attempt_at: Option<String>,
     /// Events and batches acknowledged by the collector.
     pub events_sent: u64,
     pub batches_sent: u64,
     /// Resends of a frozen batch after a failure.
     pub retries: u64,
-    pub failures: u64,
     /// Events of the frozen batch not acknowledged yet (0: none waiting).
     pub pending_events: usize,
     /// Batches that were full (`max_events`): the remaining lineages went in the next one.
@@ -241,9 +236,7 @@ impl Exporter {
             clear_batch: false,
             rejections: 0,
             health: Health {
-                cluster: c.cluster.clone(),
-                url: crate::core::redact::display_url(&c.authority, &c.path),
-                interval_ms: c.interval_ms,
+                link: LinkHealth::new(&c.cluster, &c.authority, &c.path, c.interval_ms),
                 max_events: c.max_events,
                 ..Health::default()
             },
@@ -408,9 +401,7 @@ impl Exporter {
                 if b.full {
                     self.health.full_batches += 1;
                 }
-                self.health.state = State::Ok;
-                self.health.consecutive_failures = 0;
-                self.health.last_success_at = Some(ts(now_ms));
+                self.health.link.succeeded(now_ms);
                 // A full batch left lineages behind: continue at once.
                 let next = self
                     .call
@@ -468,13 +459,12 @@ impl Exporter {
         self.health.parked_events += n as u64;
         self.health.last_parked_at = Some(ts(now_ms));
         self.health.pending_events = 0;
-        self.health.failures += 1;
-        self.health.state = State::Error;
-        self.health.last_error = Some(ExportError::new(
+        // Shown as a failure, but the next batch goes out at once: no back-off.
+        self.health.link.failed_without_backoff(
             now_ms,
             ErrorKind::Http,
             format!("{why} ({} times): batch of {n} events parked", PARK_AFTER_REJECTIONS),
-        ));
+        );
         let next = self.call.set_next(now_ms);
         self.health.next_attempt_at = Some(ts(next));
         Decision::Parked(n)
@@ -501,11 +491,8 @@ impl Exporter {
     }
 
     fn fail(&mut self, now_ms: u64, kind: ErrorKind, message: String) {
-        self.health.state = State::Error;
-        self.health.consecutive_failures = self.health.consecutive_failures.saturating_add(1);
-        self.health.failures += 1;
-        self.health.last_error = Some(ExportError::new(now_ms, kind, message));
-        let next = self.call.schedule(now_ms, self.health.consecutive_failures);
+        self.health.link.failed(now_ms, kind, message);
+        let next = self.call.schedule(now_ms, self.health.link.consecutive_failures);
         self.health.next_attempt_at = Some(ts(next));
     }
 }
@@ -604,7 +591,7 @@ mod tests {
         let (b1, d) = attempt(&mut x, &s, now, 2, Some(500)).unwrap();
         assert_eq!(d, Decision::Failed);
         col.take(&b1); // the collector saw it but failed: a resend must not double count
-        assert_eq!(x.health.consecutive_failures, 1);
+        assert_eq!(x.health.link.consecutive_failures, 1);
         assert_eq!(x.next_ms(), now + 1_000);
         // more traffic while the batch is frozen: not in the retried batch
         traffic(&s, "aaaaaaaaaaa1", "acme", 4, 0);
@@ -622,7 +609,7 @@ mod tests {
         assert_eq!(evs[0]["data"]["plan"], "pro");
         assert_eq!(evs[0]["data"]["cost_units"], 6);
         assert_eq!(x.health.retries, 2);
-        assert_eq!(x.health.state, State::Ok);
+        assert_eq!(x.health.link.state, State::Ok);
         assert_eq!((x.health.events_sent, x.health.batches_sent), (2, 1));
         assert_eq!(col.admitted["aaaaaaaaaaa1"], 3);
         now += 10_000;
@@ -690,11 +677,11 @@ mod tests {
         x.dispatched(7);
         assert!(!x.due(T0 + 6_999));
         assert!(!x.due(T0 + 7_000), "given up, retried after backoff");
-        assert_eq!(x.health.last_error.as_ref().unwrap().kind, ErrorKind::Unreachable);
+        assert_eq!(x.health.link.last_error.as_ref().unwrap().kind, ErrorKind::Unreachable);
         assert_eq!(x.on_response(T0 + 7_000, &s, 7, Some(200), b""), Decision::Ignored);
         assert!(x.due(T0 + 8_000));
         x.dispatch_failed(T0 + 8_000, "no cluster".into());
-        assert_eq!(x.health.consecutive_failures, 2);
+        assert_eq!(x.health.link.consecutive_failures, 2);
         let e = x.on_response(T0, &s, 99, Some(200), b"");
         assert_eq!(e, Decision::Ignored);
     }
@@ -707,11 +694,11 @@ mod tests {
         x.begin(T0, &s, INST).unwrap();
         x.dispatched(1);
         x.on_response(T0, &s, 1, Some(503), b"no healthy upstream");
-        assert_eq!(x.health.last_error.as_ref().unwrap().kind, ErrorKind::Unreachable);
+        assert_eq!(x.health.link.last_error.as_ref().unwrap().kind, ErrorKind::Unreachable);
         x.begin(T0 + 1_000, &s, INST).unwrap();
         x.dispatched(2);
         x.on_response(T0 + 1_000, &s, 2, Some(400), b"bad\nevent");
-        let e = x.health.last_error.clone().unwrap();
+        let e = x.health.link.last_error.clone().unwrap();
         assert_eq!(
             (e.kind, e.message.as_str()),
             (ErrorKind::Http, "collector answered HTTP 400: bad event")
@@ -750,7 +737,7 @@ mod tests {
             x.begin(T0 + 10_000, &st, INST).is_none(),
             "no batch on stale acked totals"
         );
-        assert_eq!(x.health.last_error.as_ref().unwrap().kind, ErrorKind::Store);
+        assert_eq!(x.health.link.last_error.as_ref().unwrap().kind, ErrorKind::Store);
         fail.set(false);
         let body = x.begin(T0 + 11_000, &st, INST).unwrap();
         x.dispatched(2);
@@ -821,7 +808,7 @@ mod tests {
         assert_eq!(d, Decision::Acked(1));
         col.take(&b2);
         assert_eq!(col.admitted["aaaaaaaaaaa1"], 2, "only usage after the parked batch");
-        assert_eq!(x.health.state, State::Ok);
+        assert_eq!(x.health.link.state, State::Ok);
     }
 
     /// A recorded batch whose ack was processed (acked totals written) but whose record

@@ -85,6 +85,70 @@ impl<K> CallError<K> {
     }
 }
 
+/// The health every periodic outbound link (key-set pull, usage export) reports the
+/// same way; each link's status record flattens it, so the status JSON keeps these
+/// fields at its top level.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkHealth<K> {
+    pub cluster: String,
+    /// `http://<authority><path>`, for humans: the request goes through `cluster`.
+    pub url: String,
+    pub interval_ms: u64,
+    /// Of the last call: `ok` or `error` (`pending` until one has finished).
+    pub state: State,
+    pub consecutive_failures: u32,
+    pub last_success_at: Option<String>,
+    /// The most recent error, kept after recovery (see `state`).
+    pub last_error: Option<CallError<K>>,
+    pub failures: u64,
+}
+
+impl<K> Default for LinkHealth<K> {
+    fn default() -> Self {
+        LinkHealth {
+            cluster: String::new(),
+            url: String::new(),
+            interval_ms: 0,
+            state: State::Pending,
+            consecutive_failures: 0,
+            last_success_at: None,
+            last_error: None,
+            failures: 0,
+        }
+    }
+}
+
+impl<K> LinkHealth<K> {
+    /// `url` is shown without its query string (see `redact::display_url`).
+    pub fn new(cluster: &str, authority: &str, path: &str, interval_ms: u64) -> Self {
+        LinkHealth {
+            cluster: cluster.to_string(),
+            url: crate::core::redact::display_url(authority, path),
+            interval_ms,
+            ..LinkHealth::default()
+        }
+    }
+
+    pub fn succeeded(&mut self, now_ms: u64) {
+        self.state = State::Ok;
+        self.consecutive_failures = 0;
+        self.last_success_at = Some(ts(now_ms));
+    }
+
+    /// A failure that counts towards the back-off (see `Outbound::schedule`).
+    pub fn failed(&mut self, now_ms: u64, kind: K, message: String) {
+        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        self.failed_without_backoff(now_ms, kind, message);
+    }
+
+    /// A failure shown in the health that must not slow the next call down.
+    pub fn failed_without_backoff(&mut self, now_ms: u64, kind: K, message: String) {
+        self.state = State::Error;
+        self.failures += 1;
+        self.last_error = Some(CallError::new(now_ms, kind, message));
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 struct InFlight {
     token: Option<u32>,

@@ -25,7 +25,9 @@ use crate::core::config::SourceConfig;
 use crate::core::keyset::apply::{ApplyError, ApplyReport};
 use crate::core::keyset::document::DocError;
 use crate::core::keyset::stream::peek_version;
-use crate::core::remote::outbound::{answered, is_envoy_upstream_failure, snippet, ts, CallError, Outbound};
+use crate::core::remote::outbound::{
+    answered, is_envoy_upstream_failure, snippet, ts, CallError, LinkHealth, Outbound,
+};
 pub use crate::core::remote::outbound::{State, LOST_CALL_GRACE_MS, MIN_BACKOFF_MS};
 use serde::{Deserialize, Serialize};
 
@@ -55,28 +57,20 @@ pub type SourceError = CallError<ErrorKind>;
 /// What the admin status shows under `source` (stored in `km/source`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
-    pub cluster: String,
-    /// `http://<authority><path>`, for humans: the request goes through `cluster`.
-    pub url: String,
-    pub interval_ms: u64,
-    /// Of the last poll: `ok` (applied or unchanged), or `error` (the running set, if
-    /// any, is kept).
-    pub state: State,
-    pub consecutive_failures: u32,
+    /// Cluster, URL, state (of the last poll: `error` keeps the running set, if any),
+    /// failures and the last error.
+    #[serde(flatten)]
+    pub link: LinkHealth<ErrorKind>,
     /// Version and ETag of the last document applied (or found equal to the running set).
     pub applied_version: Option<u64>,
     pub etag: Option<String>,
     pub last_poll_at: Option<String>,
-    pub last_success_at: Option<String>,
     /// When a pulled document last changed the running set.
     pub last_change_at: Option<String>,
-    /// The most recent error, kept after recovery (see `state`).
-    pub last_error: Option<SourceError>,
     pub next_poll_at: Option<String>,
     pub polls: u64,
     pub applied: u64,
     pub unchanged: u64,
-    pub failures: u64,
 }
 
 /// The HTTP answer to a poll, as the host reported it.
@@ -169,9 +163,7 @@ impl Poller {
             sent_etag: false,
             pending_etag: None,
             health: Health {
-                cluster: source.cluster.clone(),
-                url: crate::core::redact::display_url(&source.authority, &source.path),
-                interval_ms: source.interval_ms,
+                link: LinkHealth::new(&source.cluster, &source.authority, &source.path, source.interval_ms),
                 ..Health::default()
             },
         }
@@ -335,22 +327,17 @@ impl Poller {
     }
 
     fn schedule(&mut self, now_ms: u64) {
-        let next = self.call.schedule(now_ms, self.health.consecutive_failures);
+        let next = self.call.schedule(now_ms, self.health.link.consecutive_failures);
         self.health.next_poll_at = Some(ts(next));
     }
 
     fn succeed(&mut self, now_ms: u64) {
-        self.health.state = State::Ok;
-        self.health.consecutive_failures = 0;
-        self.health.last_success_at = Some(ts(now_ms));
+        self.health.link.succeeded(now_ms);
         self.schedule(now_ms);
     }
 
     fn fail(&mut self, now_ms: u64, kind: ErrorKind, message: String) {
-        self.health.state = State::Error;
-        self.health.consecutive_failures = self.health.consecutive_failures.saturating_add(1);
-        self.health.failures += 1;
-        self.health.last_error = Some(SourceError::new(now_ms, kind, message));
+        self.health.link.failed(now_ms, kind, message);
         self.schedule(now_ms);
     }
 }
@@ -462,7 +449,7 @@ mod tests {
             d
         }
         fn error(&self) -> (ErrorKind, String) {
-            let e = self.p.health.last_error.clone().unwrap();
+            let e = self.p.health.link.last_error.clone().unwrap();
             (e.kind, e.message)
         }
     }
@@ -470,15 +457,15 @@ mod tests {
     #[test]
     fn first_poll_is_immediate_and_applies() {
         let mut r = Rig::new(10_000);
-        assert_eq!(r.p.health.state, State::Pending);
+        assert_eq!(r.p.health.link.state, State::Pending);
         assert_eq!(r.poll(ok("\"v1\"", &doc(1, &["aaaaaaaaaaa1"]))), "applied");
         assert_eq!(r.sent, None, "nothing to revalidate on the first poll");
         assert_eq!(r.running(), Some(1));
         let h = &r.p.health;
-        assert_eq!(h.state, State::Ok);
+        assert_eq!(h.link.state, State::Ok);
         assert_eq!((h.applied_version, h.etag.as_deref()), (Some(1), Some("\"v1\"")));
-        assert_eq!((h.polls, h.applied, h.failures), (1, 1, 0));
-        assert!(h.last_change_at.is_some() && h.last_success_at.is_some());
+        assert_eq!((h.polls, h.applied, h.link.failures), (1, 1, 0));
+        assert!(h.last_change_at.is_some() && h.link.last_success_at.is_some());
         assert_eq!(r.skip_to_next_poll(), 10_000);
     }
 
@@ -562,7 +549,7 @@ mod tests {
             body: b"".into(),
         });
         assert_eq!(r.sent.as_deref(), Some("\"v3\""));
-        assert_eq!(r.p.health.state, State::Ok);
+        assert_eq!(r.p.health.link.state, State::Ok);
     }
 
     #[test]
@@ -580,7 +567,7 @@ mod tests {
             Some("\"v5\""),
             "the refused ETag is not kept"
         );
-        assert_eq!(r.p.health.consecutive_failures, 1);
+        assert_eq!(r.p.health.link.consecutive_failures, 1);
         // serialized form names the kind
         let j = serde_json::to_value(&r.p.health).unwrap();
         assert_eq!(j["last_error"]["kind"], "stale");
@@ -603,13 +590,17 @@ mod tests {
         assert_eq!(kind, ErrorKind::Invalid);
         assert!(msg.contains("keys[0]") && msg.contains("unknown plan 'nope'"), "{msg}");
         assert_eq!(r.running(), Some(1));
-        assert_eq!(r.p.health.consecutive_failures, 2);
+        assert_eq!(r.p.health.link.consecutive_failures, 2);
         // still revalidating against the good document
         r.skip_to_next_poll();
         assert_eq!(r.poll(ok("\"v2\"", &doc(2, &["aaaaaaaaaaa2"]))), "applied");
         assert_eq!(r.sent.as_deref(), Some("\"v1\""));
-        assert_eq!(r.p.health.consecutive_failures, 0);
-        assert_eq!(r.p.health.last_error.as_ref().unwrap().kind, ErrorKind::Invalid, "kept");
+        assert_eq!(r.p.health.link.consecutive_failures, 0);
+        assert_eq!(
+            r.p.health.link.last_error.as_ref().unwrap().kind,
+            ErrorKind::Invalid,
+            "kept"
+        );
     }
 
     #[test]
@@ -627,12 +618,15 @@ mod tests {
         }
         assert_eq!(delays, [1_000, 2_000, 4_000, 8_000, 10_000, 10_000]);
         let h = &r.p.health;
-        assert_eq!((h.consecutive_failures, h.failures, h.state), (6, 6, State::Error));
+        assert_eq!(
+            (h.link.consecutive_failures, h.link.failures, h.link.state),
+            (6, 6, State::Error)
+        );
         let (kind, msg) = r.error();
         assert_eq!(kind, ErrorKind::Http);
         assert_eq!(msg, "source answered HTTP 500: <h1>Internal Server Error</h1>");
         assert_eq!(r.poll(ok("\"v1\"", &doc(1, &[]))), "applied");
-        assert_eq!(r.p.health.consecutive_failures, 0);
+        assert_eq!(r.p.health.link.consecutive_failures, 0);
         assert_eq!(r.skip_to_next_poll(), 10_000);
         // an interval shorter than the first backoff step caps it
         let r = Rig::new(1_000);
@@ -689,7 +683,7 @@ mod tests {
         r.p.dispatch_failed(r.now, "dispatch_http_call failed: BadArgument".into());
         assert_eq!(r.error().0, ErrorKind::Dispatch);
         assert!(!r.p.in_flight());
-        assert_eq!(r.p.health.consecutive_failures, 6);
+        assert_eq!(r.p.health.link.consecutive_failures, 6);
     }
 
     #[test]

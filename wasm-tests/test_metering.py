@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import re
+import time
 
 import harness
 from keys import Key, keyset
@@ -146,3 +147,27 @@ def test_per_key_series_are_capped_but_plan_totals_are_not(start_envoy):
     assert len(per_key) == 2, per_key
     # the usage API is not capped
     assert len(usage(envoy)["items"]) == 4
+
+
+def test_the_idle_state_walk_runs_and_keeps_limits_in_use(start_envoy):
+    """The admin workers walk the usage index for idle limit state (reclaimed only after
+    32 days idle, see core::limits::reclaim): the walk must run in Envoy and must not
+    touch the state of keys in use."""
+    envoy = start_envoy(concurrency=2, filter_conf={"role": "filter", "metering": {"flush_interval": "200ms"}})
+    plans = {"small": {"rate_limits": [{"name": "h", "rate": 1, "per": "1h", "burst": 3}]}}
+    keys = [Key(consumer=f"c{i}", plan="small") for i in range(4)]
+    assert push(envoy, keyset(1, keys, plans)).status == 200
+    for k in keys:
+        assert [get(envoy, headers={"x-api-key": k.key}).status for _ in range(4)] == [200, 200, 200, 429]
+
+    def reclaim():
+        r = harness.http("GET", envoy.admin_api_url("/v1/status"), {"authorization": f"Bearer {TOKEN}"})
+        assert r.status == 200, r
+        return r.json()["reclaim"]
+
+    harness.wait_until(lambda: reclaim()["cursor"] > 0, timeout=15, message="the idle-state walk never moved")
+    # Let it go round the (4-lineage) index a few times.
+    time.sleep(3)
+    assert reclaim()["reclaimed_states"] == 0
+    for k in keys:
+        assert get(envoy, headers={"x-api-key": k.key}).status == 429, "a key's spent bucket must survive the walk"

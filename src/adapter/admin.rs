@@ -127,8 +127,11 @@ impl AdminRequest {
         let export = json_at(crate::core::metering::export::HEALTH);
         // Fleet mode's health (null when this Envoy's filters run single-node).
         let fleet = json_at(super::fleet::HEALTH);
+        let reclaim = crate::core::limits::reclaim::status(&store);
         let body = match read_meta(&store) {
-            None => json!({"loaded": false, "last_update": last, "source": source, "export": export, "fleet": fleet}),
+            None => {
+                json!({"loaded": false, "last_update": last, "source": source, "export": export, "fleet": fleet, "reclaim": reclaim})
+            }
             Some(m) => json!({
                 "loaded": true,
                 "version": m.version,
@@ -141,6 +144,7 @@ impl AdminRequest {
                 "source": source,
                 "export": export,
                 "fleet": fleet,
+                "reclaim": reclaim,
             }),
         };
         self.reply(200, &body.to_string())

@@ -35,6 +35,10 @@ pub struct PluginState {
 
 /// How often an admin-role worker advances pending key-set cleanup.
 const CLEANUP_TICK: std::time::Duration = std::time::Duration::from_millis(200);
+/// Idle limit states are looked for once a second per admin worker, a page of the usage
+/// index at a time: 1M lineages are walked in about an hour.
+const RECLAIM_EVERY_MS: u64 = 1000;
+const RECLAIM_STEP: u64 = 256;
 
 #[derive(Default)]
 pub struct Root {
@@ -45,6 +49,8 @@ pub struct Root {
     export: Option<ExportService>,
     /// When usage was last flushed: in fleet mode the tick is the (faster) refill tick.
     last_flush_ms: u64,
+    /// When this (admin) worker last walked a page for idle limit state.
+    last_reclaim_ms: u64,
     /// Unloading: waiting for the lease returns to be answered before `done()`.
     closing: bool,
 }
@@ -173,6 +179,14 @@ impl RootContext for Root {
                 crate::core::keyset::sweep::CLEANUP_STEP_CHUNKS,
             ) {
                 log::warn!("keymeter: key-set cleanup step failed: {e}");
+            }
+            let now = super::host::now_ms();
+            if now.saturating_sub(self.last_reclaim_ms) >= RECLAIM_EVERY_MS {
+                self.last_reclaim_ms = now;
+                let r = crate::core::limits::reclaim::step(&store, now, RECLAIM_STEP);
+                if r.reclaimed > 0 {
+                    log::debug!("keymeter: reclaimed {} idle limit states", r.reclaimed);
+                }
             }
         }
         if let Some(s) = &mut self.service {

@@ -4,5 +4,6 @@ pub mod limiter;
 pub mod plan;
 pub mod quota;
 pub mod ratelimit_headers;
+pub mod reclaim;
 pub mod subject_table;
 pub mod token_bucket;

@@ -53,7 +53,15 @@ pub enum LimitError {
     /// `burst` tokens in exact debt units do not fit in a `u64`; lower the burst or pick
     /// a rate that divides the interval more evenly.
     BurstTooLarge,
+    /// An empty bucket would take longer than [`MAX_REFILL_MS`] to fill again: use a
+    /// quota for allowances of that length.
+    RefillTooLong,
 }
+
+/// The longest time an empty bucket may take to fill (31 days). Bounding it lets idle
+/// limit state be reclaimed after a fixed time without knowing its plan (see
+/// `limits::reclaim`); anything slower is a monthly quota, which plans have.
+pub const MAX_REFILL_MS: u64 = 31 * 24 * 3600 * 1000;
 
 impl fmt::Display for LimitError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -62,6 +70,9 @@ impl fmt::Display for LimitError {
             LimitError::ZeroInterval => "token bucket interval must be greater than zero",
             LimitError::ZeroBurst => "token bucket burst must be greater than zero",
             LimitError::IntervalTooLong => "token bucket interval is too long",
+            LimitError::RefillTooLong => {
+                "token bucket takes longer than 31 days to refill (burst * per / rate); use a quota"
+            }
             LimitError::BurstTooLarge => {
                 "token bucket burst is too large for this rate and interval \
                  (burst * interval_ns / gcd(rate, interval_ns) must fit in 64 bits)"
@@ -89,7 +100,13 @@ impl BucketLimit {
     /// Call it when loading configuration: [`try_take`] denies every request under an
     /// invalid limit (failing closed) rather than panicking.
     pub fn validate(&self) -> Result<(), LimitError> {
-        self.params().map(|_| ())
+        self.params()?;
+        // burst * interval / rate, in u128 so no plan can overflow the check.
+        let refill_ms = (self.burst as u128 * self.interval_ms as u128).div_ceil(self.rate as u128);
+        if refill_ms > MAX_REFILL_MS as u128 {
+            return Err(LimitError::RefillTooLong);
+        }
+        Ok(())
     }
 
     /// The exact integer form of the limit, or why there is none.
@@ -133,6 +150,13 @@ pub struct BucketState {
     /// Debt units per token of the limit `debt` was recorded under; 0 only when unused.
     /// Stored so that a limit change can convert the debt to the new units.
     unit: u64,
+}
+
+impl BucketState {
+    /// The latest clock reading this state has seen (ns; 0 for a never-used bucket).
+    pub fn last_ns(&self) -> u64 {
+        self.last_ns
+    }
 }
 
 /// Outcome of [`try_take`], with everything needed for `RateLimit` headers and
@@ -284,10 +308,16 @@ mod tests {
             lim(1, u64::MAX / MS + 1, 1).validate(),
             Err(LimitError::IntervalTooLong)
         );
-        assert_eq!(lim(1, u64::MAX / MS, 1).validate(), Ok(()));
+        // Representable, but slower to refill than MAX_REFILL_MS: refused.
+        assert!(lim(1, u64::MAX / MS, 1).params().is_ok());
+        assert_eq!(lim(1, u64::MAX / MS, 1).validate(), Err(LimitError::RefillTooLong));
         // 1 token/day: unit = 86_400 * 10^9; a burst of 213_503 fits, 213_504 does not.
-        assert_eq!(lim(1, 86_400_000, 213_503).validate(), Ok(()));
+        assert!(lim(1, 86_400_000, 213_503).params().is_ok());
         assert_eq!(lim(1, 86_400_000, 213_504).validate(), Err(LimitError::BurstTooLarge));
+        // Refill time burst * per / rate: 31 days is the longest allowed.
+        assert_eq!(lim(1, 86_400_000, 31).validate(), Ok(()));
+        assert_eq!(lim(1, 86_400_000, 32).validate(), Err(LimitError::RefillTooLong));
+        assert_eq!(lim(2, 86_400_000, 62).validate(), Ok(()));
         // The gcd reduction makes "a million per day, burst a million" representable.
         assert_eq!(lim(1_000_000, 86_400_000, 1_000_000).validate(), Ok(()));
         // Largest rate per ms with a whole number of tokens per ns: unit 1, any burst.

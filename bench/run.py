@@ -427,9 +427,26 @@ class LiveProbe:
                 "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 2), "max_ms": round(lat[-1], 2)}
 
 
-def admin_call(envoy, method: str, path: str, body, timeout: float = 900):
-    return harness.http(method, envoy.admin_api_url(path), {"authorization": f"Bearer {TOKEN}"}, body,
-                        timeout=timeout)
+def admin_call(envoy, method: str, path: str, body, timeout: float = 900, busy_wait: float = 120):
+    """One admin call; a key-set change refused with `409 update-in-progress` (the
+    previous push's bounded sweep or another writer still running; nothing changed) is
+    sent again after the server's Retry-After, for up to `busy_wait` seconds."""
+    deadline = time.monotonic() + busy_wait
+    while True:
+        r = harness.http(method, envoy.admin_api_url(path), {"authorization": f"Bearer {TOKEN}"}, body,
+                         timeout=timeout)
+        if not (r.status == 409 and b"update-in-progress" in r.body) or time.monotonic() >= deadline:
+            return r
+        time.sleep(min(1.0, float(r.headers.get("retry-after", "1") or 1)))
+
+
+def wait_writable(envoy):
+    """Returns once a key-set update could start (the previous push's sweep is done), so
+    a timed push measures the push and not the wait: opens and aborts an upload."""
+    r = admin_call(envoy, "POST", "/v1/keyset/uploads", None)
+    if r.status != 201:
+        raise RuntimeError(f"upload begin: HTTP {r.status} {r.text[:200]}")
+    admin_call(envoy, "DELETE", "/v1/keyset/uploads/" + r.json()["upload_id"], None)
 
 
 # --------------------------------------------------------------------------- configs
@@ -725,6 +742,7 @@ def main() -> int:
                 r, dt = timed(lambda: admin_call(e_live, "PUT", "/v1/keyset", large_doc.replace(
                     b'{"version":1,', b'{"version":2,', 1)))
             live["one_shot"] = {"status": r.status, "push_s": round(dt, 2), **p.summary()}
+            wait_writable(e_live)
             with LiveProbe(e_live, hdr) as p:
                 r, dt = timed(lambda: staged_push(e_live, 3, large_chunks))
             live["staged"] = {"status": r.status, "push_s": round(dt, 2), **p.summary()}

@@ -237,3 +237,43 @@ def test_versions_validation_status_and_token(cli):
     assert "push failed" in p.stderr and "401" in p.stderr, p.stderr
     assert call(envoy, k1["key"]).status == 200, "the refused delta did not disable the key"
     assert_no_leak(c, [k1["key"], k2["key"]])
+
+
+def test_a_change_waits_while_another_update_holds_the_writer(cli):
+    """`409 update-in-progress` changed nothing: the CLI waits (the server says
+    Retry-After: 1) and sends the change again once the other writer is done."""
+    import threading
+    import time
+
+    envoy, c = cli
+    c.ok("keyset", "init", "--plan", "default")
+    first = c.json("key", "create", "--consumer", "acme", "--plan", "default", "--json")
+    c.ok("keyset", "push")
+    auth = {"authorization": f"Bearer {c.env['KEYMETER_ADMIN_TOKEN']}"}
+    r = harness.http("POST", envoy.admin_api_url("/v1/keyset/uploads"), auth)
+    assert r.status == 201, r
+    upload = r.json()["upload_id"]
+    # While the upload holds the writer lock, a delta is refused, with Retry-After.
+    busy = harness.http("POST", envoy.admin_api_url("/v1/keyset/delta"), auth,
+                        {"version": 99, "ops": [{"op": "disable", "id": first["id"]}]})
+    assert_problem(busy, 409, "update-in-progress")
+    assert busy.headers.get("retry-after") == "1"
+
+    def abort_later():
+        time.sleep(2.5)
+        harness.http("DELETE", envoy.admin_api_url(f"/v1/keyset/uploads/{upload}"), auth)
+
+    t = threading.Thread(target=abort_later)
+    t.start()
+    started = time.monotonic()
+    try:
+        p = c.run("key", "create", "--consumer", "acme", "--plan", "default", "--push", "--json")
+    finally:
+        t.join()
+    waited = time.monotonic() - started
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert "another key-set update is in progress" in p.stderr
+    assert waited >= 2.0, "it cannot have succeeded while the upload held the lock"
+    created = json.loads(p.stdout)
+    assert created["pushed"] is True
+    assert call(envoy, created["key"]).status == 200

@@ -296,6 +296,12 @@ impl AdminRequest {
             ApplyError::UnknownPlan { .. } => (400, "unknown-plan", "Delta key refers to an unknown plan"),
             ApplyError::Host => (500, "store-failure", "Shared-data write failed"),
         };
+        if e == ApplyError::Busy {
+            // The other writer's lease or the bounded sweep ends within seconds: say when
+            // to come back, so clients (the CLI does) wait instead of failing.
+            let body = admin_body(status, slug, title, &e.to_string());
+            return self.reply_with(status, &body, &[("retry-after", "1")]);
+        }
         self.problem(status, slug, title, &e.to_string())
     }
 }

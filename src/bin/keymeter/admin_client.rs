@@ -13,6 +13,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_BODY: usize = 64 * 1024 * 1024;
+/// How long a key-set change waits while another update holds the writer lock or its
+/// bounded sweep is still running (`409 update-in-progress`); such a refusal changed
+/// nothing, so sending the same request again is safe.
+pub const BUSY_WAIT: Duration = Duration::from_secs(60);
+const BUSY_PAUSE_MAX: Duration = Duration::from_secs(1);
 
 /// Where the admin API is, and how to authenticate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +46,17 @@ impl Response {
 
     pub fn json(&self) -> Option<Value> {
         serde_json::from_slice(&self.body).ok()
+    }
+
+    /// `409 update-in-progress`: another key-set update is running; nothing was changed.
+    pub fn busy(&self) -> bool {
+        self.status == 409
+            && self.json().as_ref().and_then(|v| v.get("type")).and_then(Value::as_str)
+                == Some("urn:keymeter:problem:update-in-progress")
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
     /// One line describing a failed call: status, and the problem's title/detail
@@ -162,6 +178,40 @@ impl Admin {
             out.extend_from_slice(b);
         }
         out
+    }
+
+    /// Like `call`, but while the answer is `409 update-in-progress` waits (the
+    /// server's `Retry-After`, at most 1 s, shorter at first) and sends it again, for at
+    /// most `wait` in all. For key-set changes only: a busy refusal changed nothing.
+    pub fn call_waiting(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        wait: Duration,
+    ) -> Result<Response, String> {
+        let start = std::time::Instant::now();
+        let mut pause = Duration::from_millis(100);
+        let mut told = false;
+        loop {
+            let r = self.call(method, path, body)?;
+            if !r.busy() || start.elapsed() + pause > wait {
+                return Ok(r);
+            }
+            if !told {
+                eprintln!(
+                    "keymeter: another key-set update is in progress; waiting up to {}s",
+                    wait.as_secs()
+                );
+                told = true;
+            }
+            let asked = r
+                .header("retry-after")
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            std::thread::sleep(asked.map_or(pause, |a| a.min(pause)));
+            pause = (pause * 2).min(BUSY_PAUSE_MAX);
+        }
     }
 
     /// Sends one request and reads the whole response.
@@ -457,5 +507,70 @@ mod tests {
         };
         assert_eq!(r.problem(), "HTTP 502: upstream down");
         assert!(!r.ok());
+    }
+
+    /// A one-thread admin API that answers the given responses in turn and records
+    /// how many requests it got.
+    fn serve(answers: Vec<&'static str>) -> (Admin, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = seen.clone();
+        std::thread::spawn(move || {
+            for a in answers {
+                let (mut c, _) = l.accept().unwrap();
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                let mut n = 0;
+                loop {
+                    let mut line = String::new();
+                    r.read_line(&mut line).unwrap();
+                    if line.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        n = v.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0; n];
+                r.read_exact(&mut body).unwrap();
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                c.write_all(a.as_bytes()).unwrap();
+            }
+        });
+        (Admin::new(&format!("http://127.0.0.1:{port}"), None).unwrap(), seen)
+    }
+
+    const BUSY: &str = "HTTP/1.1 409 Conflict\r\nretry-after: 1\r\ncontent-length: 83\r\n\r\n\
+        {\"type\":\"urn:keymeter:problem:update-in-progress\",\"status\":409,\"title\":\"busy\"}     ";
+    const STALE: &str = "HTTP/1.1 409 Conflict\r\ncontent-length: 70\r\n\r\n\
+        {\"type\":\"urn:keymeter:problem:stale-version\",\"status\":409,\"title\":\"s\"}";
+    const OK: &str = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+
+    #[test]
+    fn a_busy_admin_is_asked_again_until_it_answers() {
+        let (admin, seen) = serve(vec![BUSY, BUSY, OK]);
+        let r = admin
+            .call_waiting("POST", "/v1/keyset/delta", Some(b"{}"), BUSY_WAIT)
+            .unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn other_refusals_and_an_exhausted_wait_are_returned_as_they_are() {
+        let (admin, seen) = serve(vec![STALE]);
+        let r = admin.call_waiting("PUT", "/v1/keyset", Some(b"{}"), BUSY_WAIT).unwrap();
+        assert_eq!((r.status, r.busy()), (409, false));
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let (admin, seen) = serve(vec![BUSY, BUSY, BUSY]);
+        let r = admin
+            .call_waiting("PUT", "/v1/keyset", Some(b"{}"), Duration::from_millis(250))
+            .unwrap();
+        assert!(r.busy());
+        assert_eq!(
+            seen.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "100 ms, then 200 ms would pass 250 ms"
+        );
     }
 }

@@ -4,7 +4,7 @@
 //! with the core (nothing is written if that fails), write the file atomically, then,
 //! with --push, send the change as a delta (`POST {admin}/v1/keyset/delta`).
 
-use crate::admin_client::Admin;
+use crate::admin_client::{Admin, BUSY_WAIT};
 use crate::error::{failed, usage, Result};
 use crate::keyfile::KeyFile;
 use crate::output;
@@ -113,7 +113,7 @@ fn commit(kf: &mut KeyFile, ops: Vec<DeltaOp>, admin: Option<&Admin>) -> Result<
         ops,
     };
     let body = serde_json::to_vec(&delta).expect("delta serializes");
-    Ok(match admin.call("POST", DELTA_API, Some(&body)) {
+    Ok(match admin.call_waiting("POST", DELTA_API, Some(&body), BUSY_WAIT) {
         Ok(r) if r.ok() => Pushed::Done(admin.url(DELTA_API)),
         Ok(r) => Pushed::Failed(format!("{} said {}", admin.url(DELTA_API), r.problem())),
         Err(e) => Pushed::Failed(e),

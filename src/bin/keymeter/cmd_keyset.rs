@@ -1,6 +1,6 @@
 //! `keyset init|validate|push` and `status`.
 
-use crate::admin_client::{Admin, Response};
+use crate::admin_client::{Admin, Response, BUSY_WAIT};
 use crate::error::{failed, usage, Result};
 use crate::keyfile::KeyFile;
 use crate::output::{self, print_kv};
@@ -64,7 +64,9 @@ pub fn push(ctx: &Ctx, path: &Path, force: bool, chunk_keys: usize) -> Result<()
         staged_push(&admin, &bytes, force, chunk_keys.max(1))?
     } else {
         let api = if force { "/v1/keyset?force=true" } else { "/v1/keyset" };
-        let resp = admin.call("PUT", api, Some(&bytes)).map_err(failed)?;
+        let resp = admin
+            .call_waiting("PUT", api, Some(&bytes), BUSY_WAIT)
+            .map_err(failed)?;
         if !resp.ok() {
             return Err(failed(format!(
                 "push to {} refused: {}",
@@ -101,7 +103,9 @@ fn staged_push(admin: &Admin, bytes: &[u8], force: bool, chunk_keys: usize) -> R
     let doc: Value = serde_json::from_slice(bytes).map_err(|e| failed(format!("not JSON: {e}")))?;
     let keys = doc["keys"].as_array().map(Vec::as_slice).unwrap_or_default();
     let begin = "/v1/keyset/uploads";
-    let resp = admin.call("POST", begin, Some(b"")).map_err(failed)?;
+    let resp = admin
+        .call_waiting("POST", begin, Some(b""), BUSY_WAIT)
+        .map_err(failed)?;
     if !resp.ok() {
         return Err(failed(format!(
             "push to {} refused: {}",

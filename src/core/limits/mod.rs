@@ -6,4 +6,6 @@ pub mod quota;
 pub mod ratelimit_headers;
 pub mod reclaim;
 pub mod subject_table;
+#[cfg(test)]
+pub mod test_support;
 pub mod token_bucket;

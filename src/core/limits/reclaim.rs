@@ -138,7 +138,7 @@ mod tests {
     use super::*;
     use crate::core::limits::limiter::{apply, LimitOutcome};
     use crate::core::limits::plan::{NamedBucket, NamedQuota};
-    use crate::core::limits::quota::Period;
+    use crate::core::limits::test_support::{bucket, monthly};
     use crate::core::limits::token_bucket::BucketLimit;
     use crate::core::metering::usage::{merge, Counters, Outcome, Subject};
     use crate::core::store::MemStore;
@@ -146,25 +146,6 @@ mod tests {
     const DAY: u64 = 24 * 3600 * 1000;
     /// 2023-11-14T22:13:20Z.
     const T0: u64 = 1_700_000_000_000;
-
-    fn bucket(rate: u64, per_ms: u64, burst: u64) -> Vec<NamedBucket> {
-        vec![NamedBucket {
-            name: "b".into(),
-            limit: BucketLimit {
-                rate,
-                interval_ms: per_ms,
-                burst,
-            },
-        }]
-    }
-
-    fn monthly(limit: u64) -> Vec<NamedQuota> {
-        vec![NamedQuota {
-            name: "m".into(),
-            period: Period::Month,
-            limit,
-        }]
-    }
 
     fn use_subject(s: &MemStore, lineage: &str, consumer: &str, now_ms: u64) {
         let mut c = Counters::default();

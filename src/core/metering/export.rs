@@ -385,27 +385,17 @@ impl Exporter {
         self.call.end();
         match status {
             Some(s) if (200..300).contains(&s) => {
-                let b = self.batch.take().expect("a call in flight has a batch");
-                let n = b.ids.len();
-                self.rejections = 0;
-                self.commit = b.to;
-                self.clear_batch = true;
-                if !self.flush_commit(store) {
-                    // Retried by the next `begin` before anything new is built.
-                    self.health.store_errors += 1;
-                }
-                self.cursor = if b.full { b.resume } else { 0 };
+                let (n, full) = self.retire_batch(store);
                 self.health.events_sent += n as u64;
                 self.health.batches_sent += 1;
-                self.health.pending_events = 0;
-                if b.full {
+                if full {
                     self.health.full_batches += 1;
                 }
                 self.health.link.succeeded(now_ms);
                 // A full batch left lineages behind: continue at once.
                 let next = self
                     .call
-                    .set_next(if b.full { now_ms } else { now_ms + self.interval_ms });
+                    .set_next(if full { now_ms } else { now_ms + self.interval_ms });
                 self.health.next_attempt_at = Some(ts(next));
                 Decision::Acked(n)
             }
@@ -439,26 +429,19 @@ impl Exporter {
     /// Sets the current batch aside after persistent rejections: kept in `km/exp/parked`
     /// for an operator, its totals marked handled so newer usage flows again.
     fn park(&mut self, now_ms: u64, store: &dyn Store, why: String) -> Decision {
-        let b = self.batch.take().expect("a call in flight has a batch");
-        let n = b.ids.len();
+        let b = self.batch.as_ref().expect("a call in flight has a batch");
         if store.set(PARKED, &b.body, None).is_err() {
             self.health.store_errors += 1;
         }
         log::warn!(
-            "keymeter export: parking a batch of {n} events rejected {} times: {why}",
+            "keymeter export: parking a batch of {} events rejected {} times: {why}",
+            b.ids.len(),
             self.rejections
         );
-        self.rejections = 0;
-        self.commit = b.to;
-        self.clear_batch = true;
-        if !self.flush_commit(store) {
-            self.health.store_errors += 1;
-        }
-        self.cursor = if b.full { b.resume } else { 0 };
+        let (n, _) = self.retire_batch(store);
         self.health.parked_batches += 1;
         self.health.parked_events += n as u64;
         self.health.last_parked_at = Some(ts(now_ms));
-        self.health.pending_events = 0;
         // Shown as a failure, but the next batch goes out at once: no back-off.
         self.health.link.failed_without_backoff(
             now_ms,
@@ -468,6 +451,23 @@ impl Exporter {
         let next = self.call.set_next(now_ms);
         self.health.next_attempt_at = Some(ts(next));
         Decision::Parked(n)
+    }
+
+    /// Done with the batch in flight (acknowledged or parked): its totals become the
+    /// acknowledged ones and the scan moves past it. Returns its events and whether it
+    /// was full.
+    fn retire_batch(&mut self, store: &dyn Store) -> (usize, bool) {
+        let b = self.batch.take().expect("a call in flight has a batch");
+        self.rejections = 0;
+        self.commit = b.to;
+        self.clear_batch = true;
+        if !self.flush_commit(store) {
+            // Retried by the next `begin` before anything new is built.
+            self.health.store_errors += 1;
+        }
+        self.cursor = if b.full { b.resume } else { 0 };
+        self.health.pending_events = 0;
+        (b.ids.len(), b.full)
     }
 
     /// Writes pending acknowledged totals, then forgets the recorded batch; true when

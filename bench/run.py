@@ -14,6 +14,10 @@ What is measured
     5r km-1M-rot same, rotating over 100 keys
     4m km-nometer keymeter 1k with "metering": {"enabled": false}: the 4/4m ratio is
                  the metering overhead
+    4a km-floor  the ablation: keymeter 1k configured down to what a key check cannot
+                 do without (metering off, a plan with no limits, only x-keymeter-key-id
+                 forwarded): 4a/3 is the floor of a shared-data key check in wasm, and
+                 4/4a what limits, metering and the other headers add on top
     5h km-huge   keymeter with 10M keys (full mode; --huge-keys), one key
     6b proxy-bare Envoy proxying to an upstream Envoy (direct_response, on wrk's CPU)
     6  proxy-km  the same with keymeter 1k in front of the router: 6/6b is what the
@@ -335,8 +339,8 @@ def keyset_json(version: int, n: int, known: list[KnownKey]) -> bytes:
     return doc_of(version, keyset_parts(n, known))
 
 
-def doc_of(version: int, parts: list[str]) -> bytes:
-    return ('{"version":%d,"plans":%s,"keys":[' % (version, json.dumps(PLANS))).encode() + \
+def doc_of(version: int, parts: list[str], plans: dict | None = None) -> bytes:
+    return ('{"version":%d,"plans":%s,"keys":[' % (version, json.dumps(PLANS if plans is None else plans))).encode() + \
         ",".join(parts).encode() + b"]}"
 
 
@@ -776,6 +780,12 @@ def main() -> int:
         if r.status != 200:
             raise RuntimeError(f"1k key-set push (metering off) failed: {r}")
 
+        e_floor = mk_envoy(keymeter_config({"role": "filter", "metering": {"enabled": False},
+                                            "headers": {"forward": ["key_id"]}}), "floor")
+        r = admin_call(e_floor, "PUT", "/v1/keyset", doc_of(1, keyset_parts(args.keys, known), {"bench": {}}))
+        if r.status != 200:
+            raise RuntimeError(f"1k key-set push (floor) failed: {r}")
+
         big = "1M" if large == 1_000_000 else f"{large // 1000}k"
         scenarios = [
             Scenario("bare", "1  bare Envoy", e_bare, hdr),
@@ -786,6 +796,7 @@ def main() -> int:
             Scenario("km_large", f"5  keymeter {big} keys", e_big, hdr, skip=large_skip),
             Scenario("km_large_rot", f"5r keymeter {big}, {args.rotate} rot.", e_big, script=script, skip=large_skip),
             Scenario("km_nometer", f"4m keymeter {args.keys // 1000}k, metering off", e_nometer, hdr),
+            Scenario("km_floor", f"4a keymeter {args.keys // 1000}k, floor config", e_floor, hdr),
             Scenario("km_fleet", f"4f keymeter {args.keys // 1000}k, fleet mode", e_fleet, hdr),
             Scenario("km_huge", f"5h keymeter {huge / 1e6:g}M keys", e_huge, hdr, skip=huge_skip),
             Scenario("proxy_bare", "6b bare Envoy -> upstream Envoy", e_proxy_bare, hdr),
@@ -842,7 +853,7 @@ def main() -> int:
                             "ok": r.status == 200 and before == 200 and after == 401 and other == 200}
         results["delta_revoke"] = deltas
 
-        for e in (e_bare, e_native, e_trivial, e_km, e_big, e_nometer, e_huge, e_proxy_bare, e_proxy_km, e_upstream,
+        for e in (e_bare, e_native, e_trivial, e_km, e_big, e_nometer, e_floor, e_huge, e_proxy_bare, e_proxy_km, e_upstream,
                   e_fleet):
             if e:
                 e.stop()
@@ -927,6 +938,9 @@ def main() -> int:
         "3/1 rps": per_round("trivial", "bare", "rps", lambda a, b: a / b),
         "4r/4 rps": per_round("km_rot", "km", "rps", lambda a, b: a / b),
         "4/4m rps": per_round("km", "km_nometer", "rps", lambda a, b: a / b),
+        "4a/3 rps": per_round("km_floor", "trivial", "rps", lambda a, b: a / b),
+        "4a/3 cpu/req": per_round("km_floor", "trivial", "cpu_us_per_req", lambda a, b: a / b),
+        "4/4a cpu/req": per_round("km", "km_floor", "cpu_us_per_req", lambda a, b: a / b),
         "4/3 cpu/req": per_round("km", "trivial", "cpu_us_per_req", lambda a, b: a / b),
         "4-3 cpu us/req": per_round("km", "trivial", "cpu_us_per_req", lambda a, b: a - b),
         "5/4 cpu/req": per_round("km_large", "km", "cpu_us_per_req", lambda a, b: a / b),

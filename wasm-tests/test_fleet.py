@@ -176,6 +176,14 @@ def test_rate_limit_across_three_envoys_within_3_percent(start_envoy, limitd):
     assert all(c["fallback_decisions"] == 0 for c in st), st
     assert len(statuses) > 3 * expected, "the load did not saturate the limit"
     assert abs(admitted - expected) <= 0.03 * expected, (admitted, expected)
+    # At the cap a node refills once per cap interval (lease::bounds::cap_refill_interval_ms:
+    # 3 token times = 75 ms here) and refuses locally in between: calls follow the
+    # interval, not the request rate (before: ~2,350 calls for ~17,000 requests). Slack:
+    # the paused takes of first requests (up to the 9 client threads) and the burst phase.
+    tick = 20
+    interval = max(tick, min(3 * 1000 / rate, burst * 1000 / rate / 2))
+    bound = 3 * (elapsed * 1000 / interval + 2)
+    assert lease_calls + take_calls <= bound + 60, (lease_calls, take_calls, bound)
 
 
 def test_consumer_shared_limits_across_envoys(start_envoy, limitd):

@@ -355,11 +355,11 @@ impl FleetNode {
                 let cfg = &self.cfg;
                 let v = self
                     .update(subject.name, |e| {
-                        fleet::apply_take(e, &resp, subject.buckets, cfg, now_ms)
+                        fleet::apply_take(e, &resp, subject.buckets, cfg, now_ms, cost)
                     })
                     .unwrap_or_else(|| {
                         let mut e = FleetEntry::default();
-                        fleet::apply_take(&mut e, &resp, subject.buckets, cfg, now_ms)
+                        fleet::apply_take(&mut e, &resp, subject.buckets, cfg, now_ms, cost)
                     });
                 self.count(v.via);
                 v

@@ -348,7 +348,8 @@ pub fn decide(
         return denied(Denial::CostExceedsBurst, None, Via::Lease);
     }
     // Never more than R spent unreported: beyond it the cost is taken from the fleet
-    // directly (counted at once), until the report is acknowledged.
+    // directly (counted at once) until the report, sent at R/2, is acknowledged.
+    entry.lease.expire(now_ms);
     let within_r = cfg
         .unreported_max(quotas)
         .is_none_or(|r| entry.lease.unreported().saturating_add(cost) <= r);
@@ -453,6 +454,7 @@ pub fn apply_take(
     buckets: &[NamedBucket],
     cfg: &FleetConfig,
     now_ms: u64,
+    cost: u64,
 ) -> FleetVerdict {
     entry.overdraft_used = 0;
     if resp.admitted {
@@ -468,6 +470,16 @@ pub fn apply_take(
         };
     }
     let quota_short = resp.quotas.iter().any(|q| q.available == 0);
+    if quota_short && entry.lease.available >= cost {
+        // Refused for want of units this node holds itself but may not spend until its
+        // report (at R) is acknowledged, which takes a tick and a call: refuse this one
+        // request, cache nothing.
+        return FleetVerdict {
+            denial: Some(Denial::QuotaExceeded),
+            retry_after_secs: Some(1),
+            via: Via::Take,
+        };
+    }
     let wait = if quota_short {
         // Until the period ends if nothing is held anywhere, else a cooldown.
         let end_ms = resp
@@ -591,7 +603,12 @@ pub fn begin_lease(
         if !entry.lease.needs_refill(now_ms, &policy) && entry.overdraft_used == 0 && !report_due {
             return None;
         }
-        entry.lease.begin_refill(now_ms, &policy)?
+        match entry.lease.begin_refill(now_ms, &policy) {
+            Some(ask) => ask,
+            // Told to wait before asking for more, but spend at half R is reported.
+            None if report_due_by_r(entry, quotas, cfg) => entry.lease.begin_report(now_ms, &policy)?,
+            None => return None,
+        }
     };
     entry.last_call_ms = now_ms;
     entry.seq += 1;
@@ -778,7 +795,7 @@ mod tests {
                 available: 0,
             }],
         };
-        let v = apply_take(&mut e, &refusal, &b, &c, 1_010);
+        let v = apply_take(&mut e, &refusal, &b, &c, 1_010, 1);
         assert_eq!(v.denial, Some(Denial::QuotaExceeded));
         assert_eq!(
             v.retry_after_secs,
@@ -1020,7 +1037,7 @@ mod tests {
             }],
             quotas: vec![],
         };
-        let v = apply_take(&mut e, &refusal, &b, &c, 100);
+        let v = apply_take(&mut e, &refusal, &b, &c, 100, 1);
         assert_eq!((v.denial, v.retry_after_secs), (Some(Denial::RateLimited), Some(1)));
         assert!(begin_lease(&mut e, "n", &s, &c, 129, false).is_none());
         assert!(matches!(decide(&mut e, &b, &[], &c, 140, 1, true), Step::Decided(v) if v.via == Via::Exhausted));
@@ -1108,5 +1125,58 @@ mod tests {
             &c,
         );
         assert_eq!(e.lease.available, 2, "only the grant is ours");
+    }
+
+    /// Near the quota's end a node blocked at R must neither cache a refusal caused by
+    /// units it holds itself nor wait out a back-off before reporting.
+    #[test]
+    fn a_node_at_r_reports_through_a_back_off_and_caches_no_self_made_refusal() {
+        let doc: FleetDoc =
+            serde_json::from_str(r#"{"cluster":"l","fleet_size":2,"unreported_pct":10,"max_chunk":20}"#).unwrap();
+        let c = doc.validate().unwrap();
+        let q = monthly(60); // R = 6, report at 3
+        let s = Subject {
+            name: "k:a",
+            buckets: &[],
+            quotas: &q,
+        };
+        let mut e = FleetEntry::default();
+        let (ask, _) = begin_lease(&mut e, "n", &s, &c, 0, false).unwrap();
+        // 8 of 10 granted, nothing left outside leases: back off for a cooldown.
+        let grant = LeaseResponse {
+            applied: true,
+            granted: 8,
+            valid_ms: 30_000,
+            hold_void: false,
+            now_ms: 0,
+            buckets: vec![],
+            quotas: vec![QuotaView {
+                name: "m".into(),
+                period_start: 0,
+                period_end: 1 << 40,
+                consumed: 40,
+                outstanding: 20,
+                available: 0,
+            }],
+        };
+        apply_lease(&mut e, &ask, &grant, &[], 1, &c);
+        assert_eq!(e.lease.retry_at_ms, 1 + c.breaker_cooldown_ms);
+        for _ in 0..6 {
+            assert_eq!(decide(&mut e, &[], &q, &c, 2, 1, true), allowed(Via::Lease));
+        }
+        assert!(
+            begin_lease(&mut e, "n", &s, &c, 3, false).is_some_and(|(a, _)| a.want == 0 && a.spent_total == 6),
+            "the report goes despite the back-off"
+        );
+        assert_eq!(decide(&mut e, &[], &q, &c, 4, 1, true), Step::Take, "at R: take");
+        let refusal = TakeResponse {
+            admitted: false,
+            now_ms: 0,
+            buckets: vec![],
+            quotas: grant.quotas.clone(),
+        };
+        let v = apply_take(&mut e, &refusal, &[], &c, 5, 1);
+        assert_eq!((v.denial, v.retry_after_secs), (Some(Denial::QuotaExceeded), Some(1)));
+        assert_eq!(e.denied_until_ms, 0, "our own 2 units: nothing cached");
     }
 }

@@ -211,6 +211,18 @@ impl Lease {
         Some(self.ask(self.want(policy), now_ms))
     }
 
+    /// Starts a report (an ask for nothing more) at `now_ms` unless a call is in flight:
+    /// unlike a refill it may go while the lender said to wait, since it only tells the
+    /// lender what was spent.
+    pub fn begin_report(&mut self, now_ms: u64, policy: &LeasePolicy) -> Option<Ask> {
+        if self.refill_in_flight(now_ms, policy) {
+            return None;
+        }
+        self.expire(now_ms);
+        self.refill_sent_ms = now_ms.max(1);
+        Some(self.ask(0, now_ms))
+    }
+
     /// An ask that gives everything back and wants nothing (shutdown, reload, idle).
     pub fn release(&mut self, now_ms: u64) -> Ask {
         self.returned_pending = self.returned_pending.saturating_add(self.available);

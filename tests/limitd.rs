@@ -421,7 +421,7 @@ fn a_killed_nodes_unreported_spend_is_never_admitted_twice() {
 
     let mut live = Node::new("live", 2, 1_000);
     live.unreported_max = Some(r);
-    let mut drain = |live: &mut Node| {
+    let drain = |live: &mut Node| {
         let mut got = 0;
         for _ in 0..200 {
             let ask = Ask {

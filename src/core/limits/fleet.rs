@@ -6,13 +6,18 @@
 //! [`FleetEntry`] in shared data, updated by CAS like the single-node limit state. A
 //! request is decided by [`decide`]:
 //!
-//! 1. from the node's lease (units leased from the fleet ahead of time);
+//! 1. from the node's lease (units leased from the fleet ahead of time), as long as the
+//!    node's spend not yet acknowledged stays within R (`FleetConfig::unreported_max`),
+//!    so that a node killed at any moment has admitted at most R units the fleet does
+//!    not know of (the lease script presumes min(R, held) spent when the lease expires);
 //! 2. if the lease cannot cover it and the fleet is reachable: [`Step::Take`]: the
 //!    request pauses for one `POST /v1/take` (the cost, taken atomically in Redis), at
-//!    most `timeout_ms`. That is the first request of a subject on a node, and a subject
-//!    at its cap (its chunks have shrunk to nothing), exact at the cost of a call for that
-//!    subject only. Pausing rather than a local credit keeps "never more than the quota"
-//!    true from the first request on;
+//!    most `timeout_ms`. That is the first request of a subject on a node, a quota near
+//!    its end (chunks of 1), and a node at R until its report is acknowledged. Pausing
+//!    rather than a local credit keeps "never more than the quota" true from the first
+//!    request on. A subject at a rate limit's cap takes nothing per request: the last
+//!    answer said the fleet bucket is (nearly) empty, so the node refuses locally until
+//!    its next refill, one per cap interval (`lease::bounds::cap_refill_interval_ms`);
 //! 3. if the fleet is unreachable (circuit breaker open): the partition fallback: token
 //!    buckets at a local share (`limit / fleet_size`, rounded up), never allow-all;
 //!    quotas within a bounded `overdraft` per subject on this node, then 429. What is

@@ -651,7 +651,7 @@ mod tests {
             l.on_grant(&ask, 20, 10_000);
             let mut admitted = 0;
             for _ in 0..spend_before_death {
-                if l.unreported() + 1 <= r && l.try_spend(1, 1) {
+                if l.unreported() < r && l.try_spend(1, 1) {
                     admitted += 1;
                 }
                 if l.unreported() >= bounds::report_at(r) {

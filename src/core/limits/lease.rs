@@ -640,30 +640,45 @@ mod tests {
         assert_eq!(bounds::cap_calls_max(6_000, 75), 82);
     }
 
-    /// A holder that never spends beyond R unreported, dying at any point, never lets
-    /// the lender's count fall below what was admitted, and the lender loses at most R.
+    /// A holder that never spends beyond R unreported, its reports answered only some
+    /// requests later, dying at any point: what the lender has counted plus what it
+    /// presumes spent (min(R, held)) always covers what was admitted, and exceeds it by at
+    /// most R.
     #[test]
     fn a_dead_holders_presumed_spend_covers_what_it_admitted() {
-        let r = bounds::unreported_max(60, 10, 20);
-        for spend_before_death in 0..30u64 {
+        let r = bounds::unreported_max(60, 10, 40);
+        assert_eq!(r, 6);
+        for delay in 0..6u64 {
             let mut l = Lease::default();
             let ask = l.begin_refill(0, &P).unwrap();
-            l.on_grant(&ask, 20, 10_000);
-            let mut admitted = 0;
-            for _ in 0..spend_before_death {
-                if l.unreported() < r && l.try_spend(1, 1) {
+            l.on_grant(&ask, 40, 1_000_000);
+            // The lender's record: reported spend and the hold of the last applied call.
+            let (mut counted, mut held) = (0u64, 40u64);
+            let mut in_flight: Option<(Ask, u64)> = None;
+            let mut admitted = 0u64;
+            for step in 1..200u64 {
+                if l.unreported() < r && l.try_spend(1, step) {
                     admitted += 1;
                 }
-                if l.unreported() >= bounds::report_at(r) {
-                    let ask = l.begin_refill(2, &P).unwrap();
-                    l.on_grant(&ask, 0, 10_000);
+                if in_flight.is_none() && l.unreported() >= bounds::report_at(r) {
+                    let ask = l.begin_refill(step, &P).unwrap();
+                    in_flight = Some((ask, step + delay));
                 }
+                if let Some((ask, at)) = in_flight {
+                    if step >= at {
+                        // Applied and answered (no more units granted).
+                        counted = ask.spent_total;
+                        held = ask.hold;
+                        l.on_grant(&ask, 0, 1_000_000);
+                        in_flight = None;
+                    }
+                }
+                // Dies now: is the presumption enough, and not too much?
+                let presumed = r.min(held);
+                assert!(counted + presumed >= admitted, "delay {delay} step {step}");
+                assert!(counted + presumed - admitted <= bounds::crash_under_admission_max(1, r));
             }
-            // Dies: the lender knows `reported_total` and the hold of the last call.
-            let held_at_last_call = 20 - l.reported_total;
-            let presumed = r.min(held_at_last_call);
-            assert!(l.reported_total + presumed >= admitted, "{spend_before_death}");
-            assert!(l.reported_total + presumed - admitted <= bounds::crash_under_admission_max(1, r));
+            assert_eq!(admitted, 40, "the whole lease is spent, R/2 at a time");
         }
     }
 

@@ -657,7 +657,15 @@ pub fn apply_lease(
     }
     entry.lease.on_grant(ask, resp.granted, resp.valid_ms);
     entry.overdraft_used = 0;
-    if at_cap(&resp.buckets, buckets, cfg) {
+    if ask.want == 0 {
+        // A report: it asked for nothing, so it says nothing about the cap.
+        return;
+    }
+    // Short of what we asked because the bucket is (nearly) empty: at the cap, and it
+    // stays there while the bucket stays that low. A full grant does not bring a subject
+    // to the cap: demand below the rate is not refused while the fleet has tokens.
+    let at_cap_already = !entry.denied_quota && entry.denied_until_ms != 0;
+    if (resp.granted < ask.want || at_cap_already) && at_cap(&resp.buckets, buckets, cfg) {
         hold_at_cap(entry, &resp.buckets, buckets, cfg, now_ms);
         return;
     }
@@ -1013,24 +1021,33 @@ mod tests {
             "one refill per cap interval: not before 5 + 30 ms"
         );
         let (ask, _) = begin_lease(&mut e, "n", &s, &c, 35, false).unwrap();
-        // 3 tokens accrued and granted; 2 left, fewer than a node's grant: still at the cap.
-        apply_lease(&mut e, &ask, &lease_resp(3, 2, 0), &b, 36, &c);
+        assert_eq!(ask.want, 2, "twice the 1 spent");
+        // 1 granted, 2 left, fewer than a node's grant: still at the cap.
+        apply_lease(&mut e, &ask, &lease_resp(1, 2, 0), &b, 36, &c);
         assert!(begin_lease(&mut e, "n", &s, &c, 65, false).is_none());
-        for _ in 0..3 {
-            assert_eq!(decide(&mut e, &b, &[], &c, 40, 1, true), allowed(Via::Lease));
-        }
+        assert_eq!(decide(&mut e, &b, &[], &c, 40, 1, true), allowed(Via::Lease));
         assert!(matches!(decide(&mut e, &b, &[], &c, 41, 1, true), Step::Decided(v) if v.via == Via::Exhausted));
-        // Demand fell, the bucket refilled: a full grant with tokens left ends the cap.
+        // A full grant leaves the cap only once the bucket holds a node's grant again.
         let (ask, _) = begin_lease(&mut e, "n", &s, &c, 66, false).unwrap();
-        apply_lease(&mut e, &ask, &lease_resp(2, 50, 0), &b, 67, &c);
+        apply_lease(&mut e, &ask, &lease_resp(ask.want, 1, 0), &b, 67, &c);
+        assert_ne!(e.denied_until_ms, 0, "still at the cap");
+        while decide(&mut e, &b, &[], &c, 68, 1, true) == allowed(Via::Lease) {}
+        let (ask, _) = begin_lease(&mut e, "n", &s, &c, 97, false).unwrap();
+        apply_lease(&mut e, &ask, &lease_resp(ask.want, 16, 0), &b, 98, &c);
         assert_eq!(e.denied_until_ms, 0);
-        assert_eq!(decide(&mut e, &b, &[], &c, 68, 1, true), allowed(Via::Lease));
-        assert_eq!(decide(&mut e, &b, &[], &c, 68, 1, true), allowed(Via::Lease));
+        for _ in 0..ask.want {
+            assert_eq!(decide(&mut e, &b, &[], &c, 99, 1, true), allowed(Via::Lease));
+        }
         assert_eq!(
-            decide(&mut e, &b, &[], &c, 68, 1, true),
+            decide(&mut e, &b, &[], &c, 99, 1, true),
             Step::Take,
             "not known to be at the cap"
         );
+        // A full grant never brings a subject to the cap, however few tokens are left.
+        let mut fresh = FleetEntry::default();
+        let (ask, _) = begin_lease(&mut fresh, "n", &s, &c, 0, false).unwrap();
+        apply_lease(&mut fresh, &ask, &lease_resp(ask.want, 0, 10), &b, 1, &c);
+        assert_eq!((fresh.denied_until_ms, fresh.lease.retry_at_ms), (0, 0));
         // A refused take puts the subject at the cap the same way.
         let refusal = TakeResponse {
             admitted: false,

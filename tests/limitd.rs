@@ -486,56 +486,6 @@ fn a_killed_nodes_unreported_spend_is_never_admitted_twice() {
     );
 }
 
-/// A take carries the node's cumulative spend: it is counted once, whether the take is
-/// admitted or not and whatever lease calls come before or after it.
-#[test]
-fn a_take_reports_the_nodes_spend_once() {
-    let redis = Redis::start(&[]);
-    let d = Limitd::single(&redis);
-    let limits = json!({"quotas": quota(100)});
-    let mut n = Node::new("n", 2, 1_000);
-    n.unreported_max = Some(5);
-    n.refill(d.port, "k:tr", &limits).unwrap(); // 25 held
-    assert!(n.lease.try_spend(5, now_ms()));
-    let take = |spent: u64| {
-        let (s, r) = post(
-            d.port,
-            "/v1/take",
-            &json!({"subject": "k:tr", "cost": 1, "node": "n", "spent_total": spent, "quotas": quota(100)}),
-        );
-        assert_eq!(s, 200, "{r}");
-        r
-    };
-    let r = take(5);
-    assert_eq!((r["admitted"].as_bool(), r["reported"].as_u64()), (Some(true), Some(5)));
-    assert_eq!(r["quotas"][0]["consumed"], 5 + 1, "the 5 reported and the 1 taken");
-    // The same report again (a retried take), then an older lease report: counted once.
-    let r = take(5);
-    assert_eq!(r["quotas"][0]["consumed"], 5 + 2);
-    let ask = Ask {
-        want: 0,
-        spent_total: 3,
-        ..n.lease.begin_refill(now_ms(), &n.policy).unwrap()
-    };
-    let r = n.call(d.port, "k:tr", ask, &limits);
-    assert_eq!(r["quotas"][0]["consumed"], 5 + 2);
-    let r = take(9);
-    assert_eq!(
-        (r["reported"].as_u64(), r["quotas"][0]["consumed"].as_u64()),
-        (Some(9), Some(9 + 3))
-    );
-    // Without a node, a take reports nothing.
-    let (_, r) = post(
-        d.port,
-        "/v1/take",
-        &json!({"subject": "k:tr", "cost": 1, "quotas": quota(100)}),
-    );
-    assert_eq!(
-        (r["reported"].as_u64(), r["quotas"][0]["consumed"].as_u64()),
-        (None, Some(9 + 4))
-    );
-}
-
 /// Six nodes, through two limitd instances, race for a quota of 1000: never more than
 /// 1000 are spent, and once every node has returned its lease exactly 1000 are.
 #[test]

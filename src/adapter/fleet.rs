@@ -230,15 +230,10 @@ impl FleetNode {
         let cfg = &self.cfg;
         let step = self.update(subject.name, |e| {
             let step = fleet::decide(e, subject.buckets, subject.quotas, cfg, now_ms, cost, connected);
-            (
-                step,
-                fleet::wants_call(e, subject.quotas, cfg, now_ms),
-                e.lease.spent_total,
-            )
+            (step, fleet::wants_call(e, subject.quotas, cfg, now_ms))
         });
-        self.track(subject, now_ms, step.as_ref().is_none_or(|(_, w, _)| *w));
-        let spent_total = step.as_ref().map_or(0, |(_, _, s)| *s);
-        let step = step.map(|(s, _, _)| s);
+        self.track(subject, now_ms, step.as_ref().is_none_or(|(_, w)| *w));
+        let step = step.map(|(s, _)| s);
         match step {
             Some(Step::Decided(v)) => {
                 self.count(v.via);
@@ -248,7 +243,7 @@ impl FleetNode {
             Some(Step::Take) => {
                 let allowed = self.breaker.borrow_mut().allow(now_ms, cfg.breaker_cooldown_ms);
                 if allowed {
-                    if let Some(token) = self.dispatch_take(subject, cost, spent_total, now_ms) {
+                    if let Some(token) = self.dispatch_take(subject, cost, now_ms) {
                         return RequestStep::Paused(token);
                     }
                 }
@@ -284,8 +279,14 @@ impl FleetNode {
         v
     }
 
-    fn dispatch_take(&self, subject: &Subject<'_>, cost: u64, spent_total: u64, now_ms: u64) -> Option<u32> {
-        let body = serde_json::to_vec(&fleet::take_request(&self.node_id, spent_total, subject, cost)).ok()?;
+    fn dispatch_take(&self, subject: &Subject<'_>, cost: u64, now_ms: u64) -> Option<u32> {
+        let body = serde_json::to_vec(&fleet::take_request(
+            subject.name,
+            subject.buckets,
+            subject.quotas,
+            cost,
+        ))
+        .ok()?;
         self.delta.borrow_mut().take_calls += 1;
         match self.call("/v1/take", &body) {
             Ok(token) => Some(token),

@@ -42,18 +42,6 @@ local function bucket_store(key, tk, ts, iv, rate, cap, ttl)
   redis.call('PEXPIRE', key, int(math.ceil(cap / rate) + ttl + 60000))
 end
 
--- A node's cumulative spend report on the node record `nk`: returns the growth since
--- the largest total counted so far (0 for a replayed or reordered report) and that
--- largest total. Cumulative totals make any number of reports, by lease or take calls
--- in any order, count each unit once.
-local function report_spend(nk, node, spent_total, now)
-  local prev = tonumber(redis.call('HGET', nk, 'u:' .. node) or '0') or 0
-  redis.call('HSET', nk, 't:' .. node, int(now))
-  if spent_total <= prev then return 0, prev end
-  redis.call('HSET', nk, 'u:' .. node, int(spent_total))
-  return spent_total - prev, spent_total
-end
-
 -- A quota period: {consumed, units held by nodes other than `node`, whether `node`'s own
 -- lease record has expired, units presumed spent by `node` when its lease was reclaimed}.
 --
@@ -95,8 +83,5 @@ local function quota_load(key, node, now)
     redis.call('HSET', key, 'c', int(consumed))
   end
   local own_e = tonumber(f['e:' .. node] or '')
-  local own_expired = own_e ~= nil and own_e <= now
-  local mine = 0
-  if own_e ~= nil and not own_expired then mine = tonumber(f['o:' .. node] or '0') or 0 end
-  return consumed, others, own_expired, tonumber(f['p:' .. node] or '0') or 0, mine
+  return consumed, others, own_e ~= nil and own_e <= now, tonumber(f['p:' .. node] or '0') or 0
 end

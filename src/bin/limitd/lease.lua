@@ -44,8 +44,11 @@ local last = redis.call('HGET', nk, 's:' .. node)
 if last and seq <= tonumber(last) then
   return {0, now}
 end
-redis.call('HSET', nk, 's:' .. node, int(seq))
-local delta = report_spend(nk, node, spent_total, now)
+local prev_spent = tonumber(redis.call('HGET', nk, 'u:' .. node) or '0') or 0
+local delta = spent_total - prev_spent
+if delta < 0 then delta = 0 end
+redis.call('HSET', nk, 's:' .. node, int(seq), 't:' .. node, int(now))
+if delta > 0 then redis.call('HSET', nk, 'u:' .. node, int(spent_total)) end
 -- Forget nodes not heard from for forget_ms (restarted Envoys get new node ids).
 local nf = redis.call('HGETALL', nk)
 for i = 1, #nf, 2 do

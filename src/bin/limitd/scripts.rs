@@ -102,16 +102,12 @@ fn limit_args(
 }
 
 /// KEYS and ARGV of the take script for a validated request at `now_secs`.
-pub fn take_call(req: &TakeRequest, now_secs: i64, forget_ms: u64) -> (Vec<String>, Vec<String>, Vec<(i64, i64)>) {
-    let mut keys = Vec::with_capacity(1 + req.buckets.len() + req.quotas.len());
-    keys.push(node_key(&req.subject));
+pub fn take_call(req: &TakeRequest, now_secs: i64) -> (Vec<String>, Vec<String>, Vec<(i64, i64)>) {
+    let mut keys = Vec::with_capacity(req.buckets.len() + req.quotas.len());
     let mut args = vec![
         req.buckets.len().to_string(),
         req.quotas.len().to_string(),
         req.cost.to_string(),
-        req.node.clone().unwrap_or_default(),
-        req.spent_total.to_string(),
-        forget_ms.to_string(),
     ];
     let periods = limit_args(&req.subject, &req.buckets, &req.quotas, now_secs, &mut keys, &mut args);
     (keys, args, periods)
@@ -133,8 +129,8 @@ fn bucket_views(buckets: &[BucketSpec], u: &impl Fn(usize) -> Option<u64>, at: &
 
 pub fn take_response(req: &TakeRequest, periods: &[(i64, i64)], r: &[i64]) -> Option<TakeResponse> {
     let u = |i: usize| r.get(i).map(|&v| v.max(0) as u64);
-    let (admitted, now_ms, reported) = (*r.first()? == 1, u(1)?, u(2)?);
-    let mut at = 3;
+    let (admitted, now_ms) = (*r.first()? == 1, u(1)?);
+    let mut at = 2;
     let buckets = bucket_views(&req.buckets, &u, &mut at)?;
     let mut quotas = Vec::with_capacity(req.quotas.len());
     for (q, &(start, end)) in req.quotas.iter().zip(periods) {
@@ -151,7 +147,6 @@ pub fn take_response(req: &TakeRequest, periods: &[(i64, i64)], r: &[i64]) -> Op
     }
     (at == r.len()).then_some(TakeResponse {
         admitted,
-        reported: req.node.as_ref().map(|_| reported),
         now_ms,
         buckets,
         quotas,

@@ -139,7 +139,7 @@ async fn take(State(app): State<Arc<App>>, body: Bytes) -> Response {
     if let Err(e) = req.validate() {
         return app.bad_request(&e);
     }
-    let (keys, args, periods) = take_call(&req, now_secs(), app.forget_ms);
+    let (keys, args, periods) = take_call(&req, now_secs());
     let t0 = Instant::now();
     let result = app.store.eval(&app.take_script, &keys, &args).await;
     Metrics::add(&app.metrics.redis_micros, t0.elapsed().as_micros() as u64);

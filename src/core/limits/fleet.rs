@@ -439,15 +439,12 @@ fn specs(buckets: &[NamedBucket], quotas: &[NamedQuota]) -> (Vec<BucketSpec>, Ve
     )
 }
 
-/// The `POST /v1/take` body for a request of `cost` by `node`, which reports its
-/// cumulative spend `spent_total` with it.
-pub fn take_request(node: &str, spent_total: u64, subject: &Subject<'_>, cost: u64) -> TakeRequest {
-    let (buckets, quotas) = specs(subject.buckets, subject.quotas);
+/// The `POST /v1/take` body for a request of `cost`.
+pub fn take_request(subject: &str, buckets: &[NamedBucket], quotas: &[NamedQuota], cost: u64) -> TakeRequest {
+    let (buckets, quotas) = specs(buckets, quotas);
     TakeRequest {
-        subject: subject.name.to_string(),
+        subject: subject.to_string(),
         cost,
-        node: Some(node.to_string()),
-        spent_total,
         buckets,
         quotas,
     }
@@ -465,11 +462,6 @@ pub fn apply_take(
     cost: u64,
 ) -> FleetVerdict {
     entry.overdraft_used = 0;
-    if let Some(reported) = resp.reported {
-        // The take acknowledged our spend up to there (never beyond what we spent).
-        let l = &mut entry.lease;
-        l.reported_total = l.reported_total.max(reported.min(l.spent_total));
-    }
     if resp.admitted {
         if at_cap(&resp.buckets, buckets, cfg) {
             hold_at_cap(entry, &resp.buckets, buckets, cfg, now_ms);
@@ -800,7 +792,6 @@ mod tests {
         // Lease empty; the fleet refuses a take for the quota: denied locally after.
         assert_eq!(decide(&mut e, &b, &q, &c, 1_010, 1, true), Step::Take);
         let refusal = TakeResponse {
-            reported: None,
             admitted: false,
             now_ms: 1_010,
             buckets: vec![BucketView {
@@ -1059,7 +1050,6 @@ mod tests {
         assert_eq!((fresh.denied_until_ms, fresh.lease.retry_at_ms), (0, 0));
         // A refused take puts the subject at the cap the same way.
         let refusal = TakeResponse {
-            reported: None,
             admitted: false,
             now_ms: 0,
             buckets: vec![BucketView {
@@ -1202,7 +1192,6 @@ mod tests {
         );
         assert_eq!(decide(&mut e, &[], &q, &c, 4, 1, true), Step::Take, "at R: take");
         let refusal = TakeResponse {
-            reported: Some(6),
             admitted: false,
             now_ms: 0,
             buckets: vec![],
@@ -1211,8 +1200,5 @@ mod tests {
         let v = apply_take(&mut e, &refusal, &[], &c, 5, 1);
         assert_eq!((v.denial, v.retry_after_secs), (Some(Denial::QuotaExceeded), Some(1)));
         assert_eq!(e.denied_until_ms, 0, "our own 2 units: nothing cached");
-        // The take acknowledged the 6 spent: the lease is spendable again.
-        assert_eq!(e.lease.unreported(), 0);
-        assert_eq!(decide(&mut e, &[], &q, &c, 6, 1, true), allowed(Via::Lease));
     }
 }

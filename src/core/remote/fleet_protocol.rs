@@ -134,13 +134,6 @@ pub struct LeaseResponse {
 pub struct TakeRequest {
     pub subject: String,
     pub cost: u64,
-    /// The calling node and its cumulative spend on the subject (as in a lease call):
-    /// the take also acknowledges that spend, so a node whose unreported spend is at R
-    /// goes back to its lease after one take. No node: nothing is reported.
-    #[serde(default)]
-    pub node: Option<String>,
-    #[serde(default)]
-    pub spent_total: u64,
     #[serde(default)]
     pub buckets: Vec<BucketSpec>,
     #[serde(default)]
@@ -151,9 +144,6 @@ pub struct TakeRequest {
 pub struct TakeResponse {
     /// The cost was taken from every limit (and counted as consumed).
     pub admitted: bool,
-    /// With a node: the largest cumulative spend of that node the fleet has counted.
-    #[serde(default)]
-    pub reported: Option<u64>,
     pub now_ms: u64,
     /// `wait_ms`: until the bucket holds `cost` tokens.
     pub buckets: Vec<BucketView>,
@@ -271,12 +261,6 @@ impl TakeRequest {
         }
         if self.cost == 0 || self.cost >= MAX_LUA_INT {
             return Err("cost: must be 1 to 2^53 - 1".into());
-        }
-        if self.node.as_deref().is_some_and(|n| !valid_node(n)) {
-            return Err("node: must be 1-64 of A-Z a-z 0-9 _ - .".into());
-        }
-        if self.spent_total >= MAX_LUA_INT {
-            return Err("spent_total: must be below 2^53".into());
         }
         check_limits(&self.buckets, &self.quotas)
     }

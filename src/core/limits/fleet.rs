@@ -463,7 +463,9 @@ pub fn apply_take(
 ) -> FleetVerdict {
     entry.overdraft_used = 0;
     if resp.admitted {
-        if at_cap(&resp.buckets, buckets, cfg) {
+        // Admitted: at the cap only if it already was and the bucket is still low (as
+        // for a full lease grant).
+        if at_cap_already(entry) && at_cap(&resp.buckets, buckets, cfg) {
             hold_at_cap(entry, &resp.buckets, buckets, cfg, now_ms);
         } else {
             entry.denied_until_ms = 0;
@@ -536,6 +538,11 @@ fn at_cap(views: &[BucketView], buckets: &[NamedBucket], cfg: &FleetConfig) -> b
             .map_or(1, |b| (b.limit.burst / share).max(1));
         v.tokens < fair
     })
+}
+
+/// Whether the subject is held at a rate cap (until a grant leaves enough tokens).
+fn at_cap_already(entry: &FleetEntry) -> bool {
+    !entry.denied_quota && entry.denied_until_ms != 0
 }
 
 /// Caches "at the cap" for a subject: its next refill (root context) is not before the
@@ -664,8 +671,7 @@ pub fn apply_lease(
     // Short of what we asked because the bucket is (nearly) empty: at the cap, and it
     // stays there while the bucket stays that low. A full grant does not bring a subject
     // to the cap: demand below the rate is not refused while the fleet has tokens.
-    let at_cap_already = !entry.denied_quota && entry.denied_until_ms != 0;
-    if (resp.granted < ask.want || at_cap_already) && at_cap(&resp.buckets, buckets, cfg) {
+    if (resp.granted < ask.want || at_cap_already(entry)) && at_cap(&resp.buckets, buckets, cfg) {
         hold_at_cap(entry, &resp.buckets, buckets, cfg, now_ms);
         return;
     }
@@ -1043,10 +1049,24 @@ mod tests {
             Step::Take,
             "not known to be at the cap"
         );
-        // A full grant never brings a subject to the cap, however few tokens are left.
+        // A full grant or an admitted take never brings a subject to the cap, however
+        // few tokens are left.
         let mut fresh = FleetEntry::default();
         let (ask, _) = begin_lease(&mut fresh, "n", &s, &c, 0, false).unwrap();
         apply_lease(&mut fresh, &ask, &lease_resp(ask.want, 0, 10), &b, 1, &c);
+        assert_eq!((fresh.denied_until_ms, fresh.lease.retry_at_ms), (0, 0));
+        let admitted = TakeResponse {
+            admitted: true,
+            now_ms: 0,
+            buckets: vec![BucketView {
+                name: "ps".into(),
+                tokens: 0,
+                wait_ms: 10,
+            }],
+            quotas: vec![],
+        };
+        let mut fresh = FleetEntry::default();
+        assert_eq!(apply_take(&mut fresh, &admitted, &b, &c, 1, 1).denial, None);
         assert_eq!((fresh.denied_until_ms, fresh.lease.retry_at_ms), (0, 0));
         // A refused take puts the subject at the cap the same way.
         let refusal = TakeResponse {

@@ -181,6 +181,8 @@ struct Node {
     policy: LeasePolicy,
     fleet_size: u64,
     ttl_ms: u64,
+    /// R sent with every call (`unreported_max`); `None`: the field is left out.
+    unreported_max: Option<u64>,
 }
 
 fn now_ms() -> u64 {
@@ -201,6 +203,7 @@ impl Node {
             },
             fleet_size,
             ttl_ms: 10_000,
+            unreported_max: None,
         }
     }
 
@@ -211,6 +214,9 @@ impl Node {
             "ttl_ms": self.ttl_ms, "want": ask.want, "hold": ask.hold, "returned": ask.returned,
             "spent_total": ask.spent_total,
         });
+        if let Some(r) = self.unreported_max {
+            b["unreported_max"] = json!(r);
+        }
         for (k, v) in limits.as_object().unwrap() {
             b[k] = v.clone();
         }
@@ -341,6 +347,7 @@ fn replayed_and_reordered_calls_change_nothing() {
     assert_eq!(r["quotas"][0]["consumed"], 19);
 }
 
+/// A node that declares no bound R (an older node): all its held units come back.
 #[test]
 fn a_dead_nodes_lease_comes_back_after_its_ttl() {
     let redis = Redis::start(&[]);
@@ -374,6 +381,109 @@ fn a_dead_nodes_lease_comes_back_after_its_ttl() {
     assert_eq!(q["consumed"], 5);
     assert_eq!(q["outstanding"].as_u64().unwrap(), 15 + r["granted"].as_u64().unwrap());
     assert_eq!(r["granted"], 20, "after the TTL the 25 are back: (60 - 5 - 15) / 2");
+}
+
+/// A node dies (SIGKILL) after admitting units it never reported. With R declared, the
+/// fleet counts min(R, held) of its expired lease as consumed: the total admitted never
+/// exceeds the quota, the rest of the lease (hold - reported - R') comes back, and the
+/// fleet loses at most R. If the node was only cut off, its late report replaces the
+/// presumption with what it really spent, and the units it still claims are void.
+#[test]
+fn a_killed_nodes_unreported_spend_is_never_admitted_twice() {
+    let redis = Redis::start(&[]);
+    let d = Limitd::single(&redis);
+    const LIMIT: u64 = 100;
+    let limits = json!({"quotas": quota(LIMIT)});
+    let r = bounds::unreported_max(LIMIT, 10, 1_000);
+    assert_eq!(r, 10);
+    let mut dead = Node::new("dead", 2, 1_000);
+    dead.ttl_ms = 600;
+    dead.unreported_max = Some(r);
+    let g = dead.refill(d.port, "k:kill", &limits).unwrap()["granted"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(g, 25, "100 / (2 x 2)");
+    // Spends 8, reports them (keeping 17), spends 7 more (< R) and dies unreported.
+    assert!(dead.lease.try_spend(8, now_ms()));
+    let ask = Ask {
+        want: 0,
+        ..dead.lease.begin_refill(now_ms(), &dead.policy).unwrap()
+    };
+    dead.call(d.port, "k:kill", ask, &limits);
+    let (reported, held) = (dead.lease.reported_total, dead.lease.available);
+    assert_eq!((reported, held), (8, 17));
+    let mut dead_admitted = 8;
+    while dead.lease.unreported() < 7 {
+        assert!(dead.lease.unreported() < r && dead.lease.try_spend(1, now_ms()));
+        dead_admitted += 1;
+    }
+    let killed = Instant::now();
+
+    let mut live = Node::new("live", 2, 1_000);
+    live.unreported_max = Some(r);
+    let drain = |live: &mut Node| {
+        let mut got = 0;
+        for _ in 0..200 {
+            let ask = Ask {
+                want: 1_000,
+                ..live.lease.begin_refill(now_ms(), &live.policy).unwrap()
+            };
+            let g = live.call(d.port, "k:kill", ask, &limits)["granted"].as_u64().unwrap();
+            if g == 0 {
+                break;
+            }
+            assert!(live.lease.try_spend(g, now_ms()));
+            got += g;
+        }
+        got
+    };
+    let first = drain(&mut live);
+    assert!(
+        killed.elapsed() < Duration::from_millis(600),
+        "drained within the dead lease's TTL"
+    );
+    assert_eq!(first, LIMIT - reported - held, "the dead node's 17 are still held");
+    assert!(dead_admitted + first <= LIMIT);
+    std::thread::sleep(Duration::from_millis(700).saturating_sub(killed.elapsed()));
+    let second = drain(&mut live);
+    let presumed = r.min(held);
+    assert_eq!(second, held - presumed, "hold - reported - R' comes back");
+    let total = dead_admitted + first + second;
+    assert!(total <= LIMIT, "never more than the quota: {total}");
+    assert!(
+        LIMIT - total <= bounds::crash_under_admission_max(1, r),
+        "lost at most R: {total}"
+    );
+    live.release(d.port, "k:kill", &limits);
+    let q = peek(d.port, "k:kill", LIMIT);
+    assert_eq!(q["consumed"], reported + presumed + first + second);
+    assert!(q["holders"].as_object().unwrap().is_empty());
+    eprintln!(
+        "killed node: admitted {dead_admitted} ({} unreported), held {held}; R = {r}: {second} came back, {total} of {LIMIT} admitted",
+        dead_admitted - reported
+    );
+
+    // It was only cut off: a call it sent before its lease expired arrives now. It
+    // reports the 7 it really spent (replacing the 10 presumed) and claims its 10
+    // remaining units, which the fleet has reclaimed: void.
+    let ask = Ask {
+        want: 0,
+        hold: dead.lease.available,
+        returned: 0,
+        spent_total: dead.lease.spent_total,
+        sent_at_ms: now_ms(),
+    };
+    assert_eq!((ask.hold, ask.spent_total), (10, 15));
+    let body = dead.body("k:kill", &ask, &limits);
+    let (status, resp) = post(d.port, "/v1/lease", &body);
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(resp["hold_void"], true, "{resp}");
+    let q = &resp["quotas"][0];
+    assert_eq!(q["consumed"], reported + 7 + first + second, "{resp}");
+    assert_eq!(
+        (q["outstanding"].as_u64(), q["available"].as_u64()),
+        (Some(0), Some(presumed - 7))
+    );
 }
 
 /// Six nodes, through two limitd instances, race for a quota of 1000: never more than

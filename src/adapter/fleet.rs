@@ -228,10 +228,9 @@ impl FleetNode {
     pub fn decide(&self, subject: &Subject<'_>, now_ms: u64, cost: u64) -> RequestStep {
         let connected = self.breaker.borrow().connected(now_ms);
         let cfg = &self.cfg;
-        let policy = cfg.policy();
         let step = self.update(subject.name, |e| {
             let step = fleet::decide(e, subject.buckets, subject.quotas, cfg, now_ms, cost, connected);
-            (step, e.lease.needs_refill(now_ms, &policy))
+            (step, fleet::wants_call(e, subject.quotas, cfg, now_ms))
         });
         self.track(subject, now_ms, step.as_ref().is_none_or(|(_, w)| *w));
         let step = step.map(|(s, _)| s);
@@ -355,10 +354,12 @@ impl FleetNode {
                 self.succeeded(now_ms);
                 let cfg = &self.cfg;
                 let v = self
-                    .update(subject.name, |e| fleet::apply_take(e, &resp, cfg, now_ms))
+                    .update(subject.name, |e| {
+                        fleet::apply_take(e, &resp, subject.buckets, cfg, now_ms, cost)
+                    })
                     .unwrap_or_else(|| {
                         let mut e = FleetEntry::default();
-                        fleet::apply_take(&mut e, &resp, cfg, now_ms)
+                        fleet::apply_take(&mut e, &resp, subject.buckets, cfg, now_ms, cost)
                     });
                 self.count(v.via);
                 v
@@ -500,7 +501,13 @@ impl FleetNode {
                 let latency = now.saturating_sub(p.sent_ms);
                 self.last_latency.set(latency);
                 self.delta.borrow_mut().refill_latency_ms_sum += latency;
-                let _ = self.update(&p.subject, |e| fleet::apply_lease(e, &p.ask, &resp, now, cfg));
+                let buckets = self
+                    .subjects
+                    .borrow()
+                    .get(&p.subject)
+                    .map(|t| t.buckets.clone())
+                    .unwrap_or_default();
+                let _ = self.update(&p.subject, |e| fleet::apply_lease(e, &p.ask, &resp, &buckets, now, cfg));
                 if p.release {
                     self.subjects.borrow_mut().remove(&p.subject);
                 }

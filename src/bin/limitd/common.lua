@@ -42,26 +42,46 @@ local function bucket_store(key, tk, ts, iv, rate, cap, ttl)
   redis.call('PEXPIRE', key, int(math.ceil(cap / rate) + ttl + 60000))
 end
 
--- A quota period: {consumed, units held by nodes other than `node`}; leases of other
--- nodes that expired are reclaimed (deleted) on the way.
+-- A quota period: {consumed, units held by nodes other than `node`, whether `node`'s own
+-- lease record has expired, units presumed spent by `node` when its lease was reclaimed}.
+--
+-- Expired leases of other nodes are reclaimed on the way. A node declares with every
+-- call R (`r:<node>`): it never has more than R units spent and not yet reported, so a
+-- node that died holding `held` units spent at most min(R, held) of them since its last
+-- call. That much is counted as consumed at once (the fleet never admits more than the
+-- quota, whatever the dead node did) and remembered as `p:<node>`; the rest comes back.
+-- Should the node turn out to be alive, its next call replaces the presumption with what
+-- it really spent (lease.lua). Without `r:` (a node that sends no bound) nothing is
+-- presumed.
 local function quota_load(key, node, now)
   local all = redis.call('HGETALL', key)
   local f = {}
   for i = 1, #all, 2 do f[all[i]] = all[i + 1] end
-  local others = 0
+  local consumed = tonumber(f['c'] or '0') or 0
+  local others, presumed = 0, 0
   for field, v in pairs(f) do
     if string.sub(field, 1, 2) == 'o:' then
       local m = string.sub(field, 3)
       if m ~= node then
         local e = tonumber(f['e:' .. m] or '0') or 0
+        local held = tonumber(v) or 0
         if e <= now then
-          redis.call('HDEL', key, 'o:' .. m, 'e:' .. m)
+          local p = math.min(tonumber(f['r:' .. m] or '0') or 0, held)
+          if p > 0 then
+            presumed = presumed + p
+            redis.call('HINCRBY', key, 'p:' .. m, p)
+          end
+          redis.call('HDEL', key, 'o:' .. m, 'e:' .. m, 'r:' .. m)
         else
-          others = others + tonumber(v)
+          others = others + held
         end
       end
     end
   end
-  return tonumber(f['c'] or '0') or 0, others
+  if presumed > 0 then
+    consumed = consumed + presumed
+    redis.call('HSET', key, 'c', int(consumed))
+  end
+  local own_e = tonumber(f['e:' .. node] or '')
+  return consumed, others, own_e ~= nil and own_e <= now, tonumber(f['p:' .. node] or '0') or 0
 end
-

@@ -9,13 +9,19 @@
 --                                            token), ts (ms), iv (interval_ms)
 -- KEYS[1 + nb + j]         km:{S}:q:<name>:<period start>
 --                                            quota period: c (consumed), o:<node> (held),
---                                            e:<node> (expiry ms)
+--                                            e:<node> (expiry ms), r:<node> (bound on
+--                                            its unreported spend), p:<node> (presumed
+--                                            spent when its lease was reclaimed)
 -- ARGV: node, seq, ttl_ms, share, nb, nq, want, hold, returned, spent_total, forget_ms,
---       then rate, interval_ms, burst per bucket, then limit, period_end_ms per quota.
+--       unreported_max (-1: none), then rate, interval_ms, burst per bucket, then limit,
+--       period_end_ms per quota.
 --
--- Returns {applied, now_ms, granted, valid_ms, then per bucket: tokens, wait_ms, then
--- per quota: consumed, outstanding, available}; applied = 0 (nothing changed) when seq
--- is not newer than the last one applied for this node (a replayed or reordered call).
+-- Returns {applied, now_ms, granted, valid_ms, hold_void, then per bucket: tokens,
+-- wait_ms, then per quota: consumed, outstanding, available}; applied = 0 (nothing
+-- changed) when seq is not newer than the last one applied for this node (a replayed or
+-- reordered call). hold_void = 1: the node's lease had expired here (or was reclaimed)
+-- before this call arrived, so the units it says it holds are not its own any more: it
+-- must drop them (only the grant is its lease).
 
 local node = ARGV[1]
 local seq = tonumber(ARGV[2])
@@ -28,6 +34,7 @@ local hold = tonumber(ARGV[8])
 local returned = tonumber(ARGV[9])
 local spent_total = tonumber(ARGV[10])
 local forget = tonumber(ARGV[11])
+local rmax = tonumber(ARGV[12])
 
 local now = now_ms()
 
@@ -59,7 +66,7 @@ local valid = ttl
 -- Token buckets: refill to now, take back returned units, cap the grant at the tokens.
 local bk = {}
 for i = 1, nb do
-  local a = 11 + (i - 1) * 3
+  local a = 12 + (i - 1) * 3
   local rate, iv, burst = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   local tk, ts, cap = bucket_now(KEYS[1 + i], rate, iv, burst, now)
   tk = tk + returned * iv
@@ -76,20 +83,32 @@ for i = 1, nb do
   bk[i] = {tk, ts, iv, rate, cap}
 end
 
--- Quotas: reclaim expired leases of other nodes, count the reported spend, cap the
--- grant at the chunk of what is neither consumed nor held.
+-- Quotas: reclaim expired leases of other nodes, count the reported spend (replacing
+-- what was presumed spent if this node's own lease was reclaimed), cap the grant at the
+-- chunk of what is neither consumed nor held.
 local qk = {}
+local void = false
 for j = 1, nq do
   local key = KEYS[1 + nb + j]
-  local a = 11 + nb * 3 + (j - 1) * 2
+  local a = 12 + nb * 3 + (j - 1) * 2
   local limit, pend = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local consumed, others = quota_load(key, node, now)
-  consumed = consumed + delta
-  local avail = limit - consumed - others - hold
+  local consumed, others, own_expired, presumed = quota_load(key, node, now)
+  consumed = consumed + delta - presumed
+  if consumed < 0 then consumed = 0 end
+  if own_expired or presumed > 0 then void = true end
+  qk[j] = {key, limit, pend, consumed, others, presumed}
+end
+local hold_void = 0
+if void and hold > 0 then
+  hold = 0
+  hold_void = 1
+end
+for j = 1, nq do
+  local q = qk[j]
+  local avail = q[2] - q[4] - q[5] - hold
   local c = chunk_cap(avail, share)
   if c < grant then grant = c end
-  if pend - now < valid then valid = pend - now end
-  qk[j] = {key, limit, pend, consumed, others}
+  if q[3] - now < valid then valid = q[3] - now end
 end
 
 if valid <= 0 then
@@ -98,7 +117,7 @@ if valid <= 0 then
 end
 if grant < 0 then grant = 0 end
 
-local res = {1, now, grant, valid}
+local res = {1, now, grant, valid, hold_void}
 for i = 1, nb do
   local b = bk[i]
   local tk = b[1] - grant * b[3]
@@ -115,10 +134,16 @@ for j = 1, nq do
   if valid <= 0 then own = 0 end
   if own > 0 then
     redis.call('HSET', q[1], 'c', int(q[4]), 'o:' .. node, int(own), 'e:' .. node, int(now + valid))
+    if rmax >= 0 then
+      redis.call('HSET', q[1], 'r:' .. node, int(rmax))
+    else
+      redis.call('HDEL', q[1], 'r:' .. node)
+    end
   else
     redis.call('HSET', q[1], 'c', int(q[4]))
-    redis.call('HDEL', q[1], 'o:' .. node, 'e:' .. node)
+    redis.call('HDEL', q[1], 'o:' .. node, 'e:' .. node, 'r:' .. node)
   end
+  if q[6] > 0 then redis.call('HDEL', q[1], 'p:' .. node) end
   -- Kept a day past the period so usage can still be read after the reset.
   redis.call('PEXPIREAT', q[1], int(q[3] + 86400000))
   local out = q[5] + own

@@ -73,6 +73,7 @@ pub fn lease_call(req: &LeaseRequest, now_secs: i64, forget_ms: u64) -> (Vec<Str
         req.returned.to_string(),
         req.spent_total.to_string(),
         forget_ms.to_string(),
+        req.unreported_max.map_or_else(|| "-1".to_string(), |r| r.to_string()),
     ];
     let periods = limit_args(&req.subject, &req.buckets, &req.quotas, now_secs, &mut keys, &mut args);
     (keys, args, periods)
@@ -163,13 +164,14 @@ pub fn lease_response(req: &LeaseRequest, periods: &[(i64, i64)], r: &[i64]) -> 
             applied,
             granted: 0,
             valid_ms: 0,
+            hold_void: false,
             now_ms,
             buckets: Vec::new(),
             quotas: Vec::new(),
         });
     }
-    let (granted, valid_ms) = (u(2)?, u(3)?);
-    let mut at = 4;
+    let (granted, valid_ms, hold_void) = (u(2)?, u(3)?, u(4)? == 1);
+    let mut at = 5;
     let buckets = bucket_views(&req.buckets, &u, &mut at)?;
     let mut quotas = Vec::with_capacity(req.quotas.len());
     for (q, &(start, end)) in req.quotas.iter().zip(periods) {
@@ -187,6 +189,7 @@ pub fn lease_response(req: &LeaseRequest, periods: &[(i64, i64)], r: &[i64]) -> 
         applied,
         granted,
         valid_ms,
+        hold_void,
         now_ms,
         buckets,
         quotas,
@@ -209,6 +212,7 @@ mod tests {
             hold: 2,
             returned: 1,
             spent_total: 40,
+            unreported_max: Some(4),
             buckets: vec![BucketSpec {
                 name: "s".into(),
                 rate: 10,
@@ -244,6 +248,7 @@ mod tests {
                 "1",
                 "40",
                 "99",
+                "4",
                 "10",
                 "1000",
                 "20",
@@ -251,10 +256,21 @@ mod tests {
                 "1709251200000"
             ]
         );
-        let r = lease_response(&req, &periods, &[1, 5, 7, 5000, 12, 0, 40, 9, 951]).unwrap();
+        let r = lease_response(&req, &periods, &[1, 5, 7, 5000, 0, 12, 0, 40, 9, 951]).unwrap();
         assert_eq!(
-            (r.granted, r.valid_ms, r.buckets[0].tokens, r.quotas[0].available),
-            (7, 5000, 12, 951)
+            (
+                r.granted,
+                r.valid_ms,
+                r.hold_void,
+                r.buckets[0].tokens,
+                r.quotas[0].available
+            ),
+            (7, 5000, false, 12, 951)
+        );
+        assert!(
+            lease_response(&req, &periods, &[1, 5, 7, 5000, 1, 12, 0, 40, 9, 951])
+                .unwrap()
+                .hold_void
         );
         assert!(lease_response(&req, &periods, &[1, 5, 7]).is_none());
         assert!(!lease_response(&req, &periods, &[0, 5]).unwrap().applied);

@@ -6,13 +6,18 @@
 //! [`FleetEntry`] in shared data, updated by CAS like the single-node limit state. A
 //! request is decided by [`decide`]:
 //!
-//! 1. from the node's lease (units leased from the fleet ahead of time);
+//! 1. from the node's lease (units leased from the fleet ahead of time), as long as the
+//!    node's spend not yet acknowledged stays within R (`FleetConfig::unreported_max`),
+//!    so that a node killed at any moment has admitted at most R units the fleet does
+//!    not know of (the lease script presumes min(R, held) spent when the lease expires);
 //! 2. if the lease cannot cover it and the fleet is reachable: [`Step::Take`]: the
 //!    request pauses for one `POST /v1/take` (the cost, taken atomically in Redis), at
-//!    most `timeout_ms`. That is the first request of a subject on a node, and a subject
-//!    at its cap (its chunks have shrunk to nothing), exact at the cost of a call for that
-//!    subject only. Pausing rather than a local credit keeps "never more than the quota"
-//!    true from the first request on;
+//!    most `timeout_ms`. That is the first request of a subject on a node, a quota near
+//!    its end (chunks of 1), and a node at R until its report is acknowledged. Pausing
+//!    rather than a local credit keeps "never more than the quota" true from the first
+//!    request on. A subject at a rate limit's cap takes nothing per request: the last
+//!    answer said the fleet bucket is (nearly) empty, so the node refuses locally until
+//!    its next refill, one per cap interval (`lease::bounds::cap_refill_interval_ms`);
 //! 3. if the fleet is unreachable (circuit breaker open): the partition fallback: token
 //!    buckets at a local share (`limit / fleet_size`, rounded up), never allow-all;
 //!    quotas within a bounded `overdraft` per subject on this node, then 429. What is
@@ -22,12 +27,12 @@
 //! Leases are refilled off the request path by the root context (one call in flight
 //! per subject per node); see `core::limits::lease` for the lease itself.
 
-use super::lease::{Ask, Lease, LeasePolicy};
+use super::lease::{bounds, Ask, Lease, LeasePolicy};
 use super::limiter::Denial;
 use super::plan::{NamedBucket, NamedQuota};
 use super::token_bucket::{self, BucketLimit, BucketState};
 use crate::core::remote::fleet_protocol::{
-    BucketSpec, LeaseRequest, LeaseResponse, QuotaSpec, TakeRequest, TakeResponse,
+    BucketSpec, BucketView, LeaseRequest, LeaseResponse, QuotaSpec, TakeRequest, TakeResponse,
 };
 use serde::{Deserialize, Serialize};
 
@@ -60,6 +65,8 @@ pub struct FleetDoc {
     pub refill_tick_ms: u64,
     #[serde(default = "d_report_interval")]
     pub report_interval_ms: u64,
+    #[serde(default = "d_unreported_pct")]
+    pub unreported_pct: u64,
     #[serde(default)]
     pub node_name: Option<String>,
 }
@@ -94,6 +101,9 @@ fn d_refill_tick() -> u64 {
 fn d_report_interval() -> u64 {
     1_000
 }
+fn d_unreported_pct() -> u64 {
+    1
+}
 
 /// The validated `fleet` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +130,10 @@ pub struct FleetConfig {
     /// Spend not yet reported is reported at least this often (billing freshness, and
     /// the bound on what a crashed node can have spent unreported).
     pub report_interval_ms: u64,
+    /// R, the bound on a subject's spend not yet acknowledged by the fleet, as a
+    /// percentage of its quota (`lease::bounds::unreported_max`): what a killed node can
+    /// cost the subject for good, and what it reports at (half of it).
+    pub unreported_pct: u64,
     /// Prefix of this node's id in Redis (the id itself is unique per process).
     pub node_name: String,
 }
@@ -134,7 +148,7 @@ impl FleetDoc {
         if !printable(&self.authority) {
             return field("authority", "must be a host name");
         }
-        let ranges: [(&str, u64, u64, u64); 8] = [
+        let ranges: [(&str, u64, u64, u64); 9] = [
             ("timeout_ms", self.timeout_ms, 5, 10_000),
             ("fleet_size", self.fleet_size, 1, 10_000),
             ("lease_ttl_ms", self.lease_ttl_ms, 100, 86_400_000),
@@ -143,6 +157,7 @@ impl FleetDoc {
             ("breaker_cooldown_ms", self.breaker_cooldown_ms, 10, 600_000),
             ("refill_tick_ms", self.refill_tick_ms, 5, 10_000),
             ("report_interval_ms", self.report_interval_ms, 10, 3_600_000),
+            ("unreported_pct", self.unreported_pct, 0, 100),
         ];
         for (name, v, lo, hi) in ranges {
             if !(lo..=hi).contains(&v) {
@@ -182,6 +197,7 @@ impl FleetDoc {
             breaker_cooldown_ms: self.breaker_cooldown_ms,
             refill_tick_ms: self.refill_tick_ms,
             report_interval_ms: self.report_interval_ms,
+            unreported_pct: self.unreported_pct,
             node_name: name,
         })
     }
@@ -196,6 +212,37 @@ impl FleetConfig {
             renew_before_ms: (self.refill_tick_ms * 2 + self.timeout_ms).min(self.lease_ttl_ms / 2),
             refill_timeout_ms: self.timeout_ms * 2 + self.refill_tick_ms,
         }
+    }
+
+    /// R for a subject with these quotas (the smallest quota's); `None` without quotas:
+    /// a token bucket loses nothing to a dead node (its leased tokens are gone, not
+    /// returned).
+    ///
+    /// R is taken from the plan as it is now and sent with every call; a plan raised
+    /// between two calls applies the larger R one call early (for at most a refill tick).
+    pub fn unreported_max(&self, quotas: &[NamedQuota]) -> Option<u64> {
+        quotas
+            .iter()
+            .map(|q| bounds::unreported_max(q.limit, self.unreported_pct, self.max_chunk))
+            .min()
+    }
+
+    /// How often a node refills a subject held at its rate cap: the shortest of its
+    /// buckets' `lease::bounds::cap_refill_interval_ms`.
+    pub fn cap_refill_ms(&self, buckets: &[NamedBucket]) -> u64 {
+        buckets
+            .iter()
+            .map(|b| {
+                bounds::cap_refill_interval_ms(
+                    b.limit.rate,
+                    b.limit.interval_ms,
+                    b.limit.burst,
+                    self.fleet_size,
+                    self.refill_tick_ms,
+                )
+            })
+            .min()
+            .unwrap_or(self.refill_tick_ms)
     }
 
     /// Validity to ask for: token-bucket units are short-lived (they bound the rate
@@ -215,7 +262,8 @@ pub struct FleetEntry {
     pub lease: Lease,
     /// Sequence number of this node's last lease call for the subject.
     pub seq: u64,
-    /// The fleet had nothing for this subject: deny locally until then, without calls.
+    /// The fleet had nothing for this subject (an exhausted quota, or a rate limit at its
+    /// cap): what the lease cannot cover is refused locally until then, without calls.
     pub denied_until_ms: u64,
     /// Which limit was exhausted (for the refusal): quota or rate.
     pub denied_quota: bool,
@@ -304,17 +352,24 @@ pub fn decide(
     if buckets.iter().any(|b| cost > b.limit.burst) {
         return denied(Denial::CostExceedsBurst, None, Via::Lease);
     }
-    if entry.lease.try_spend(cost, now_ms) {
+    // Never more than R spent unreported: beyond it the cost is taken from the fleet
+    // directly (counted at once) until the report, sent at R/2, is acknowledged.
+    entry.lease.expire(now_ms);
+    let within_r = cfg
+        .unreported_max(quotas)
+        .is_none_or(|r| entry.lease.unreported().saturating_add(cost) <= r);
+    if within_r && entry.lease.try_spend(cost, now_ms) {
         return allowed(Via::Lease);
     }
     if connected {
         if now_ms < entry.denied_until_ms {
-            let d = if entry.denied_quota {
-                Denial::QuotaExceeded
+            // At a rate cap the next refill is the retry time; for a quota, the denial.
+            let (d, until) = if entry.denied_quota {
+                (Denial::QuotaExceeded, entry.denied_until_ms)
             } else {
-                Denial::RateLimited
+                (Denial::RateLimited, entry.lease.retry_at_ms.max(now_ms))
             };
-            return denied(d, Some(entry.denied_until_ms - now_ms), Via::Exhausted);
+            return denied(d, Some(until - now_ms), Via::Exhausted);
         }
         return Step::Take;
     }
@@ -398,10 +453,23 @@ pub fn take_request(subject: &str, buckets: &[NamedBucket], quotas: &[NamedQuota
 /// Applies a take answer to the entry; returns the request's verdict. A refusal makes
 /// the node deny the subject locally until the fleet could have more (the bucket's
 /// wait, or one breaker cooldown for a quota, which may get units back from returns).
-pub fn apply_take(entry: &mut FleetEntry, resp: &TakeResponse, cfg: &FleetConfig, now_ms: u64) -> FleetVerdict {
+pub fn apply_take(
+    entry: &mut FleetEntry,
+    resp: &TakeResponse,
+    buckets: &[NamedBucket],
+    cfg: &FleetConfig,
+    now_ms: u64,
+    cost: u64,
+) -> FleetVerdict {
     entry.overdraft_used = 0;
     if resp.admitted {
-        entry.denied_until_ms = 0;
+        // Admitted: at the cap only if it already was and the bucket is still low (as
+        // for a full lease grant).
+        if at_cap_already(entry) && at_cap(&resp.buckets, buckets, cfg) {
+            hold_at_cap(entry, &resp.buckets, buckets, cfg, now_ms);
+        } else {
+            entry.denied_until_ms = 0;
+        }
         return FleetVerdict {
             denial: None,
             retry_after_secs: None,
@@ -409,6 +477,16 @@ pub fn apply_take(entry: &mut FleetEntry, resp: &TakeResponse, cfg: &FleetConfig
         };
     }
     let quota_short = resp.quotas.iter().any(|q| q.available == 0);
+    if quota_short && entry.lease.available >= cost {
+        // Refused for want of units this node holds itself but may not spend until its
+        // report (at R) is acknowledged, which takes a tick and a call: refuse this one
+        // request, cache nothing.
+        return FleetVerdict {
+            denial: Some(Denial::QuotaExceeded),
+            retry_after_secs: Some(1),
+            via: Via::Take,
+        };
+    }
     let wait = if quota_short {
         // Until the period ends if nothing is held anywhere, else a cooldown.
         let end_ms = resp
@@ -426,16 +504,13 @@ pub fn apply_take(entry: &mut FleetEntry, resp: &TakeResponse, cfg: &FleetConfig
             to_end
         }
     } else {
-        // The next tokens are shared by every node: waiting for one node's share (F times
-        // the time to the next `cost` tokens) keeps the calls of a subject at its cap near
-        // its refill rate instead of every node racing for each token.
-        resp.buckets
-            .iter()
-            .map(|b| b.wait_ms)
-            .max()
-            .unwrap_or(1000)
-            .max(1)
-            .saturating_mul(cfg.fleet_size)
+        // At the rate cap: refused locally until the node's next refill.
+        let wait = hold_at_cap(entry, &resp.buckets, buckets, cfg, now_ms);
+        return FleetVerdict {
+            denial: Some(Denial::RateLimited),
+            retry_after_secs: Some(wait.div_ceil(1000).max(1)),
+            via: Via::Take,
+        };
     };
     entry.denied_until_ms = now_ms.saturating_add(wait);
     entry.denied_quota = quota_short;
@@ -449,6 +524,61 @@ pub fn apply_take(entry: &mut FleetEntry, resp: &TakeResponse, cfg: &FleetConfig
         retry_after_secs: Some(wait.div_ceil(1000).max(1)),
         via: Via::Take,
     }
+}
+
+/// Whether the fleet's answer shows a subject at its rate cap: some bucket holds fewer
+/// tokens than one node's grant (`burst / (2 × fleet_size)`, at least 1), so asking
+/// again before more have accrued would only race the other nodes for single tokens.
+fn at_cap(views: &[BucketView], buckets: &[NamedBucket], cfg: &FleetConfig) -> bool {
+    let share = super::lease::share(cfg.fleet_size);
+    views.iter().any(|v| {
+        let fair = buckets
+            .iter()
+            .find(|b| b.name == v.name)
+            .map_or(1, |b| (b.limit.burst / share).max(1));
+        v.tokens < fair
+    })
+}
+
+/// Whether the subject is held at a rate cap (until a grant leaves enough tokens).
+fn at_cap_already(entry: &FleetEntry) -> bool {
+    !entry.denied_quota && entry.denied_until_ms != 0
+}
+
+/// Caches "at the cap" for a subject: its next refill (root context) is not before the
+/// store's next tokens nor before one cap refill interval, and a request its lease
+/// cannot cover is refused locally (429, `Retry-After` the refill) until that refill
+/// can have been answered, so at the cap calls follow the refill interval, not the
+/// request rate. Returns the wait until the refill.
+fn hold_at_cap(
+    entry: &mut FleetEntry,
+    views: &[BucketView],
+    buckets: &[NamedBucket],
+    cfg: &FleetConfig,
+    now_ms: u64,
+) -> u64 {
+    let wait = views
+        .iter()
+        .map(|v| v.wait_ms)
+        .max()
+        .unwrap_or(0)
+        .max(cfg.cap_refill_ms(buckets));
+    let next = now_ms.saturating_add(wait);
+    entry.lease.back_off(next);
+    entry.denied_until_ms = next.saturating_add(cfg.refill_tick_ms + cfg.timeout_ms);
+    entry.denied_quota = false;
+    wait
+}
+
+/// Whether the subject needs a lease call soon (the request path flags it for the root
+/// tick): a refill, a renewal, something to give back, or unreported spend at half R.
+pub fn wants_call(entry: &FleetEntry, quotas: &[NamedQuota], cfg: &FleetConfig, now_ms: u64) -> bool {
+    entry.lease.needs_refill(now_ms, &cfg.policy()) || report_due_by_r(entry, quotas, cfg)
+}
+
+fn report_due_by_r(entry: &FleetEntry, quotas: &[NamedQuota], cfg: &FleetConfig) -> bool {
+    cfg.unreported_max(quotas)
+        .is_some_and(|r| entry.lease.unreported() >= bounds::report_at(r))
 }
 
 /// A subject and the limits that apply to it.
@@ -479,12 +609,18 @@ pub fn begin_lease(
         entry.lease.refill_sent_ms = now_ms.max(1);
         entry.lease.release(now_ms)
     } else {
-        let report_due = entry.lease.spent_total > entry.lease.reported_total
-            && now_ms.saturating_sub(entry.last_call_ms) >= cfg.report_interval_ms;
+        let report_due = (entry.lease.spent_total > entry.lease.reported_total
+            && now_ms.saturating_sub(entry.last_call_ms) >= cfg.report_interval_ms)
+            || report_due_by_r(entry, quotas, cfg);
         if !entry.lease.needs_refill(now_ms, &policy) && entry.overdraft_used == 0 && !report_due {
             return None;
         }
-        entry.lease.begin_refill(now_ms, &policy)?
+        match entry.lease.begin_refill(now_ms, &policy) {
+            Some(ask) => ask,
+            // Told to wait before asking for more, but spend at half R is reported.
+            None if report_due_by_r(entry, quotas, cfg) => entry.lease.begin_report(now_ms, &policy)?,
+            None => return None,
+        }
     };
     entry.last_call_ms = now_ms;
     entry.seq += 1;
@@ -499,35 +635,55 @@ pub fn begin_lease(
         hold: ask.hold,
         returned: ask.returned,
         spent_total: ask.spent_total,
+        unreported_max: cfg.unreported_max(quotas),
         buckets: b,
         quotas: q,
     };
     Some((ask, req))
 }
 
-/// Applies a lease answer (for the ask it answers) to the entry.
-pub fn apply_lease(entry: &mut FleetEntry, ask: &Ask, resp: &LeaseResponse, now_ms: u64, cfg: &FleetConfig) {
+/// Applies a lease answer (for the ask it answers) to the entry; `buckets` are the
+/// subject's token buckets.
+pub fn apply_lease(
+    entry: &mut FleetEntry,
+    ask: &Ask,
+    resp: &LeaseResponse,
+    buckets: &[NamedBucket],
+    now_ms: u64,
+    cfg: &FleetConfig,
+) {
     if !resp.applied {
         // Replayed or overtaken: nothing changed in Redis; the next ask has a new seq.
         entry.lease.on_failure();
         return;
     }
+    if resp.hold_void {
+        // The fleet reclaimed our lease before this call arrived (it came late): the
+        // units we held are no longer ours, whatever our clock says.
+        entry.lease.available = 0;
+    }
     entry.lease.on_grant(ask, resp.granted, resp.valid_ms);
     entry.overdraft_used = 0;
+    if ask.want == 0 {
+        // A report: it asked for nothing, so it says nothing about the cap.
+        return;
+    }
+    // Short of what we asked because the bucket is (nearly) empty: at the cap, and it
+    // stays there while the bucket stays that low. A full grant does not bring a subject
+    // to the cap: demand below the rate is not refused while the fleet has tokens.
+    if (resp.granted < ask.want || at_cap_already(entry)) && at_cap(&resp.buckets, buckets, cfg) {
+        hold_at_cap(entry, &resp.buckets, buckets, cfg, now_ms);
+        return;
+    }
+    if !entry.denied_quota {
+        entry.denied_until_ms = 0;
+    }
     if resp.granted < ask.want {
-        // As for a refused take: one node's share of the next tokens.
-        let bucket_wait = resp
-            .buckets
-            .iter()
-            .map(|b| b.wait_ms)
-            .max()
-            .unwrap_or(0)
-            .saturating_mul(cfg.fleet_size);
         let quota_empty = resp.quotas.iter().any(|q| q.available == 0);
         let wait = if quota_empty {
-            bucket_wait.max(cfg.breaker_cooldown_ms)
+            cfg.breaker_cooldown_ms
         } else {
-            bucket_wait.max(cfg.refill_tick_ms)
+            cfg.refill_tick_ms
         };
         entry.lease.back_off(now_ms.saturating_add(wait));
     }
@@ -630,11 +786,12 @@ mod tests {
             applied: true,
             granted: 10,
             valid_ms: 1_000,
+            hold_void: false,
             now_ms: 0,
             buckets: vec![],
             quotas: vec![],
         };
-        apply_lease(&mut e, &ask, &resp, 1_002, &c);
+        apply_lease(&mut e, &ask, &resp, &[], 1_002, &c);
         for _ in 0..10 {
             assert_eq!(decide(&mut e, &b, &q, &c, 1_010, 1, true), allowed(Via::Lease));
         }
@@ -657,7 +814,7 @@ mod tests {
                 available: 0,
             }],
         };
-        let v = apply_take(&mut e, &refusal, &c, 1_010);
+        let v = apply_take(&mut e, &refusal, &b, &c, 1_010, 1);
         assert_eq!(v.denial, Some(Denial::QuotaExceeded));
         assert_eq!(
             v.retry_after_secs,
@@ -724,11 +881,12 @@ mod tests {
             applied: true,
             granted: 10,
             valid_ms: 30_000,
+            hold_void: false,
             now_ms: 0,
             buckets: vec![],
             quotas: vec![],
         };
-        apply_lease(&mut e, &ask, &resp, 11_001, &c);
+        apply_lease(&mut e, &ask, &resp, &[], 11_001, &c);
         assert_eq!(e.overdraft_used, 0);
         // Held lease units are spent first, even while partitioned.
         assert_eq!(decide(&mut e, &[], &q, &c, 11_002, 1, false), allowed(Via::Lease));
@@ -737,7 +895,7 @@ mod tests {
     #[test]
     fn release_returns_everything_and_entries_round_trip() {
         let c = cfg();
-        let q = monthly(100);
+        let q = monthly(1_000);
         let mut e = FleetEntry::default();
         let (ask, _) = begin_lease(
             &mut e,
@@ -756,11 +914,12 @@ mod tests {
             applied: true,
             granted: 10,
             valid_ms: 30_000,
+            hold_void: false,
             now_ms: 0,
             buckets: vec![],
             quotas: vec![],
         };
-        apply_lease(&mut e, &ask, &resp, 1, &c);
+        apply_lease(&mut e, &ask, &resp, &[], 1, &c);
         assert_eq!(decide(&mut e, &[], &q, &c, 2, 3, true), allowed(Via::Lease));
         let (_, req) = begin_lease(
             &mut e,
@@ -781,7 +940,7 @@ mod tests {
         );
         // A replayed answer changes nothing and lets the next call go.
         let stale = LeaseResponse { applied: false, ..resp };
-        apply_lease(&mut e, &ask, &stale, 4, &c);
+        apply_lease(&mut e, &ask, &stale, &[], 4, &c);
         assert_eq!(e.lease.refill_sent_ms, 0);
         assert_eq!(FleetEntry::decode(&e.encode()), e);
         assert_eq!(FleetEntry::decode(b"garbage"), FleetEntry::default());
@@ -802,11 +961,12 @@ mod tests {
             applied: true,
             granted: 10,
             valid_ms: 30_000,
+            hold_void: false,
             now_ms: 0,
             buckets: vec![],
             quotas: vec![],
         };
-        apply_lease(&mut e, &ask, &resp, 1, &c);
+        apply_lease(&mut e, &ask, &resp, &[], 1, &c);
         assert!(
             begin_lease(&mut e, "n", &s, &c, 2_000, false).is_none(),
             "nothing spent, nothing due"
@@ -818,28 +978,85 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_short_grant_backs_off_so_calls_follow_the_refill_rate() {
-        let c = cfg();
-        let b = bucket(100, 100);
-        let mut e = FleetEntry::default();
-        let (ask, _) = begin_lease(
-            &mut e,
-            "n",
-            &Subject {
-                name: "k:a",
-                buckets: &b,
-                quotas: &[],
-            },
-            &c,
-            0,
-            false,
-        )
-        .unwrap();
-        let resp = LeaseResponse {
+    fn lease_resp(granted: u64, tokens: u64, wait_ms: u64) -> LeaseResponse {
+        LeaseResponse {
             applied: true,
-            granted: 1,
+            granted,
             valid_ms: 1_000,
+            hold_void: false,
+            now_ms: 0,
+            buckets: vec![BucketView {
+                name: "ps".into(),
+                tokens,
+                wait_ms,
+            }],
+            quotas: vec![],
+        }
+    }
+
+    /// At the rate cap the node neither takes per request nor races the other nodes
+    /// for each token: it refuses locally until its next refill, one per cap interval.
+    #[test]
+    fn at_the_rate_cap_refusals_are_cached_until_the_next_refill() {
+        let c = cfg(); // fleet of 3, tick 20
+        let b = bucket(100, 100); // fair grant 100 / 6 = 16; cap interval 3 x 10 ms = 30 ms
+        assert_eq!(c.cap_refill_ms(&b), 30);
+        let s = Subject {
+            name: "k:a",
+            buckets: &b,
+            quotas: &[],
+        };
+        let mut e = FleetEntry::default();
+        let (ask, _) = begin_lease(&mut e, "n", &s, &c, 0, false).unwrap();
+        // 1 granted, the bucket is empty, next token in 10 ms: at the cap.
+        apply_lease(&mut e, &ask, &lease_resp(1, 0, 10), &b, 5, &c);
+        assert_eq!(decide(&mut e, &b, &[], &c, 6, 1, true), allowed(Via::Lease));
+        // The lease is spent: refused locally, no take, Retry-After the refill (1 s).
+        for now in [7, 20, 34, 60] {
+            match decide(&mut e, &b, &[], &c, now, 1, true) {
+                Step::Decided(v) => assert_eq!(
+                    (v.denial, v.retry_after_secs, v.via),
+                    (Some(Denial::RateLimited), Some(1), Via::Exhausted),
+                    "{now}"
+                ),
+                s => panic!("{now}: {s:?}"),
+            }
+        }
+        assert!(
+            begin_lease(&mut e, "n", &s, &c, 34, false).is_none(),
+            "one refill per cap interval: not before 5 + 30 ms"
+        );
+        let (ask, _) = begin_lease(&mut e, "n", &s, &c, 35, false).unwrap();
+        assert_eq!(ask.want, 2, "twice the 1 spent");
+        // 1 granted, 2 left, fewer than a node's grant: still at the cap.
+        apply_lease(&mut e, &ask, &lease_resp(1, 2, 0), &b, 36, &c);
+        assert!(begin_lease(&mut e, "n", &s, &c, 65, false).is_none());
+        assert_eq!(decide(&mut e, &b, &[], &c, 40, 1, true), allowed(Via::Lease));
+        assert!(matches!(decide(&mut e, &b, &[], &c, 41, 1, true), Step::Decided(v) if v.via == Via::Exhausted));
+        // A full grant leaves the cap only once the bucket holds a node's grant again.
+        let (ask, _) = begin_lease(&mut e, "n", &s, &c, 66, false).unwrap();
+        apply_lease(&mut e, &ask, &lease_resp(ask.want, 1, 0), &b, 67, &c);
+        assert_ne!(e.denied_until_ms, 0, "still at the cap");
+        while decide(&mut e, &b, &[], &c, 68, 1, true) == allowed(Via::Lease) {}
+        let (ask, _) = begin_lease(&mut e, "n", &s, &c, 97, false).unwrap();
+        apply_lease(&mut e, &ask, &lease_resp(ask.want, 16, 0), &b, 98, &c);
+        assert_eq!(e.denied_until_ms, 0);
+        for _ in 0..ask.want {
+            assert_eq!(decide(&mut e, &b, &[], &c, 99, 1, true), allowed(Via::Lease));
+        }
+        assert_eq!(
+            decide(&mut e, &b, &[], &c, 99, 1, true),
+            Step::Take,
+            "not known to be at the cap"
+        );
+        // A full grant or an admitted take never brings a subject to the cap, however
+        // few tokens are left.
+        let mut fresh = FleetEntry::default();
+        let (ask, _) = begin_lease(&mut fresh, "n", &s, &c, 0, false).unwrap();
+        apply_lease(&mut fresh, &ask, &lease_resp(ask.want, 0, 10), &b, 1, &c);
+        assert_eq!((fresh.denied_until_ms, fresh.lease.retry_at_ms), (0, 0));
+        let admitted = TakeResponse {
+            admitted: true,
             now_ms: 0,
             buckets: vec![BucketView {
                 name: "ps".into(),
@@ -848,36 +1065,160 @@ mod tests {
             }],
             quotas: vec![],
         };
-        apply_lease(&mut e, &ask, &resp, 5, &c);
-        assert!(decide(&mut e, &b, &[], &c, 6, 1, true) == allowed(Via::Lease));
-        assert!(
-            begin_lease(
-                &mut e,
-                "n",
-                &Subject {
-                    name: "k:a",
-                    buckets: &b,
-                    quotas: &[]
-                },
-                &c,
-                34,
-                false
-            )
-            .is_none(),
-            "waits its share of the next token: 10 ms x 3 nodes"
-        );
-        assert!(begin_lease(
+        let mut fresh = FleetEntry::default();
+        assert_eq!(apply_take(&mut fresh, &admitted, &b, &c, 1, 1).denial, None);
+        assert_eq!((fresh.denied_until_ms, fresh.lease.retry_at_ms), (0, 0));
+        // A refused take puts the subject at the cap the same way.
+        let refusal = TakeResponse {
+            admitted: false,
+            now_ms: 0,
+            buckets: vec![BucketView {
+                name: "ps".into(),
+                tokens: 0,
+                wait_ms: 4,
+            }],
+            quotas: vec![],
+        };
+        let v = apply_take(&mut e, &refusal, &b, &c, 100, 1);
+        assert_eq!((v.denial, v.retry_after_secs), (Some(Denial::RateLimited), Some(1)));
+        assert!(begin_lease(&mut e, "n", &s, &c, 129, false).is_none());
+        assert!(matches!(decide(&mut e, &b, &[], &c, 140, 1, true), Step::Decided(v) if v.via == Via::Exhausted));
+        assert!(begin_lease(&mut e, "n", &s, &c, 130, false).is_some());
+    }
+
+    /// A node never has more than R units spent unreported: it reports at R/2 (off the
+    /// request path) and, beyond R, takes from the fleet directly until acknowledged.
+    #[test]
+    fn unreported_spend_is_bounded_by_r() {
+        let doc: FleetDoc =
+            serde_json::from_str(r#"{"cluster":"l","fleet_size":2,"unreported_pct":10,"max_chunk":20}"#).unwrap();
+        let c = doc.validate().unwrap();
+        let q = monthly(60);
+        assert_eq!(c.unreported_max(&q), Some(6));
+        assert_eq!(c.unreported_max(&[]), None, "token buckets lose nothing to a dead node");
+        let s = Subject {
+            name: "k:a",
+            buckets: &[],
+            quotas: &q,
+        };
+        let mut e = FleetEntry::default();
+        let (ask, req) = begin_lease(&mut e, "n", &s, &c, 0, false).unwrap();
+        assert_eq!(req.unreported_max, Some(6));
+        let grant = LeaseResponse {
+            applied: true,
+            granted: 15,
+            valid_ms: 30_000,
+            hold_void: false,
+            now_ms: 0,
+            buckets: vec![],
+            quotas: vec![],
+        };
+        apply_lease(&mut e, &ask, &grant, &[], 1, &c);
+        assert!(!wants_call(&e, &q, &c, 2));
+        for _ in 0..3 {
+            assert_eq!(decide(&mut e, &[], &q, &c, 2, 1, true), allowed(Via::Lease));
+        }
+        assert!(wants_call(&e, &q, &c, 2), "R/2 = 3 unreported: report");
+        let (ask, req) = begin_lease(&mut e, "n", &s, &c, 3, false).unwrap();
+        assert_eq!(req.spent_total, 3);
+        // The report is slow; spending goes on up to R, then takes.
+        for _ in 0..3 {
+            assert_eq!(decide(&mut e, &[], &q, &c, 4, 1, true), allowed(Via::Lease));
+        }
+        assert_eq!(decide(&mut e, &[], &q, &c, 4, 1, true), Step::Take);
+        assert_eq!(decide(&mut e, &[], &q, &c, 4, 2, true), Step::Take);
+        assert_eq!(e.lease.unreported(), 6);
+        // Acknowledged: 3 of the 6 are reported; 3 more may be spent.
+        apply_lease(
             &mut e,
-            "n",
-            &Subject {
-                name: "k:a",
-                buckets: &b,
-                quotas: &[]
+            &ask,
+            &LeaseResponse {
+                granted: 0,
+                ..grant.clone()
             },
+            &[],
+            5,
             &c,
-            35,
-            false
-        )
-        .is_some());
+        );
+        assert_eq!(e.lease.unreported(), 3);
+        for _ in 0..3 {
+            assert_eq!(decide(&mut e, &[], &q, &c, 6, 1, true), allowed(Via::Lease));
+        }
+        assert_eq!(decide(&mut e, &[], &q, &c, 6, 1, true), Step::Take);
+        // Partitioned: the same bound, then the overdraft (spend without a lease).
+        assert_eq!(
+            decide(&mut e, &[], &q, &c, 6, 1, false),
+            allowed(Via::Fallback),
+            "R reached: the overdraft, not the lease"
+        );
+        // A late answer says our lease had expired in the fleet: its units are dropped.
+        let (ask, _) = begin_lease(&mut e, "n", &s, &c, 30, false).unwrap();
+        assert!(ask.hold > 0);
+        apply_lease(
+            &mut e,
+            &ask,
+            &LeaseResponse {
+                granted: 2,
+                hold_void: true,
+                ..grant.clone()
+            },
+            &[],
+            31,
+            &c,
+        );
+        assert_eq!(e.lease.available, 2, "only the grant is ours");
+    }
+
+    /// Near the quota's end a node blocked at R must neither cache a refusal caused by
+    /// units it holds itself nor wait out a back-off before reporting.
+    #[test]
+    fn a_node_at_r_reports_through_a_back_off_and_caches_no_self_made_refusal() {
+        let doc: FleetDoc =
+            serde_json::from_str(r#"{"cluster":"l","fleet_size":2,"unreported_pct":10,"max_chunk":20}"#).unwrap();
+        let c = doc.validate().unwrap();
+        let q = monthly(60); // R = 6, report at 3
+        let s = Subject {
+            name: "k:a",
+            buckets: &[],
+            quotas: &q,
+        };
+        let mut e = FleetEntry::default();
+        let (ask, _) = begin_lease(&mut e, "n", &s, &c, 0, false).unwrap();
+        // 8 of 10 granted, nothing left outside leases: back off for a cooldown.
+        let grant = LeaseResponse {
+            applied: true,
+            granted: 8,
+            valid_ms: 30_000,
+            hold_void: false,
+            now_ms: 0,
+            buckets: vec![],
+            quotas: vec![QuotaView {
+                name: "m".into(),
+                period_start: 0,
+                period_end: 1 << 40,
+                consumed: 40,
+                outstanding: 20,
+                available: 0,
+            }],
+        };
+        apply_lease(&mut e, &ask, &grant, &[], 1, &c);
+        assert_eq!(e.lease.retry_at_ms, 1 + c.breaker_cooldown_ms);
+        for _ in 0..6 {
+            assert_eq!(decide(&mut e, &[], &q, &c, 2, 1, true), allowed(Via::Lease));
+        }
+        assert!(
+            begin_lease(&mut e, "n", &s, &c, 3, false).is_some_and(|(a, _)| a.want == 0 && a.spent_total == 6),
+            "the report goes despite the back-off"
+        );
+        assert_eq!(decide(&mut e, &[], &q, &c, 4, 1, true), Step::Take, "at R: take");
+        let refusal = TakeResponse {
+            admitted: false,
+            now_ms: 0,
+            buckets: vec![],
+            quotas: grant.quotas.clone(),
+        };
+        let v = apply_take(&mut e, &refusal, &[], &c, 5, 1);
+        assert_eq!((v.denial, v.retry_after_secs), (Some(Denial::QuotaExceeded), Some(1)));
+        assert_eq!(e.denied_until_ms, 0, "our own 2 units: nothing cached");
     }
 }

@@ -174,6 +174,12 @@ impl Lease {
             || self.returned_pending > 0
     }
 
+    /// Units spent and not yet acknowledged by the lender (what it would not know of if
+    /// this holder died now).
+    pub fn unreported(&self) -> u64 {
+        self.spent_total.saturating_sub(self.reported_total)
+    }
+
     /// Whether the lender knows everything: nothing held, given up or spent unreported.
     /// Only then may a holder forget the lease.
     pub fn settled(&self) -> bool {
@@ -203,6 +209,18 @@ impl Lease {
         self.expire(now_ms);
         self.refill_sent_ms = now_ms.max(1);
         Some(self.ask(self.want(policy), now_ms))
+    }
+
+    /// Starts a report (an ask for nothing more) at `now_ms` unless a call is in flight:
+    /// unlike a refill it may go while the lender said to wait, since it only tells the
+    /// lender what was spent.
+    pub fn begin_report(&mut self, now_ms: u64, policy: &LeasePolicy) -> Option<Ask> {
+        if self.refill_in_flight(now_ms, policy) {
+            return None;
+        }
+        self.expire(now_ms);
+        self.refill_sent_ms = now_ms.max(1);
+        Some(self.ask(0, now_ms))
     }
 
     /// An ask that gives everything back and wants nothing (shutdown, reload, idle).
@@ -305,6 +323,53 @@ pub mod bounds {
     /// `overdraft` per holder and subject, on top of the quota; 0 when connected.
     pub fn partition_overdraft_max(fleet_size: u64, overdraft: u64) -> u64 {
         fleet_size.saturating_mul(overdraft)
+    }
+
+    /// R, the most a holder may have spent of a subject without the lender's
+    /// acknowledgement: `pct` % of the quota's `limit`, at least 1 and at most
+    /// `max_chunk`. The holder reports (off the request path) once its unreported spend
+    /// reaches [`report_at`], and stops spending its lease locally (a request then takes
+    /// its cost from the lender directly) while one more request would take it above R.
+    /// A subject with several quotas uses the smallest R.
+    pub fn unreported_max(limit: u64, pct: u64, max_chunk: u64) -> u64 {
+        let r = u128::from(limit) * u128::from(pct) / 100;
+        u64::try_from(r).unwrap_or(u64::MAX).clamp(1, max_chunk.max(1))
+    }
+
+    /// Unreported spend at which a holder reports it: half of R, at least 1.
+    pub fn report_at(r: u64) -> u64 {
+        r.div_ceil(2).max(1)
+    }
+
+    /// Most a quota is under-admitted for good because `dead` holders died (SIGKILL,
+    /// crash) holding leases: when such a lease expires, the lender counts R' = min(R,
+    /// held) as consumed, since the holder may have spent up to that much unreported, and
+    /// the rest of the lease comes back. The holder really spent between 0 and R' of it,
+    /// so the fleet never admits more than the quota and loses at most R per dead lease.
+    pub fn crash_under_admission_max(dead: u64, r: u64) -> u64 {
+        dead.saturating_mul(r)
+    }
+
+    /// How often a node refills a subject held at its rate cap (the fleet bucket was
+    /// empty, or held less than one node's grant, at its last call): every `fleet_size`
+    /// token times (the time in which the fleet bucket gains one token per node), but at
+    /// most half the time the bucket takes to fill its burst (so tokens are never lost to
+    /// a full bucket between two refills of one node) and at least one refill tick.
+    /// Between refills the node answers 429 itself.
+    pub fn cap_refill_interval_ms(rate: u64, interval_ms: u64, burst: u64, fleet_size: u64, tick_ms: u64) -> u64 {
+        let per_token = |n: u64| u128::from(n) * u128::from(interval_ms) / u128::from(rate.max(1));
+        let fleet_share = per_token(fleet_size.max(1));
+        let half_fill = per_token(burst) / 2;
+        u64::try_from(fleet_share.min(half_fill))
+            .unwrap_or(u64::MAX)
+            .max(tick_ms)
+    }
+
+    /// Most calls a node makes for one subject held at its rate cap during `window_ms`,
+    /// whatever the request rate: one refill per `cap_refill_interval_ms`, plus the
+    /// paused take of its first request and the call that finds the bucket empty.
+    pub fn cap_calls_max(window_ms: u64, refill_interval_ms: u64) -> u64 {
+        window_ms / refill_interval_ms.max(1) + 2
     }
 
     /// A rate limit's local share while partitioned: `limit / fleet_size`, rounded up so
@@ -555,6 +620,66 @@ mod tests {
         assert_eq!(bounds::partition_overdraft_max(3, 5), 15);
         assert_eq!(bounds::local_share(100, 3), 34);
         assert_eq!(bounds::local_share(1, 3), 1);
+        // R: 1 % of the quota, within [1, max_chunk].
+        assert_eq!(bounds::unreported_max(1_000, 1, 100), 10);
+        assert_eq!(bounds::unreported_max(60, 10, 20), 6);
+        assert_eq!(bounds::unreported_max(60, 1, 20), 1, "at least 1");
+        assert_eq!(bounds::unreported_max(10_000_000, 1, 1_000), 1_000, "at most max_chunk");
+        assert_eq!(bounds::unreported_max(u64::MAX, 100, u64::MAX), u64::MAX);
+        assert_eq!(
+            (bounds::report_at(10), bounds::report_at(1), bounds::report_at(5)),
+            (5, 1, 3)
+        );
+        assert_eq!(bounds::crash_under_admission_max(2, 10), 20);
+        // 40/s, burst 40, 3 nodes, tick 20: 3 token times = 75 ms (half fill is 500 ms).
+        assert_eq!(bounds::cap_refill_interval_ms(40, 1_000, 40, 3, 20), 75);
+        // 1/s, burst 2, 3 nodes: half the fill time (1 s), not 3 s.
+        assert_eq!(bounds::cap_refill_interval_ms(1, 1_000, 2, 3, 20), 1_000);
+        // 1000/s: one tick.
+        assert_eq!(bounds::cap_refill_interval_ms(1_000, 1_000, 1_000, 3, 20), 20);
+        assert_eq!(bounds::cap_calls_max(6_000, 75), 82);
+    }
+
+    /// A holder that never spends beyond R unreported, its reports answered only some
+    /// requests later, dying at any point: what the lender has counted plus what it
+    /// presumes spent (min(R, held)) always covers what was admitted, and exceeds it by at
+    /// most R.
+    #[test]
+    fn a_dead_holders_presumed_spend_covers_what_it_admitted() {
+        let r = bounds::unreported_max(60, 10, 40);
+        assert_eq!(r, 6);
+        for delay in 0..6u64 {
+            let mut l = Lease::default();
+            let ask = l.begin_refill(0, &P).unwrap();
+            l.on_grant(&ask, 40, 1_000_000);
+            // The lender's record: reported spend and the hold of the last applied call.
+            let (mut counted, mut held) = (0u64, 40u64);
+            let mut in_flight: Option<(Ask, u64)> = None;
+            let mut admitted = 0u64;
+            for step in 1..200u64 {
+                if l.unreported() < r && l.try_spend(1, step) {
+                    admitted += 1;
+                }
+                if in_flight.is_none() && l.unreported() >= bounds::report_at(r) {
+                    let ask = l.begin_refill(step, &P).unwrap();
+                    in_flight = Some((ask, step + delay));
+                }
+                if let Some((ask, at)) = in_flight {
+                    if step >= at {
+                        // Applied and answered (no more units granted).
+                        counted = ask.spent_total;
+                        held = ask.hold;
+                        l.on_grant(&ask, 0, 1_000_000);
+                        in_flight = None;
+                    }
+                }
+                // Dies now: is the presumption enough, and not too much?
+                let presumed = r.min(held);
+                assert!(counted + presumed >= admitted, "delay {delay} step {step}");
+                assert!(counted + presumed - admitted <= bounds::crash_under_admission_max(1, r));
+            }
+            assert_eq!(admitted, 40, "the whole lease is spent, R/2 at a time");
+        }
     }
 
     #[test]

@@ -74,6 +74,12 @@ pub struct LeaseRequest {
     /// since the last applied call is counted as consumed (idempotent replay).
     #[serde(default)]
     pub spent_total: u64,
+    /// R: the node never has more than this many units spent and not yet acknowledged
+    /// (`lease::bounds::unreported_max`). If its lease expires without a further call
+    /// (the node died), min(R, held) is counted as consumed and the rest comes back.
+    /// Absent: nothing is presumed (every held unit comes back).
+    #[serde(default)]
+    pub unreported_max: Option<u64>,
     #[serde(default)]
     pub buckets: Vec<BucketSpec>,
     #[serde(default)]
@@ -111,6 +117,11 @@ pub struct LeaseResponse {
     pub granted: u64,
     /// The node's held and granted units are valid this long from when it sent the call.
     pub valid_ms: u64,
+    /// The node's lease had already expired in the fleet (or been reclaimed) when this
+    /// call arrived: the units it said it holds are not its own any more and must be
+    /// dropped; only `granted` is its lease.
+    #[serde(default)]
+    pub hold_void: bool,
     /// Redis time of the call.
     pub now_ms: u64,
     pub buckets: Vec<BucketView>,
@@ -233,6 +244,7 @@ impl LeaseRequest {
             ("hold", self.hold),
             ("returned", self.returned),
             ("spent_total", self.spent_total),
+            ("unreported_max", self.unreported_max.unwrap_or(0)),
         ] {
             if v >= MAX_LUA_INT {
                 return Err(format!("{name}: must be below 2^53"));

@@ -225,20 +225,128 @@ pub fn apply(
     r.unwrap_or(LimitOutcome::Contended)
 }
 
+/// Puts `units` a worker took at `taken_at_ms` and did not spend back into `state`
+/// (each limit of the lease, matched by name); see `token_bucket::give_back` and
+/// `quota::give_back` for what cannot go back.
+fn give_back(
+    state: &mut LimitState,
+    buckets: &[NamedBucket],
+    quotas: &[NamedQuota],
+    now_ms: u64,
+    units: u64,
+    taken_at_ms: u64,
+) {
+    let now_ns = now_ms.saturating_mul(1_000_000);
+    for b in buckets {
+        let h = name_hash(&b.name);
+        if let Some((_, s)) = state.buckets.iter_mut().find(|(n, _)| *n == h) {
+            *s = token_bucket::give_back(&b.limit, s, now_ns, units);
+        }
+    }
+    let taken_at_secs = (taken_at_ms / 1000) as i64;
+    for q in quotas {
+        let h = name_hash(&q.name);
+        if let Some((_, s)) = state.quotas.iter_mut().find(|(n, _)| *n == h) {
+            *s = quota::give_back(q.period, s, taken_at_secs, units);
+        }
+    }
+}
+
+/// What one CAS of a worker's lease came to (see `core::limits::worker_lease`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseTake {
+    /// The request's decision. Its views are the shared state after this CAS, without
+    /// the `extra` units the worker now holds.
+    pub check: LimitCheck,
+    /// The state to store; `None` when nothing changed.
+    pub write: Option<LimitState>,
+    /// Units taken on top of the request's cost, now held by the worker.
+    pub extra: u64,
+}
+
+/// A worker's lease CAS, as a pure function of the stored state: first `back` units the
+/// worker took at `back_taken_at_ms` and did not spend go back, then the request's
+/// `cost` is decided exactly as [`evaluate`] decides it, and if it passes, up to `want`
+/// more units are taken for the worker to spend locally. Extra units are one unit of
+/// every limit at once, at most what each bucket has left after the request and at
+/// most `1 / share` of what each quota has left (so a quota's last `share` units are
+/// never leased: at its end every request is decided here, exactly).
+#[allow(clippy::too_many_arguments)]
+pub fn lease_take(
+    buckets: &[NamedBucket],
+    quotas: &[NamedQuota],
+    state: &LimitState,
+    now_ms: u64,
+    cost: u64,
+    want: u64,
+    back: (u64, u64),
+    share: u64,
+) -> LeaseTake {
+    let mut base = state.clone();
+    let (back, back_taken_at_ms) = back;
+    if back > 0 {
+        give_back(&mut base, buckets, quotas, now_ms, back, back_taken_at_ms);
+    }
+    let changed = |next: &LimitState| (next != state).then(|| next.clone());
+    let (check, next) = evaluate(buckets, quotas, &base, now_ms, cost);
+    let Some(next) = next else {
+        return LeaseTake {
+            check,
+            write: changed(&base),
+            extra: 0,
+        };
+    };
+    let room = check
+        .views
+        .iter()
+        .map(|v| {
+            if v.bucket {
+                v.remaining
+            } else {
+                v.remaining / share.max(1)
+            }
+        })
+        .min()
+        .unwrap_or(0);
+    let extra = want.min(room);
+    if extra > 0 {
+        if let (check, Some(next)) = evaluate(buckets, quotas, &base, now_ms, cost.saturating_add(extra)) {
+            return LeaseTake {
+                check,
+                write: changed(&next),
+                extra,
+            };
+        }
+    }
+    LeaseTake {
+        check,
+        write: changed(&next),
+        extra: 0,
+    }
+}
+
 /// `RateLimit-Policy` and `RateLimit` values for a check (`None` without limits).
 pub fn headers(check: &LimitCheck) -> Option<(String, String)> {
-    if check.views.is_empty() {
+    headers_held(&check.views, 0)
+}
+
+/// The same for views of the shared state while the worker holds `held` more units of
+/// every limit (a request served from its lease): those count as remaining too.
+pub fn headers_held(views: &[LimitView], held: u64) -> Option<(String, String)> {
+    if views.is_empty() {
         return None;
     }
-    let policies: Vec<(&str, u64, u64)> = check
-        .views
+    let policies: Vec<(&str, u64, u64)> = views
         .iter()
         .map(|v| (v.name.as_str(), v.quota, v.window_secs))
         .collect();
-    let states: Vec<(&str, u64, u64)> = check
-        .views
+    let states: Vec<(&str, u64, u64)> = views
         .iter()
-        .map(|v| (v.name.as_str(), v.remaining, v.reset_secs))
+        .map(|v| {
+            let remaining = v.remaining.saturating_add(held);
+            let reset = if v.bucket && remaining > 0 { 0 } else { v.reset_secs };
+            (v.name.as_str(), remaining, reset)
+        })
         .collect();
     let (mut p, mut s) = (String::with_capacity(64), String::with_capacity(64));
     push_ratelimit_policy(&mut p, &policies);

@@ -327,19 +327,24 @@ pub fn lease_take(
 
 /// `RateLimit-Policy` and `RateLimit` values for a check (`None` without limits).
 pub fn headers(check: &LimitCheck) -> Option<(String, String)> {
-    headers_held(&check.views, 0)
+    let views = &check.views;
+    (!views.is_empty()).then(|| (policy_field(views), ratelimit_field(views, 0)))
 }
 
-/// The same for views of the shared state while the worker holds `held` more units of
-/// every limit (a request served from its lease): those count as remaining too.
-pub fn headers_held(views: &[LimitView], held: u64) -> Option<(String, String)> {
-    if views.is_empty() {
-        return None;
-    }
+/// The `RateLimit-Policy` value of these views (it changes only with the limits, so a
+/// worker's lease keeps it rendered).
+pub fn policy_field(views: &[LimitView]) -> String {
     let policies: Vec<(&str, u64, u64)> = views
         .iter()
         .map(|v| (v.name.as_str(), v.quota, v.window_secs))
         .collect();
+    let mut p = String::with_capacity(64);
+    push_ratelimit_policy(&mut p, &policies);
+    p
+}
+
+/// The `RateLimit` value of these views with `held` more units of every limit.
+pub fn ratelimit_field(views: &[LimitView], held: u64) -> String {
     let states: Vec<(&str, u64, u64)> = views
         .iter()
         .map(|v| {
@@ -348,10 +353,9 @@ pub fn headers_held(views: &[LimitView], held: u64) -> Option<(String, String)> 
             (v.name.as_str(), remaining, reset)
         })
         .collect();
-    let (mut p, mut s) = (String::with_capacity(64), String::with_capacity(64));
-    push_ratelimit_policy(&mut p, &policies);
+    let mut s = String::with_capacity(64);
     push_ratelimit(&mut s, &states);
-    Some((p, s))
+    s
 }
 
 #[cfg(test)]

@@ -131,6 +131,8 @@ struct Entry {
     /// Each limit's view of the shared state after that CAS; a request served from the
     /// lease reports these plus the units still held.
     views: Vec<LimitView>,
+    /// Their `RateLimit-Policy` value, rendered once per CAS.
+    policy: String,
 }
 
 /// What a request served from the lease reports in its `RateLimit` fields.
@@ -139,6 +141,15 @@ pub struct Served<'a> {
     pub views: &'a [LimitView],
     /// Units this worker still holds.
     pub held: u64,
+    /// The `RateLimit-Policy` value of `views`.
+    pub policy: &'a str,
+}
+
+impl Served<'_> {
+    /// `RateLimit-Policy` and `RateLimit` values (`None` without limits).
+    pub fn headers(&self) -> Option<(String, String)> {
+        (!self.views.is_empty()).then(|| (self.policy.to_string(), limiter::ratelimit_field(self.views, self.held)))
+    }
 }
 
 /// This worker's leases, by the subject's state key (`km/rl/k/<lineage>`, ...).
@@ -166,6 +177,7 @@ impl WorkerLeases {
         Some(Served {
             views: &e.views,
             held: e.lease.available,
+            policy: &e.policy,
         })
     }
 
@@ -197,6 +209,7 @@ impl WorkerLeases {
             taken_at_ms: now_ms,
             spent: 0,
             views: Vec::new(),
+            policy: String::new(),
         });
         // The units this worker is likely to spend within one lease, at its rate since
         // the last CAS (0 for a subject it took nothing for, or sees now and then).
@@ -230,6 +243,14 @@ impl WorkerLeases {
             e.quotas = quotas.to_vec();
         }
         let mut check = t.check;
+        if e.views.len() != check.views.len()
+            || e.views
+                .iter()
+                .zip(&check.views)
+                .any(|(a, b)| (&a.name, a.quota, a.window_secs) != (&b.name, b.quota, b.window_secs))
+        {
+            e.policy = limiter::policy_field(&check.views);
+        }
         e.views.clone_from(&check.views);
         for v in &mut check.views {
             v.remaining = v.remaining.saturating_add(t.extra);
@@ -438,16 +459,21 @@ mod tests {
             let served = w.spend(K, &b, &[], T0 + 2, 1).expect("from the lease");
             assert_eq!((served.views[0].remaining, served.held), (988, 9 - i));
             assert_eq!(
-                limiter::headers_held(served.views, served.held).unwrap().1,
-                format!("\"b\";r={};t=0", 997 - i)
+                served.headers().unwrap(),
+                ("\"b\";q=1000;w=1".to_string(), format!("\"b\";r={};t=0", 997 - i))
             );
         }
         assert_eq!(sets.get(), before, "no store write while the lease serves");
         assert!(w.spend(K, &b, &[], T0 + 2, 1).is_none(), "empty");
         assert!(allowed(&w.take(&s, K, &b, &[], T0 + 2, 1)));
         assert_eq!(sets.get(), before + 1);
-        // A lease from another plan's limits is not spent.
-        assert!(w.spend(K, &bucket(1000, 1000, 999), &[], T0 + 2, 1).is_none());
+        // A lease from another plan's limits is not spent; the next CAS takes one under
+        // the new limits, and its RateLimit-Policy says so.
+        let b2 = bucket(2000, 1000, 2000);
+        assert!(w.spend(K, &b2, &[], T0 + 2, 1).is_none());
+        w.take(&s, K, &b2, &[], T0 + 2, 1);
+        let served = w.spend(K, &b2, &[], T0 + 2, 1).expect("a lease under the new limits");
+        assert_eq!(served.headers().unwrap().0, "\"b\";q=2000;w=1");
     }
 
     #[test]

@@ -310,7 +310,7 @@ pub(super) fn enforce(
             // The steady request of a busy subject: from this worker's lease, no host call.
             if let Some(served) = leases.spend(key, buckets, quotas, now_ms, cost) {
                 if cfg.rate_limit_headers {
-                    d.ratelimit = limiter::headers_held(served.views, served.held);
+                    d.ratelimit = served.headers();
                 }
                 return d;
             }

@@ -196,6 +196,34 @@ def test_a_quota_is_exact_across_workers_with_leases_and_route_costs(start_envoy
     assert usage_rows(envoy)[k.id]["cost_units"] == limit
 
 
+def quota_remaining(ratelimit: str, name: str) -> int:
+    for item in ratelimit.split(", "):
+        if item.startswith(f'"{name}";'):
+            return int(item.split(";r=")[1].split(";")[0])
+    raise AssertionError(f"{name} not in {ratelimit!r}")
+
+
+def test_workers_that_go_idle_give_their_leases_back(start_envoy):
+    """Both workers busy on a key, then silent: each one's sweep gives its unspent units
+    back, so the next request sees the quota exactly (limit minus every admitted
+    request), whichever worker serves it."""
+    limit = 1_000_000
+    envoy = start_envoy(concurrency=WORKERS, filter_conf=FILTER)
+    k = Key(plan="m")
+    plan = {"quotas": [{"name": "monthly", "period": "month", "limit": limit}]}
+    load(envoy, 1, [k], {"m": plan})
+    pool = clients_on_both_workers(envoy, k)
+    hammer(pool, k, 1.0)
+    admitted = sum(1 for c in pool for *_, s in c.log if s == 200)
+    assert admitted == sum(len(c.log) for c in pool), "nothing refused"
+    time.sleep(LEASE_S + 2 * SWEEP_S + 0.1)
+    r = harness.http("GET", envoy.url("/v1/x"), {"x-api-key": k.key})
+    assert r.status == 200
+    assert quota_remaining(r.headers.get("ratelimit"), "monthly") == limit - admitted - 1
+    for c in pool:
+        c.close()
+
+
 def test_a_revoke_is_refused_on_every_worker_while_leases_are_held(start_envoy):
     envoy = start_envoy(concurrency=WORKERS, filter_conf=FILTER)
     k, other = Key(plan="big"), Key(plan="big")

@@ -213,7 +213,8 @@ impl RootContext for Root {
             fleet.on_tick();
         }
         let now = super::host::now_ms();
-        if let Some(s) = self.state.as_ref().filter(|s| s.config.role == Role::Filter) {
+        // (Not on a failed clock read: expiry needs the time.)
+        if let Some(s) = self.state.as_ref().filter(|s| s.config.role == Role::Filter && now > 0) {
             s.leases.borrow_mut().sweep(&super::host::HostStore, now);
         }
         let interval = self.state.as_ref().map_or(0, |s| s.config.metering.flush_interval_ms);

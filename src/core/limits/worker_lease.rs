@@ -198,7 +198,7 @@ impl WorkerLeases {
             return limiter::apply(store, key, buckets, quotas, now_ms, cost);
         }
         let cap = hold_cap(buckets, quotas);
-        if !self.entries.contains_key(key) && (cap == 0 || !self.make_room(now_ms)) {
+        if !self.entries.contains_key(key) && (cap == 0 || !self.make_room()) {
             // Nothing held and nothing to hold: the exact CAS, as without leases.
             return limiter::apply(store, key, buckets, quotas, now_ms, cost);
         }
@@ -298,12 +298,12 @@ impl WorkerLeases {
 
     /// Whether a new subject may be tracked: at capacity, idle subjects are forgotten
     /// first; subjects holding units are never dropped (their units would be lost).
-    fn make_room(&mut self, now_ms: u64) -> bool {
+    fn make_room(&mut self) -> bool {
         if self.entries.len() < CAPACITY {
             return true;
         }
         self.entries
-            .retain(|_, e| e.lease.available > 0 || e.lease.returned_pending > 0 || now_ms < e.lease.expires_at_ms);
+            .retain(|_, e| e.lease.available > 0 || e.lease.returned_pending > 0);
         self.entries.len() < CAPACITY
     }
 }
@@ -725,6 +725,33 @@ mod tests {
         assert_eq!(w.held(K), 0);
         assert_eq!(shared(&s, &[], &q, T0 + 2), [1_000_000 - 2]);
         assert!(w.is_empty());
+    }
+
+    /// Tracked subjects are bounded: beyond CAPACITY new subjects are decided by the exact
+    /// CAS (never dropping units a worker holds), and idle ones make room.
+    #[test]
+    fn the_lease_table_is_bounded_without_dropping_held_units() {
+        let s = MemStore::default();
+        let mut w = WorkerLeases::default();
+        let q = quota(Period::Month, 1_000_000);
+        let key = |i: usize| format!("km/rl/k/s{i}");
+        for i in 0..CAPACITY {
+            w.take(&s, &key(i), &[], &q, T0, 1);
+            w.take(&s, &key(i), &[], &q, T0, 1);
+        }
+        assert_eq!(w.len(), CAPACITY);
+        assert!((0..CAPACITY).all(|i| w.held(&key(i)) > 0));
+        // Full of subjects holding units: a new one is still decided, exactly, untracked.
+        assert!(allowed(&w.take(&s, "km/rl/k/new", &[], &q, T0, 1)));
+        assert_eq!(w.len(), CAPACITY);
+        assert_eq!(w.held("km/rl/k/new"), 0);
+        // Once the leases expired and went back, idle subjects make room.
+        w.sweep(&s, T0 + LEASE_MS);
+        assert!(allowed(&w.take(&s, "km/rl/k/new", &[], &q, T0 + LEASE_MS, 1)));
+        assert_eq!(w.len(), 1);
+        let st = LimitState::decode(&s.get(&key(0)).0.unwrap());
+        let left = evaluate(&[], &q, &st, T0, 0).0.views[0].remaining;
+        assert_eq!(left, 1_000_000 - 2, "the sweep gave the held units back");
     }
 
     #[test]

@@ -571,6 +571,51 @@ mod tests {
         assert_eq!(apply(&*s, "k", &b, &[], T0, 1), LimitOutcome::Contended);
     }
 
+    /// A lease CAS: returns first, the request decided exactly, extra units at most what
+    /// each bucket has left and 1/share of what each quota has left (none of its last
+    /// `share` units), and nothing written for a no-op.
+    #[test]
+    fn lease_take_returns_decides_then_leases_within_the_shares() {
+        let b = bucket(1000, 3_600_000, 1000);
+        let q = daily(100);
+        let st = LimitState::default();
+        let t = lease_take(&b, &q, &st, T0, 4, 50, (0, 0), 16);
+        // The quota has 96 left after the request: at most 96 / 16 = 6 extra.
+        assert_eq!((t.check.denial, t.extra), (None, 6));
+        assert_eq!((t.check.views[0].remaining, t.check.views[1].remaining), (990, 90));
+        let st = t.write.unwrap();
+        // The 6 come back with the next CAS, which takes 81: 15 left, no room for extra.
+        let t = lease_take(&b, &q, &st, T0, 81, 50, (6, T0), 16);
+        assert_eq!((t.check.denial, t.extra), (None, 0));
+        assert_eq!(t.check.views[1].remaining, 15);
+        let st = t.write.unwrap();
+        let t = lease_take(&b, &q, &st, T0, 1, 50, (0, T0), 16);
+        assert_eq!(
+            (t.extra, t.check.views[1].remaining),
+            (0, 14),
+            "the last 16 are not leased"
+        );
+        let st = t.write.unwrap();
+        // A refusal writes nothing (it would write the returns, had there been any).
+        let t = lease_take(&b, &q, &st, T0, 15, 50, (0, T0), 16);
+        assert_eq!((t.check.denial, t.write), (Some(Denial::QuotaExceeded), None));
+        // Units taken yesterday go back to the bucket, not to today's quota; a CAS with
+        // nothing to take or give back writes nothing.
+        let t = lease_take(&b, &q, &st, T0, 0, 0, (5, T0 - 86_400_000), 16);
+        let views = evaluate(&b, &q, &t.write.unwrap(), T0, 0).0.views;
+        let before = evaluate(&b, &q, &st, T0, 0).0.views;
+        assert_eq!(views[0].remaining, before[0].remaining + 5);
+        assert_eq!(views[1].remaining, 14);
+        assert_eq!(lease_take(&b, &q, &st, T0, 0, 0, (0, T0), 16).write, None);
+        let t = lease_take(&b, &q, &st, T0, 0, 0, (5, T0), 16);
+        let back = t.write.unwrap();
+        assert_eq!(evaluate(&b, &q, &back, T0, 0).0.views[1].remaining, 19);
+        // A refusal with returns writes them.
+        let t = lease_take(&b, &q, &st, T0, 50, 50, (5, T0), 16);
+        assert_eq!(t.check.denial, Some(Denial::QuotaExceeded));
+        assert_eq!(t.write, Some(back));
+    }
+
     #[test]
     fn state_round_trips_and_garbage_decodes_to_fresh() {
         let mut st = LimitState::default();

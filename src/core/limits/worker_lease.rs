@@ -558,6 +558,43 @@ mod tests {
         assert_eq!(shared(&s, &[], &q, midnight)[0] + w.held(K), 100_000 - 1);
     }
 
+    /// Workers busy across midnight: each day admits at most its limit, and once the
+    /// leases are back the new day's count is exactly what was admitted in it (units
+    /// leased yesterday are neither spent today nor credited to today).
+    #[test]
+    fn busy_workers_across_a_period_boundary_count_each_day_exactly() {
+        let s = MemStore::default();
+        let mut ws: Vec<WorkerLeases> = (0..3).map(|_| WorkerLeases::default()).collect();
+        let q = quota(Period::Day, 100_000);
+        let midnight = T0 + 12 * 3_600_000;
+        let (mut day1, mut day2) = (0u64, 0u64);
+        let mut rng = 0x1234_5678_9abc_def1u64;
+        let mut now = midnight - 500;
+        while now < midnight + 500 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            now += rng % 2;
+            let w = &mut ws[(rng % 3) as usize];
+            if request(w, &s, &[], &q, now, 1) {
+                if now < midnight {
+                    day1 += 1;
+                } else {
+                    day2 += 1;
+                }
+            }
+        }
+        assert!(day1 > 100 && day2 > 100, "{day1} {day2}");
+        for w in &mut ws {
+            w.release_all(&s, now);
+        }
+        assert_eq!(
+            shared(&s, &[], &q, now),
+            [100_000 - day2],
+            "today counts today's admissions only"
+        );
+    }
+
     /// A quota's last `share` units are never leased: at its end every request is one
     /// exact CAS. And what any worker holds is given back on release.
     #[test]

@@ -136,8 +136,15 @@ impl HttpContext for FilterRequest {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let state = self.state.clone();
         let mut cache = state.keys.borrow_mut();
-        let mut decision = request::decide(&state.config, &mut cache, &mut HostFetch { state: &state }, &HostStore);
-        drop(cache);
+        let mut leases = state.leases.borrow_mut();
+        let mut decision = request::decide(
+            &state.config,
+            &mut cache,
+            &mut leases,
+            &mut HostFetch { state: &state },
+            &HostStore,
+        );
+        drop((cache, leases));
         // Fleet mode: the node's lease decides the limits, or the request waits for one
         // take call (bounded by the fleet timeout).
         if let (Some(limits), Some(fleet)) = (decision.fleet.take(), state.fleet.as_ref()) {

@@ -7,6 +7,7 @@ use super::service::{Misplaced, Service};
 use super::{admin::AdminRequest, filter::FilterRequest};
 use crate::core::auth::problem::Problem;
 use crate::core::config::{Config, Role};
+use crate::core::limits::worker_lease::{self, WorkerLeases};
 use crate::core::request::{KeyCache, PlansCache};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
@@ -25,6 +26,8 @@ pub struct PluginState {
     pub plans: RefCell<PlansCache>,
     /// This worker's decoded key records, valid for one `km/meta` write.
     pub keys: RefCell<KeyCache>,
+    /// This worker's token leases on busy subjects (single-node limits).
+    pub leases: RefCell<WorkerLeases>,
     /// This worker's usage counts (role filter).
     pub meter: RefCell<Meter>,
     /// Fail-open passes are logged once per worker, not once per request.
@@ -59,6 +62,12 @@ impl Context for Root {
     fn on_done(&mut self) -> bool {
         // A plugin reload or shutdown: hand this worker's counts over before the VM goes.
         self.flush_usage();
+        // Its leased units too: what it did not spend goes back to the shared limits.
+        if let Some(s) = &self.state {
+            s.leases
+                .borrow_mut()
+                .release_all(&super::host::HostStore, super::host::now_ms());
+        }
         // Fleet mode: give the leases back (what is unspent returns to the fleet now,
         // not after the lease TTL); wait for the answers, bounded by the call timeout.
         let sent = self
@@ -116,15 +125,19 @@ impl RootContext for Root {
                 let metering = config.metering;
                 crate::core::store::init_create_lock(&super::host::HostStore);
                 let fleet = config.fleet.clone().map(super::fleet::FleetNode::new);
-                if config.role == Role::Filter && (metering.enabled || fleet.is_some()) {
-                    super::host::ensure_instance();
+                if config.role == Role::Filter {
+                    if metering.enabled || fleet.is_some() {
+                        super::host::ensure_instance();
+                    }
                     let mut tick = if metering.enabled {
                         metering.flush_interval_ms
                     } else {
                         u64::MAX
                     };
-                    if let Some(f) = &fleet {
-                        tick = tick.min(f.cfg.refill_tick_ms);
+                    match &fleet {
+                        Some(f) => tick = tick.min(f.cfg.refill_tick_ms),
+                        // Single-node limits: expired worker leases go back promptly.
+                        None => tick = tick.min(worker_lease::SWEEP_MS),
                     }
                     let _ = proxy_wasm::hostcalls::set_tick_period(std::time::Duration::from_millis(tick));
                 }
@@ -147,6 +160,7 @@ impl RootContext for Root {
                     challenges,
                     plans: RefCell::default(),
                     keys: RefCell::default(),
+                    leases: RefCell::default(),
                     meter: RefCell::new(Meter::new(metering)),
                     warned_fail_open: Default::default(),
                     fleet,
@@ -199,6 +213,10 @@ impl RootContext for Root {
             fleet.on_tick();
         }
         let now = super::host::now_ms();
+        // (Not on a failed clock read: expiry needs the time.)
+        if let Some(s) = self.state.as_ref().filter(|s| s.config.role == Role::Filter && now > 0) {
+            s.leases.borrow_mut().sweep(&super::host::HostStore, now);
+        }
         let interval = self.state.as_ref().map_or(0, |s| s.config.metering.flush_interval_ms);
         if now.saturating_sub(self.last_flush_ms) >= interval {
             self.last_flush_ms = now;

@@ -225,25 +225,137 @@ pub fn apply(
     r.unwrap_or(LimitOutcome::Contended)
 }
 
+/// Puts `units` a worker took at `taken_at_ms` and did not spend back into `state`
+/// (each limit of the lease, matched by name); see `token_bucket::give_back` and
+/// `quota::give_back` for what cannot go back.
+fn give_back(
+    state: &mut LimitState,
+    buckets: &[NamedBucket],
+    quotas: &[NamedQuota],
+    now_ms: u64,
+    units: u64,
+    taken_at_ms: u64,
+) {
+    let now_ns = now_ms.saturating_mul(1_000_000);
+    for b in buckets {
+        let h = name_hash(&b.name);
+        if let Some((_, s)) = state.buckets.iter_mut().find(|(n, _)| *n == h) {
+            *s = token_bucket::give_back(&b.limit, s, now_ns, units);
+        }
+    }
+    let taken_at_secs = (taken_at_ms / 1000) as i64;
+    for q in quotas {
+        let h = name_hash(&q.name);
+        if let Some((_, s)) = state.quotas.iter_mut().find(|(n, _)| *n == h) {
+            *s = quota::give_back(q.period, s, taken_at_secs, units);
+        }
+    }
+}
+
+/// What one CAS of a worker's lease came to (see `core::limits::worker_lease`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseTake {
+    /// The request's decision. Its views are the shared state after this CAS, without
+    /// the `extra` units the worker now holds.
+    pub check: LimitCheck,
+    /// The state to store; `None` when nothing changed.
+    pub write: Option<LimitState>,
+    /// Units taken on top of the request's cost, now held by the worker.
+    pub extra: u64,
+}
+
+/// A worker's lease CAS, as a pure function of the stored state: first `back` units the
+/// worker took at `back_taken_at_ms` and did not spend go back, then the request's
+/// `cost` is decided exactly as [`evaluate`] decides it, and if it passes, up to `want`
+/// more units are taken for the worker to spend locally. Extra units are one unit of
+/// every limit at once, at most what each bucket has left after the request and at
+/// most `1 / share` of what each quota has left (so a quota's last `share` units are
+/// never leased: at its end every request is decided here, exactly).
+#[allow(clippy::too_many_arguments)]
+pub fn lease_take(
+    buckets: &[NamedBucket],
+    quotas: &[NamedQuota],
+    state: &LimitState,
+    now_ms: u64,
+    cost: u64,
+    want: u64,
+    back: (u64, u64),
+    share: u64,
+) -> LeaseTake {
+    let mut base = state.clone();
+    let (back, back_taken_at_ms) = back;
+    if back > 0 {
+        give_back(&mut base, buckets, quotas, now_ms, back, back_taken_at_ms);
+    }
+    let changed = |next: &LimitState| (next != state).then(|| next.clone());
+    let (check, next) = evaluate(buckets, quotas, &base, now_ms, cost);
+    let Some(next) = next else {
+        return LeaseTake {
+            check,
+            write: changed(&base),
+            extra: 0,
+        };
+    };
+    let room = check
+        .views
+        .iter()
+        .map(|v| {
+            if v.bucket {
+                v.remaining
+            } else {
+                v.remaining / share.max(1)
+            }
+        })
+        .min()
+        .unwrap_or(0);
+    let extra = want.min(room);
+    if extra > 0 {
+        if let (check, Some(next)) = evaluate(buckets, quotas, &base, now_ms, cost.saturating_add(extra)) {
+            return LeaseTake {
+                check,
+                write: changed(&next),
+                extra,
+            };
+        }
+    }
+    LeaseTake {
+        check,
+        write: changed(&next),
+        extra: 0,
+    }
+}
+
 /// `RateLimit-Policy` and `RateLimit` values for a check (`None` without limits).
 pub fn headers(check: &LimitCheck) -> Option<(String, String)> {
-    if check.views.is_empty() {
-        return None;
-    }
-    let policies: Vec<(&str, u64, u64)> = check
-        .views
+    let views = &check.views;
+    (!views.is_empty()).then(|| (policy_field(views), ratelimit_field(views, 0)))
+}
+
+/// The `RateLimit-Policy` value of these views (it changes only with the limits, so a
+/// worker's lease keeps it rendered).
+pub fn policy_field(views: &[LimitView]) -> String {
+    let policies: Vec<(&str, u64, u64)> = views
         .iter()
         .map(|v| (v.name.as_str(), v.quota, v.window_secs))
         .collect();
-    let states: Vec<(&str, u64, u64)> = check
-        .views
-        .iter()
-        .map(|v| (v.name.as_str(), v.remaining, v.reset_secs))
-        .collect();
-    let (mut p, mut s) = (String::with_capacity(64), String::with_capacity(64));
+    let mut p = String::with_capacity(64);
     push_ratelimit_policy(&mut p, &policies);
+    p
+}
+
+/// The `RateLimit` value of these views with `held` more units of every limit.
+pub fn ratelimit_field(views: &[LimitView], held: u64) -> String {
+    let states: Vec<(&str, u64, u64)> = views
+        .iter()
+        .map(|v| {
+            let remaining = v.remaining.saturating_add(held);
+            let reset = if v.bucket && remaining > 0 { 0 } else { v.reset_secs };
+            (v.name.as_str(), remaining, reset)
+        })
+        .collect();
+    let mut s = String::with_capacity(64);
     push_ratelimit(&mut s, &states);
-    Some((p, s))
+    s
 }
 
 #[cfg(test)]
@@ -457,6 +569,51 @@ mod tests {
             }
         }));
         assert_eq!(apply(&*s, "k", &b, &[], T0, 1), LimitOutcome::Contended);
+    }
+
+    /// A lease CAS: returns first, the request decided exactly, extra units at most what
+    /// each bucket has left and 1/share of what each quota has left (none of its last
+    /// `share` units), and nothing written for a no-op.
+    #[test]
+    fn lease_take_returns_decides_then_leases_within_the_shares() {
+        let b = bucket(1000, 3_600_000, 1000);
+        let q = daily(100);
+        let st = LimitState::default();
+        let t = lease_take(&b, &q, &st, T0, 4, 50, (0, 0), 16);
+        // The quota has 96 left after the request: at most 96 / 16 = 6 extra.
+        assert_eq!((t.check.denial, t.extra), (None, 6));
+        assert_eq!((t.check.views[0].remaining, t.check.views[1].remaining), (990, 90));
+        let st = t.write.unwrap();
+        // The 6 come back with the next CAS, which takes 81: 15 left, no room for extra.
+        let t = lease_take(&b, &q, &st, T0, 81, 50, (6, T0), 16);
+        assert_eq!((t.check.denial, t.extra), (None, 0));
+        assert_eq!(t.check.views[1].remaining, 15);
+        let st = t.write.unwrap();
+        let t = lease_take(&b, &q, &st, T0, 1, 50, (0, T0), 16);
+        assert_eq!(
+            (t.extra, t.check.views[1].remaining),
+            (0, 14),
+            "the last 16 are not leased"
+        );
+        let st = t.write.unwrap();
+        // A refusal writes nothing (it would write the returns, had there been any).
+        let t = lease_take(&b, &q, &st, T0, 15, 50, (0, T0), 16);
+        assert_eq!((t.check.denial, t.write), (Some(Denial::QuotaExceeded), None));
+        // Units taken yesterday go back to the bucket, not to today's quota; a CAS with
+        // nothing to take or give back writes nothing.
+        let t = lease_take(&b, &q, &st, T0, 0, 0, (5, T0 - 86_400_000), 16);
+        let views = evaluate(&b, &q, &t.write.unwrap(), T0, 0).0.views;
+        let before = evaluate(&b, &q, &st, T0, 0).0.views;
+        assert_eq!(views[0].remaining, before[0].remaining + 5);
+        assert_eq!(views[1].remaining, 14);
+        assert_eq!(lease_take(&b, &q, &st, T0, 0, 0, (0, T0), 16).write, None);
+        let t = lease_take(&b, &q, &st, T0, 0, 0, (5, T0), 16);
+        let back = t.write.unwrap();
+        assert_eq!(evaluate(&b, &q, &back, T0, 0).0.views[1].remaining, 19);
+        // A refusal with returns writes them.
+        let t = lease_take(&b, &q, &st, T0, 50, 50, (5, T0), 16);
+        assert_eq!(t.check.denial, Some(Denial::QuotaExceeded));
+        assert_eq!(t.write, Some(back));
     }
 
     #[test]

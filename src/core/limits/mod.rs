@@ -9,3 +9,4 @@ pub mod subject_table;
 #[cfg(test)]
 pub mod test_support;
 pub mod token_bucket;
+pub mod worker_lease;

@@ -124,10 +124,36 @@ pub fn consume(
     (decision, next)
 }
 
+/// Gives back `units` counted at `taken_at_secs` and never spent (a worker's lease
+/// returning what it did not use). Only into the period they were counted in: units of
+/// an earlier period are simply dropped (that period is over; crediting them to the
+/// current one would hand out units nobody paid for).
+pub fn give_back(period: Period, state: &QuotaState, taken_at_secs: i64, units: u64) -> QuotaState {
+    if state.period_start != period_bounds(period, taken_at_secs).0 {
+        return *state;
+    }
+    QuotaState {
+        period_start: state.period_start,
+        used: state.used.saturating_sub(units),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::core::time::parse_rfc3339;
+
+    #[test]
+    fn units_go_back_only_into_their_own_period() {
+        let d1 = t("2024-03-10T12:00:00Z");
+        let (_, s) = consume(10, Period::Day, &QuotaState::default(), d1, 7);
+        assert_eq!(give_back(Period::Day, &s, d1 + 5, 3).used, 4);
+        assert_eq!(give_back(Period::Day, &s, d1, 100).used, 0, "never below zero");
+        // Taken yesterday: dropped, whatever today's state says.
+        assert_eq!(give_back(Period::Day, &s, d1 - 86_400, 3), s);
+        let (_, next_day) = consume(10, Period::Day, &s, d1 + 86_400, 1);
+        assert_eq!(give_back(Period::Day, &next_day, d1, 3), next_day);
+    }
 
     fn t(s: &str) -> i64 {
         parse_rfc3339(s).unwrap()

@@ -224,6 +224,29 @@ pub fn try_take(limit: &BucketLimit, state: &BucketState, now_ns: u64, cost: u64
     }
 }
 
+/// Puts `tokens` taken earlier and never spent back into the bucket at `now_ns` (a
+/// worker's lease giving back its unspent units): the debt shrinks by that many tokens,
+/// never below 0, so a bucket that refilled meanwhile keeps at most `burst` (what does
+/// not fit is lost, never a credit). Like [`try_take`]: the clock never moves back, a
+/// state recorded under another limit is converted, an invalid limit changes nothing.
+pub fn give_back(limit: &BucketLimit, state: &BucketState, now_ns: u64, tokens: u64) -> BucketState {
+    let Ok(p) = limit.params() else {
+        return *state;
+    };
+    if tokens == 0 {
+        return *state;
+    }
+    let now = now_ns.max(state.last_ns);
+    let debt = current_debt(&p, state, now);
+    // debt <= cap fits in u64, so the difference does too.
+    let debt = u128::from(debt).saturating_sub(u128::from(tokens) * u128::from(p.unit)) as u64;
+    BucketState {
+        last_ns: now,
+        debt,
+        unit: p.unit,
+    }
+}
+
 /// The state's debt at `now` (>= `state.last_ns`) in the units of `p`, at most `p.cap`.
 fn current_debt(p: &Params, state: &BucketState, now: u64) -> u64 {
     if state.debt == 0 || state.unit == 0 {

@@ -17,6 +17,7 @@ use crate::core::keyset::meta::Meta;
 use crate::core::limits::limiter::{self, Denial, LimitOutcome};
 use crate::core::limits::plan::{LimitBy, Plan};
 use crate::core::limits::subject_table::{self, ANONYMOUS_SLOTS};
+use crate::core::limits::worker_lease::WorkerLeases;
 use crate::core::metering::usage::Outcome;
 use crate::core::store::Store;
 use std::rc::Rc;
@@ -28,8 +29,15 @@ use std::rc::Rc;
 /// `cache` holds the key under this `km/meta`, else the key entry (on a miss, `km/meta`
 /// again and, if the generation moved, the entry once more); `:method` and `:path` only
 /// for scopes or route costs; the peer address only for CIDRs; the clock (once per
-/// request); then the limit state through `store`.
-pub fn decide<H: Fetch>(cfg: &Config, cache: &mut KeyCache, host: &mut H, store: &dyn Store) -> Decision {
+/// request); then the limit state through `store`, unless this worker's lease on it
+/// (`leases`, see `core::limits::worker_lease`) covers the request.
+pub fn decide<H: Fetch>(
+    cfg: &Config,
+    cache: &mut KeyCache,
+    leases: &mut WorkerLeases,
+    host: &mut H,
+    store: &dyn Store,
+) -> Decision {
     let Some((meta, meta_cas)) = host.meta() else {
         return match cfg.when_no_keyset {
             NoKeySet::Deny => Decision::unauthenticated(Unauthenticated::KeySetUnavailable, Problem::KeySetUnavailable),
@@ -66,11 +74,11 @@ pub fn decide<H: Fetch>(cfg: &Config, cache: &mut KeyCache, host: &mut H, store:
             let (Some(j), Some(metadata)) = (&cfg.jwt, &jwt_metadata) else {
                 return Decision::unauthenticated(Unauthenticated::Missing, Problem::MissingCredential);
             };
-            return super::jwt::decide_jwt(cfg, j, host, store, &meta, metadata);
+            return super::jwt::decide_jwt(cfg, j, host, store, leases, &meta, metadata);
         }
         Which::Neither(CredentialError::Missing) => {
             return match &cfg.anonymous_plan {
-                Some(plan) => anonymous(cfg, host, store, &meta, plan),
+                Some(plan) => anonymous(cfg, host, store, leases, &meta, plan),
                 None => Decision::unauthenticated(Unauthenticated::Missing, Problem::MissingCredential),
             }
         }
@@ -168,6 +176,7 @@ pub fn decide<H: Fetch>(cfg: &Config, cache: &mut KeyCache, host: &mut H, store:
     d = enforce(
         cfg,
         store,
+        leases,
         d,
         Target::Entry(&state_key),
         plan,
@@ -209,7 +218,14 @@ fn active_record(host: &mut impl Fetch, meta: &Meta, id: &str) -> Option<Rc<KeyR
 }
 
 /// A request without a credential under `anonymous_plan`: limited per client address.
-fn anonymous(cfg: &Config, host: &mut impl Fetch, store: &dyn Store, meta: &Meta, plan_name: &str) -> Decision {
+fn anonymous(
+    cfg: &Config,
+    host: &mut impl Fetch,
+    store: &dyn Store,
+    leases: &mut WorkerLeases,
+    meta: &Meta,
+    plan_name: &str,
+) -> Decision {
     let plans = host.plans(meta);
     let Some(plan) = plans.get(plan_name) else {
         log::warn!("keymeter: anonymous plan '{plan_name}' is not in the key set; refusing");
@@ -232,6 +248,7 @@ fn anonymous(cfg: &Config, host: &mut impl Fetch, store: &dyn Store, meta: &Meta
     enforce(
         cfg,
         store,
+        leases,
         d,
         Target::Anonymous(&subject),
         plan,
@@ -246,7 +263,8 @@ fn anonymous(cfg: &Config, host: &mut impl Fetch, store: &dyn Store, meta: &Meta
 pub(super) enum Target<'a> {
     /// Its own entry (keys and consumers: bounded by the key set).
     Entry(&'a str),
-    /// A slot of the bounded anonymous table (client addresses are unbounded).
+    /// A slot of the bounded anonymous table (client addresses are unbounded). Never
+    /// leased: a slot may change owner, and one address is rarely busy on one worker.
     Anonymous(&'a str),
 }
 
@@ -256,6 +274,7 @@ pub(super) enum Target<'a> {
 pub(super) fn enforce(
     cfg: &Config,
     store: &dyn Store,
+    leases: &mut WorkerLeases,
     mut d: Decision,
     target: Target<'_>,
     plan: &Plan,
@@ -287,7 +306,16 @@ pub(super) fn enforce(
         return d;
     }
     let outcome = match target {
-        Target::Entry(key) => limiter::apply(store, key, buckets, quotas, now_ms, cost),
+        Target::Entry(key) => {
+            // The steady request of a busy subject: from this worker's lease, no host call.
+            if let Some(served) = leases.spend(key, buckets, quotas, now_ms, cost) {
+                if cfg.rate_limit_headers {
+                    d.ratelimit = served.headers();
+                }
+                return d;
+            }
+            leases.take(store, key, buckets, quotas, now_ms, cost)
+        }
         Target::Anonymous(subject) => {
             subject_table::apply(store, subject, ANONYMOUS_SLOTS, buckets, quotas, now_ms, cost)
         }

@@ -12,6 +12,7 @@ use crate::core::auth::path::for_rules;
 use crate::core::auth::problem::Problem;
 use crate::core::config::Config;
 use crate::core::keyset::meta::Meta;
+use crate::core::limits::worker_lease::WorkerLeases;
 use crate::core::metering::usage::Outcome;
 use crate::core::store::Store;
 
@@ -41,6 +42,7 @@ pub(super) fn decide_jwt(
     jwt: &JwtConfig,
     host: &mut impl Fetch,
     store: &dyn Store,
+    leases: &mut WorkerLeases,
     meta: &Meta,
     metadata: &[u8],
 ) -> Decision {
@@ -81,6 +83,7 @@ pub(super) fn decide_jwt(
     d = enforce(
         cfg,
         store,
+        leases,
         d,
         Target::Entry(&state_key),
         plan,

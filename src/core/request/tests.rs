@@ -13,6 +13,7 @@ use crate::core::keyset::meta::Meta;
 use crate::core::limits::plan::{LimitBy, NamedBucket, NamedQuota, Plan};
 use crate::core::limits::quota::Period;
 use crate::core::limits::token_bucket::BucketLimit;
+use crate::core::limits::worker_lease::WorkerLeases;
 use crate::core::mem_store::MemStore;
 use crate::core::metering::usage::Outcome;
 use crate::core::store::{Store, StoreError};
@@ -59,6 +60,8 @@ struct FakeHost {
     before_entry: Option<Interleave>,
     /// The worker's key cache, kept across requests like the adapter's.
     cache: KeyCache,
+    /// The worker's token leases, likewise.
+    leases: WorkerLeases,
     /// What `get_property(["metadata"])` returns (jwt_authn's verified payload).
     metadata: Option<Vec<u8>>,
 }
@@ -186,6 +189,7 @@ fn host(recs: &[KeyRecord], plans: &[(&str, Plan)]) -> FakeHost {
         plans: PlansCache::default(),
         before_entry: None,
         cache: KeyCache::default(),
+        leases: WorkerLeases::default(),
         metadata: None,
     }
 }
@@ -205,8 +209,10 @@ fn run(cfg: &Config, h: &mut FakeHost) -> (Decision, Vec<String>) {
     h.store.log.borrow_mut().clear();
     let store = h.store.clone();
     let mut cache = std::mem::take(&mut h.cache);
-    let d = decide(cfg, &mut cache, h, &*store);
+    let mut leases = std::mem::take(&mut h.leases);
+    let d = decide(cfg, &mut cache, &mut leases, h, &*store);
     h.cache = cache;
+    h.leases = leases;
     let mut calls = std::mem::take(&mut *h.store.log.borrow_mut());
     if d.refused.is_some() {
         let mut retry = String::new();
@@ -405,6 +411,7 @@ fn no_key_set_denies_or_fails_open() {
         plans: PlansCache::default(),
         before_entry: None,
         cache: KeyCache::default(),
+        leases: WorkerLeases::default(),
         metadata: None,
     };
     let (d, calls) = run(&filter_cfg(), &mut h);
@@ -951,6 +958,73 @@ fn a_cached_key_record_saves_the_entry_read_13_host_calls() {
     );
     // 14 without the cache; 12 with `headers.forward` leaving out `auth`.
     assert_eq!(calls.len(), 13, "host calls per admitted request, steady state");
+}
+
+/// The steady state of a busy key: the worker's lease on its limits covers the
+/// request, so neither the limit state's get nor its CAS set is made (see
+/// `core::limits::worker_lease`). The first request takes its cost only; the second,
+/// a CAS, takes a lease sized by the demand seen (capped at 10 ms of rate = 10); the
+/// next ten are served from it; the one after that is a CAS again.
+#[test]
+fn a_request_served_from_the_worker_lease_makes_11_host_calls() {
+    let c = filter_cfg();
+    let mut h = host(&[record()], &[("pro", plan(1000, 1000, None))]);
+    hot(&c, &mut h);
+    let rl = format!("km/rl/k/{ID}");
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(d.refused, None);
+    assert!(calls.contains(&format!("set {rl}")), "{calls:?}");
+    assert_eq!(calls.len(), 13);
+    assert_eq!(h.leases.held(&rl), 10);
+    for i in 0..10u64 {
+        let (d, calls) = run(&c, &mut h);
+        assert_eq!(d.refused, None);
+        assert_eq!(d.cost, 1);
+        assert_eq!(
+            calls,
+            seq(&[
+                &["get km/meta", "req_header x-api-key", "time"],
+                &IDENTITY,
+                &["remove_req x-api-key"],
+                &["resp_header :status", "set_resp ratelimit-policy", "set_resp ratelimit"],
+            ])
+        );
+        assert_eq!(calls.len(), 11, "host calls per admitted request served from the lease");
+        // The RateLimit field counts what the worker still holds: with one worker and
+        // no time passing it is exact.
+        assert_eq!(
+            d.ratelimit,
+            Some((r#""burst";q=1000;w=1"#.into(), format!(r#""burst";r={};t=0"#, 997 - i)))
+        );
+    }
+    let (_, calls) = run(&c, &mut h);
+    assert_eq!(calls.len(), 13, "lease spent: a CAS again: {calls:?}");
+    // A revoke (any key-set write) is seen by the very next request, lease or not.
+    use crate::core::keyset::delta::apply_delta;
+    use crate::core::keyset::document::CompiledOp;
+    let opts = crate::core::keyset::apply::ApplyOptions {
+        force: false,
+        now_ms: T0,
+    };
+    assert!(h.leases.held(&rl) > 0);
+    apply_delta(&h.store.mem, 2, &[CompiledOp::Revoke(ID.into())], opts).unwrap();
+    let (d, calls) = run(&c, &mut h);
+    assert_eq!(refused(&d), Problem::InvalidCredential);
+    assert!(!calls.iter().any(|c| c.contains("km/rl/")), "{calls:?}");
+}
+
+/// A single-token plan (burst 1, or a rate under 100/s) is never leased: every
+/// admitted request is one exact CAS, as before.
+#[test]
+fn a_single_token_plan_makes_a_cas_for_every_request() {
+    let c = filter_cfg();
+    let mut h = host(&[record()], &[("pro", plan(99, 1000, None))]);
+    hot(&c, &mut h);
+    for _ in 0..5 {
+        let (_, calls) = run(&c, &mut h);
+        assert_eq!(calls.len(), 13, "{calls:?}");
+    }
+    assert!(h.leases.is_empty());
 }
 
 #[test]

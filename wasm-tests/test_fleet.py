@@ -10,6 +10,7 @@ timing are checked against the documented bounds, never against a lucky exact va
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import signal
 import time
 
@@ -317,3 +318,69 @@ def test_an_envoy_killed_holding_leases_gives_them_back_after_the_ttl(start_envo
     # its lease came back (hold - reported - R').
     assert first + second == limit - counted - presumed, (first, second, counted, held, presumed)
     assert total >= limit - r_max, total
+
+
+# --------------------------------------------------------------------------- RateLimit fields
+
+ITEM = re.compile(r'"(?P<name>[^"\\]*)";(?P<a>[qr])=(?P<x>\d+);(?P<b>[wt])=(?P<y>\d+)$')
+
+
+def fields(r) -> tuple[dict, dict]:
+    """RateLimit-Policy and RateLimit of a response as {name: (q, w)}, {name: (r, t)};
+    asserts both are present and well-formed (sf-list of "name";q=..;w=.. items)."""
+    out = []
+    for header, first in (("ratelimit-policy", "q"), ("ratelimit", "r")):
+        value = r.headers.get(header)
+        assert value, f"{header} missing: {r}"
+        items = {}
+        for part in value.split(", "):
+            m = ITEM.match(part)
+            assert m and m["a"] == first, f"malformed {header}: {value!r}"
+            items[m["name"]] = (int(m["x"]), int(m["y"]))
+        out.append(items)
+    return out[0], out[1]
+
+
+def test_ratelimit_fields_in_fleet_mode_are_the_nodes_view(start_envoy, limitd):
+    ds = limitd(1)
+    k = Key(plan="q")
+    limit = 40
+    quota = {"name": "monthly", "period": "month", "limit": limit}
+    bucket = {"name": "per-second", "rate": 1000, "per": "1s", "burst": 1000}
+    plans = {"q": {"quotas": [quota], "rate_limits": [bucket]}}
+    a, b = envoys(start_envoy, ds, 2, keyset(1, [k], plans), concurrency=1, max_chunk=10)
+    # One Envoy alone: its view is exact (held + what the fleet has left = the limit
+    # minus what was admitted), whether a request was decided by a take or the lease.
+    for i in range(1, 11):
+        r = get(a, PATH, {"x-api-key": k.key})
+        assert r.status == 200, r
+        policy, state = fields(r)
+        assert policy["monthly"][0] == limit and policy["per-second"] == (1000, 1), policy
+        assert state["monthly"][0] == limit - i, (i, state)
+        assert state["monthly"][1] > 0, "seconds to the end of the month"
+    # Both Envoys until the quota is gone: never above the limit, never rising on one
+    # Envoy (no lease is returned meanwhile), 0 on every 429.
+    last = {a: limit - 10, b: limit}
+    admitted, refused_rounds = 10, 0
+    for _ in range(100):
+        codes = []
+        for e in (a, b):
+            r = get(e, PATH, {"x-api-key": k.key})
+            codes.append(r.status)
+            assert r.status in (200, 429), r
+            _, state = fields(r)
+            remaining = state["monthly"][0]
+            assert 0 <= remaining <= limit, state
+            assert remaining <= last[e], (remaining, last[e])
+            last[e] = remaining
+            if r.status == 429:
+                assert remaining == 0, state
+                assert int(r.headers["retry-after"]) >= 1
+                assert r.json()["type"].endswith("quota-exceeded"), r.json()
+            else:
+                admitted += 1
+        refused_rounds = refused_rounds + 1 if 200 not in codes else 0
+        if refused_rounds >= 3:
+            break
+    assert admitted == limit, admitted
+    assert last == {a: 0, b: 0}, last

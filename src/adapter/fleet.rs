@@ -18,6 +18,7 @@ use super::host::{self, HostStore};
 use super::service::{dispatch, CallResponse};
 use crate::core::cas::{cas_update, Create, Step as CasStep};
 use crate::core::limits::fleet::{self, FleetConfig, FleetEntry, FleetVerdict, Step, Subject, Via};
+use crate::core::limits::fleet_view;
 use crate::core::limits::lease::Ask;
 use crate::core::limits::plan::{NamedBucket, NamedQuota};
 use crate::core::remote::breaker::{Breaker, BreakerState};
@@ -161,11 +162,16 @@ pub struct FleetNode {
     /// What was last published (skip the shared-data write when nothing changed).
     published: std::cell::Cell<Option<(BreakerState, u64, usize, u64)>>,
     metrics: Metrics,
+    /// Send `RateLimit-Policy` / `RateLimit` (the plugin's `rate_limit_headers`).
+    pub ratelimit_headers: bool,
 }
+
+/// `RateLimit-Policy` and `RateLimit` values for a decided request, if sent.
+pub type Fields = Option<(String, String)>;
 
 /// The request path's next move.
 pub enum RequestStep {
-    Decided(FleetVerdict),
+    Decided(FleetVerdict, Fields),
     /// Paused for this take call.
     Paused(u32),
 }
@@ -194,6 +200,7 @@ impl FleetNode {
             last_success_ms: Default::default(),
             published: Default::default(),
             metrics: Metrics::define(),
+            ratelimit_headers: false,
         }
     }
 
@@ -224,34 +231,50 @@ impl FleetNode {
         .ok()
     }
 
+    /// The `RateLimit` fields for a verdict on `e` (after the decision), if sent.
+    fn fields(&self, e: &FleetEntry, subject: &Subject<'_>, v: &FleetVerdict, now_ms: u64, cost: u64) -> Fields {
+        if !self.ratelimit_headers {
+            return None;
+        }
+        let held = e.lease.available;
+        fleet_view::headers(subject.buckets, subject.quotas, held, &e.view, v, now_ms, cost)
+    }
+
     /// Decides a request of `cost` for `subject`; may dispatch a take and pause.
     pub fn decide(&self, subject: &Subject<'_>, now_ms: u64, cost: u64) -> RequestStep {
         let connected = self.breaker.borrow().connected(now_ms);
         let cfg = &self.cfg;
         let step = self.update(subject.name, |e| {
             let step = fleet::decide(e, subject.buckets, subject.quotas, cfg, now_ms, cost, connected);
-            (step, fleet::wants_call(e, subject.quotas, cfg, now_ms))
+            let fields = match &step {
+                Step::Decided(v) => self.fields(e, subject, v, now_ms, cost),
+                Step::Take => None,
+            };
+            (step, fleet::wants_call(e, subject.quotas, cfg, now_ms), fields)
         });
-        self.track(subject, now_ms, step.as_ref().is_none_or(|(_, w)| *w));
-        let step = step.map(|(s, _)| s);
+        self.track(subject, now_ms, step.as_ref().is_none_or(|(_, w, _)| *w));
         match step {
-            Some(Step::Decided(v)) => {
+            Some((Step::Decided(v), _, fields)) => {
                 self.count(v.via);
                 self.note_overdraft(&v, subject, cost);
-                RequestStep::Decided(v)
+                RequestStep::Decided(v, fields)
             }
-            Some(Step::Take) => {
+            Some((Step::Take, _, _)) => {
                 let allowed = self.breaker.borrow_mut().allow(now_ms, cfg.breaker_cooldown_ms);
                 if allowed {
                     if let Some(token) = self.dispatch_take(subject, cost, now_ms) {
                         return RequestStep::Paused(token);
                     }
                 }
-                RequestStep::Decided(self.fall_back(subject, now_ms, cost))
+                let (v, fields) = self.fall_back(subject, now_ms, cost);
+                RequestStep::Decided(v, fields)
             }
             // Contended beyond retries: decide from a fresh local fallback view, which
             // never admits more than the local share.
-            None => RequestStep::Decided(self.fall_back(subject, now_ms, cost)),
+            None => {
+                let (v, fields) = self.fall_back(subject, now_ms, cost);
+                RequestStep::Decided(v, fields)
+            }
         }
     }
 
@@ -261,22 +284,30 @@ impl FleetNode {
         }
     }
 
-    fn fall_back(&self, subject: &Subject<'_>, now_ms: u64, cost: u64) -> FleetVerdict {
+    fn fall_back(&self, subject: &Subject<'_>, now_ms: u64, cost: u64) -> (FleetVerdict, Fields) {
         let cfg = &self.cfg;
         let step = self.update(subject.name, |e| {
-            fleet::fallback(e, subject.buckets, subject.quotas, cfg, now_ms, cost)
+            let step = fleet::fallback(e, subject.buckets, subject.quotas, cfg, now_ms, cost);
+            let fields = match &step {
+                Step::Decided(v) => self.fields(e, subject, v, now_ms, cost),
+                Step::Take => None,
+            };
+            (step, fields)
         });
-        let v = match step {
-            Some(Step::Decided(v)) => v,
-            _ => FleetVerdict {
-                denial: Some(crate::core::limits::limiter::Denial::RateLimited),
-                retry_after_secs: Some(1),
-                via: Via::Fallback,
-            },
+        let (v, fields) = match step {
+            Some((Step::Decided(v), fields)) => (v, fields),
+            _ => (
+                FleetVerdict {
+                    denial: Some(crate::core::limits::limiter::Denial::RateLimited),
+                    retry_after_secs: Some(1),
+                    via: Via::Fallback,
+                },
+                None,
+            ),
         };
         self.count(v.via);
         self.note_overdraft(&v, subject, cost);
-        v
+        (v, fields)
     }
 
     fn dispatch_take(&self, subject: &Subject<'_>, cost: u64, now_ms: u64) -> Option<u32> {
@@ -347,22 +378,22 @@ impl FleetNode {
         cost: u64,
         num_headers: usize,
         body_size: usize,
-    ) -> FleetVerdict {
+    ) -> (FleetVerdict, Fields) {
         let now_ms = host::now_ms();
         match Self::answer::<TakeResponse>(num_headers, body_size) {
             Ok(resp) => {
                 self.succeeded(now_ms);
                 let cfg = &self.cfg;
-                let v = self
-                    .update(subject.name, |e| {
-                        fleet::apply_take(e, &resp, subject.buckets, cfg, now_ms, cost)
-                    })
-                    .unwrap_or_else(|| {
-                        let mut e = FleetEntry::default();
-                        fleet::apply_take(&mut e, &resp, subject.buckets, cfg, now_ms, cost)
-                    });
+                let apply = |e: &mut FleetEntry| {
+                    let v = fleet::apply_take(e, &resp, subject.buckets, cfg, now_ms, cost);
+                    e.view.record(&resp.buckets, &resp.quotas);
+                    (v, self.fields(e, subject, &v, now_ms, cost))
+                };
+                let (v, fields) = self
+                    .update(subject.name, apply)
+                    .unwrap_or_else(|| apply(&mut FleetEntry::default()));
                 self.count(v.via);
-                v
+                (v, fields)
             }
             Err(why) => {
                 self.delta.borrow_mut().take_failures += 1;
@@ -507,7 +538,12 @@ impl FleetNode {
                     .get(&p.subject)
                     .map(|t| t.buckets.clone())
                     .unwrap_or_default();
-                let _ = self.update(&p.subject, |e| fleet::apply_lease(e, &p.ask, &resp, &buckets, now, cfg));
+                let _ = self.update(&p.subject, |e| {
+                    fleet::apply_lease(e, &p.ask, &resp, &buckets, now, cfg);
+                    if resp.applied {
+                        e.view.record(&resp.buckets, &resp.quotas);
+                    }
+                });
                 if p.release {
                     self.subjects.borrow_mut().remove(&p.subject);
                 }

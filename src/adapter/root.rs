@@ -124,7 +124,11 @@ impl RootContext for Root {
                 let challenges = config.challenges();
                 let metering = config.metering;
                 crate::core::store::init_create_lock(&super::host::HostStore);
-                let fleet = config.fleet.clone().map(super::fleet::FleetNode::new);
+                let fleet = config.fleet.clone().map(|f| {
+                    let mut node = super::fleet::FleetNode::new(f);
+                    node.ratelimit_headers = config.rate_limit_headers;
+                    node
+                });
                 if config.role == Role::Filter {
                     if metering.enabled || fleet.is_some() {
                         super::host::ensure_instance();

@@ -75,6 +75,9 @@ impl Context for Root {
             .as_ref()
             .and_then(|s| s.fleet.as_ref())
             .map_or(0, |f| f.release_all());
+        if sent > 0 {
+            log::info!("keymeter fleet: unloading, returning {sent} lease(s)");
+        }
         self.closing = sent > 0;
         !self.closing
     }

@@ -498,3 +498,41 @@ def test_monthly_quota_across_envoys_on_valkey(start_envoy, tmp_path):
         if d is not None:
             d.kill()
         store.kill()
+
+
+# --------------------------------------------------------------------------- anonymous subjects
+
+
+def test_anonymous_addresses_each_limited_across_envoys_from_a_fixed_table(start_envoy, limitd):
+    """Anonymous clients in fleet mode: each source address is its own fleet subject
+    (`ip:<addr>`), limited across both Envoys, its node state in the fixed slot table
+    (the bound itself is the host test fleet_slots::address_churn_is_bounded_in_fleet_mode)."""
+    ds = limitd(1)
+    quota = {"name": "daily", "period": "day", "limit": 3}
+    plans = {"default": {}, "anon": {"quotas": [quota]}}
+    conf = fleet.filter_conf(2, max_chunk=10)
+    conf["anonymous"] = {"plan": "anon"}
+    es = []
+    for _ in range(2):
+        e = start_envoy(concurrency=1, filter_conf=conf, extra_routes=[DIRECT],
+                        extra_clusters=[fleet.limitd_cluster([ds[0].port])])  # fmt: skip
+        assert push(e, keyset(1, [], plans)).status == 200
+        es.append(e)
+    addrs = [f"127.0.0.{i}" for i in range(2, 22)]
+    admitted = {a: 0 for a in addrs}
+    # The slot's lease is held in the fleet under the node id plus the slot's epoch.
+    assert harness.http("GET", es[0].url(PATH), source_address=(addrs[0], 0)).status == 200
+    admitted[addrs[0]] += 1
+    node = fleet_status(es[0])["node_id"]
+    holders = wait_for(lambda: ds[0].peek(f"ip:{addrs[0]}", [quota])["daily"]["holders"], what="a lease held")
+    assert all(h.startswith(f"{node}.") for h in holders), (node, holders)
+    for rnd in range(5):
+        for a in addrs:
+            r = harness.http("GET", es[rnd % 2].url(PATH), source_address=(a, 0))
+            assert r.status in (200, 429), r
+            admitted[a] += r.status == 200
+    assert set(admitted.values()) == {3}, admitted
+    for a in addrs[:5]:
+        wait_for(lambda a=a: ds[0].peek(f"ip:{a}", [quota])["daily"]["consumed"] == 3, what=f"usage of {a}")
+    st = [fleet_status(e) for e in es]
+    assert all(s["state"] == "connected" for s in st), st

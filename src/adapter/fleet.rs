@@ -18,9 +18,11 @@ use super::host::{self, HostStore};
 use super::service::{dispatch, CallResponse};
 use crate::core::cas::{cas_update, Create, Step as CasStep};
 use crate::core::limits::fleet::{self, FleetConfig, FleetEntry, FleetVerdict, Step, Subject, Via};
+use crate::core::limits::fleet_slots::{self, Miss, Place};
 use crate::core::limits::fleet_view;
 use crate::core::limits::lease::Ask;
 use crate::core::limits::plan::{NamedBucket, NamedQuota};
+use crate::core::limits::subject_table::ANONYMOUS_SLOTS;
 use crate::core::remote::breaker::{Breaker, BreakerState};
 use crate::core::remote::fleet_protocol::{LeaseResponse, TakeResponse};
 use crate::core::store::{ensure_exists, Store};
@@ -94,6 +96,8 @@ pub struct Health {
 }
 
 struct Tracked {
+    /// Anonymous subjects: the slot of the fixed table holding the entry.
+    place: Option<Place>,
     buckets: Vec<NamedBucket>,
     quotas: Vec<NamedQuota>,
     last_used_ms: u64,
@@ -106,6 +110,7 @@ struct Tracked {
 
 struct Pending {
     subject: String,
+    place: Option<Place>,
     ask: Ask,
     sent_ms: u64,
     release: bool,
@@ -216,7 +221,40 @@ impl FleetNode {
 
     /// Applies `f` to the subject's entry under CAS (`f` may run more than once);
     /// `None` when the entry stayed contended (or the host failed) for all attempts.
-    fn update<T>(&self, subject: &str, mut f: impl FnMut(&mut FleetEntry) -> T) -> Option<T> {
+    fn update<T>(&self, subject: &str, f: impl FnMut(&mut FleetEntry) -> T) -> Option<T> {
+        self.update_placed(subject, f).map(|(t, _)| t)
+    }
+
+    /// As `update`; an anonymous subject (`ip:<addr>`) is found, or given a slot, in the
+    /// fixed table (`core::limits::fleet_slots`), whose place is returned: its owner is
+    /// the subject whose limits apply (a neighbour's when the table is full).
+    fn update_placed<T>(&self, subject: &str, mut f: impl FnMut(&mut FleetEntry) -> T) -> Option<(T, Option<Place>)> {
+        if subject.starts_with("ip:") {
+            let policy = self.cfg.policy();
+            return fleet_slots::with_slot(&HostStore, subject, ANONYMOUS_SLOTS, host::now_ms(), &policy, |e, _| {
+                f(e)
+            })
+            .map(|(t, p)| (t, Some(p)));
+        }
+        self.update_named(subject, f).map(|t| (t, None))
+    }
+
+    /// `update` of a tracked subject: at its slot if it has one (`Err(Miss::Lost)` once
+    /// another subject took the slot over, which it may only do when the entry was
+    /// forgettable).
+    fn update_tracked<T>(
+        &self,
+        subject: &str,
+        place: Option<&Place>,
+        f: impl FnMut(&mut FleetEntry) -> T,
+    ) -> Result<T, Miss> {
+        match place {
+            Some(p) => fleet_slots::at_place(&HostStore, p, host::now_ms(), f),
+            None => self.update_named(subject, f).ok_or(Miss::Contended),
+        }
+    }
+
+    fn update_named<T>(&self, subject: &str, mut f: impl FnMut(&mut FleetEntry) -> T) -> Option<T> {
         let create = Create::ViaLock { now_ms: host::now_ms() };
         cas_update(&HostStore, &entry_key(subject), CAS_RETRIES, create, |current| {
             let old = current.map(FleetEntry::decode).unwrap_or_default();
@@ -244,7 +282,7 @@ impl FleetNode {
     pub fn decide(&self, subject: &Subject<'_>, now_ms: u64, cost: u64) -> RequestStep {
         let connected = self.breaker.borrow().connected(now_ms);
         let cfg = &self.cfg;
-        let step = self.update(subject.name, |e| {
+        let placed = self.update_placed(subject.name, |e| {
             let step = fleet::decide(e, subject.buckets, subject.quotas, cfg, now_ms, cost, connected);
             let fields = match &step {
                 Step::Decided(v) => self.fields(e, subject, v, now_ms, cost),
@@ -252,7 +290,17 @@ impl FleetNode {
             };
             (step, fleet::wants_call(e, subject.quotas, cfg, now_ms), fields)
         });
-        self.track(subject, now_ms, step.as_ref().is_none_or(|(_, w, _)| *w));
+        let (step, place) = match placed {
+            Some((s, p)) => (Some(s), p),
+            None => (None, None),
+        };
+        // The subject whose limits apply (an anonymous newcomer sharing a neighbour's
+        // slot in a full table is charged to the neighbour).
+        let subject = &Subject {
+            name: place.as_ref().map_or(subject.name, |p| p.owner.as_str()),
+            ..*subject
+        };
+        self.track(subject, place.clone(), now_ms, step.as_ref().is_none_or(|(_, w, _)| *w));
         match step {
             Some((Step::Decided(v), _, fields)) => {
                 self.count(v.via);
@@ -403,12 +451,15 @@ impl FleetNode {
         }
     }
 
-    fn track(&self, subject: &Subject<'_>, now_ms: u64, wanted: bool) {
+    fn track(&self, subject: &Subject<'_>, place: Option<Place>, now_ms: u64, wanted: bool) {
         let mut subjects = self.subjects.borrow_mut();
         match subjects.get_mut(subject.name) {
             Some(t) => {
                 t.last_used_ms = now_ms;
                 t.wanted |= wanted;
+                if place.is_some() && t.place != place {
+                    t.place = place;
+                }
                 if t.buckets != subject.buckets || t.quotas != subject.quotas {
                     t.buckets = subject.buckets.to_vec();
                     t.quotas = subject.quotas.to_vec();
@@ -418,6 +469,7 @@ impl FleetNode {
                 subjects.insert(
                     subject.name.to_string(),
                     Tracked {
+                        place,
                         buckets: subject.buckets.to_vec(),
                         quotas: subject.quotas.to_vec(),
                         last_used_ms: now_ms,
@@ -454,13 +506,14 @@ impl FleetNode {
             {
                 continue;
             }
-            let (buckets, quotas, idle) = {
+            let (buckets, quotas, idle, place) = {
                 let s = self.subjects.borrow();
                 let t = &s[&name];
                 (
                     t.buckets.clone(),
                     t.quotas.clone(),
                     now.saturating_sub(t.last_used_ms) > idle_after,
+                    t.place.clone(),
                 )
             };
             let subject = Subject {
@@ -468,19 +521,23 @@ impl FleetNode {
                 buckets: &buckets,
                 quotas: &quotas,
             };
-            let node_id = &self.node_id;
-            let started = self.update(&name, |e| {
+            let node_id = self.node_for(place.as_ref());
+            let started = self.update_tracked(&name, place.as_ref(), |e| {
                 let overdraft = e.overdraft_used;
                 if idle && e.lease.settled() && overdraft == 0 {
                     return (overdraft, None);
                 }
-                (overdraft, fleet::begin_lease(e, node_id, &subject, cfg, now, idle))
+                (overdraft, fleet::begin_lease(e, &node_id, &subject, cfg, now, idle))
             });
             overdraft_in_use += started.as_ref().map_or(0, |(o, _)| *o);
             match started.map(|(_, s)| s) {
-                Some(Some((ask, req))) => self.send_lease(name.clone(), ask, &req, now, idle),
-                Some(None) if idle => {
-                    // Nothing held, nothing to report: forget the subject.
+                Ok(Some((ask, req))) => self.send_lease(name.clone(), place, ask, &req, now, idle),
+                // Nothing held, nothing to report: forget the subject. (A lost slot was
+                // taken over because its entry was forgettable.)
+                Ok(None) if idle => {
+                    self.subjects.borrow_mut().remove(&name);
+                }
+                Err(Miss::Lost) => {
                     self.subjects.borrow_mut().remove(&name);
                 }
                 _ => {}
@@ -489,9 +546,15 @@ impl FleetNode {
         self.publish(now, overdraft_in_use);
     }
 
+    /// The node id of a subject's lease calls: the slot's own for anonymous subjects.
+    fn node_for(&self, place: Option<&Place>) -> String {
+        place.map_or_else(|| self.node_id.clone(), |p| p.node_id(&self.node_id))
+    }
+
     fn send_lease(
         &self,
         subject: String,
+        place: Option<Place>,
         ask: Ask,
         req: &crate::core::remote::fleet_protocol::LeaseRequest,
         now: u64,
@@ -505,6 +568,7 @@ impl FleetNode {
                     token,
                     Pending {
                         subject,
+                        place,
                         ask,
                         sent_ms: now,
                         release,
@@ -514,7 +578,7 @@ impl FleetNode {
             Err(e) => {
                 self.delta.borrow_mut().lease_failures += 1;
                 self.failed(now, e);
-                let _ = self.update(&subject, |e| e.lease.on_failure());
+                let _ = self.update_tracked(&subject, place.as_ref(), |e| e.lease.on_failure());
             }
         }
     }
@@ -538,7 +602,7 @@ impl FleetNode {
                     .get(&p.subject)
                     .map(|t| t.buckets.clone())
                     .unwrap_or_default();
-                let _ = self.update(&p.subject, |e| {
+                let _ = self.update_tracked(&p.subject, p.place.as_ref(), |e| {
                     fleet::apply_lease(e, &p.ask, &resp, &buckets, now, cfg);
                     if resp.applied {
                         e.view.record(&resp.buckets, &resp.quotas);
@@ -551,7 +615,7 @@ impl FleetNode {
             Err(why) => {
                 self.delta.borrow_mut().lease_failures += 1;
                 self.failed(now, why);
-                let _ = self.update(&p.subject, |e| e.lease.on_failure());
+                let _ = self.update_tracked(&p.subject, p.place.as_ref(), |e| e.lease.on_failure());
             }
         }
         true
@@ -564,24 +628,28 @@ impl FleetNode {
         let names: Vec<String> = self.subjects.borrow().keys().cloned().collect();
         let mut sent = 0;
         for name in names {
-            let (buckets, quotas) = {
+            let (buckets, quotas, place) = {
                 let s = self.subjects.borrow();
-                (s[&name].buckets.clone(), s[&name].quotas.clone())
+                (
+                    s[&name].buckets.clone(),
+                    s[&name].quotas.clone(),
+                    s[&name].place.clone(),
+                )
             };
             let subject = Subject {
                 name: &name,
                 buckets: &buckets,
                 quotas: &quotas,
             };
-            let node_id = &self.node_id;
+            let node_id = self.node_for(place.as_ref());
             let cfg = &self.cfg;
             // A call in flight is given up: the release supersedes it (newer seq).
-            let started = self.update(&name, |e| {
+            let started = self.update_tracked(&name, place.as_ref(), |e| {
                 e.lease.refill_sent_ms = 0;
-                fleet::begin_lease(e, node_id, &subject, cfg, now, true)
+                fleet::begin_lease(e, &node_id, &subject, cfg, now, true)
             });
-            if let Some(Some((ask, req))) = started {
-                self.send_lease(name.clone(), ask, &req, now, true);
+            if let Ok(Some((ask, req))) = started {
+                self.send_lease(name.clone(), place, ask, &req, now, true);
                 sent += 1;
             }
         }

@@ -56,6 +56,15 @@ impl AnonSlot {
     }
 }
 
+/// Why a slot update did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Miss {
+    /// The slot holds another subject now (or another claim of this one).
+    Lost,
+    /// Other writers won every CAS attempt (or the host failed).
+    Contended,
+}
+
 /// Where a subject's node entry is: slot `n`, held by `owner` since `epoch`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Place {
@@ -126,7 +135,7 @@ pub fn with_slot<T>(
         };
         let slot = AnonSlot::decode(&bytes);
         if slot.owner == subject {
-            return update(store, n, now_ms, |s| (s.owner == subject).then_some(()), &mut f);
+            return update(store, n, now_ms, |s| (s.owner == subject).then_some(()), &mut f).ok();
         }
         if claim.is_none() && (slot.owner.is_empty() || forgettable(&slot.entry, now_ms, policy)) {
             claim = Some(n);
@@ -150,24 +159,24 @@ pub fn with_slot<T>(
             },
             &mut f,
         );
-        if r.is_some() {
-            return r;
+        if let Ok(r) = r {
+            return Some(r);
         }
     }
     // Every candidate holds a live subject: share the first one's entry (and limits).
     let n = slot_of(subject, 0, slots);
-    update(store, n, now_ms, |_| Some(()), &mut f)
+    update(store, n, now_ms, |_| Some(()), &mut f).ok()
 }
 
 /// CAS-updates slot `n`: `admit` checks (and may claim) the slot, then `f` runs on its
-/// entry. `None` if `admit` refused or the slot stayed contended.
+/// entry.
 fn update<T>(
     store: &dyn Store,
     n: u32,
     now_ms: u64,
     mut admit: impl FnMut(&mut AnonSlot) -> Option<()>,
     f: &mut impl FnMut(&mut FleetEntry, &Place) -> T,
-) -> Option<(T, Place)> {
+) -> Result<(T, Place), Miss> {
     let r = cas_update(
         store,
         &slot_name(n),
@@ -177,7 +186,7 @@ fn update<T>(
             let old = current.map(AnonSlot::decode).unwrap_or_default();
             let mut slot = old.clone();
             if admit(&mut slot).is_none() {
-                return Step::Keep(None);
+                return Step::Keep(Err(Miss::Lost));
             }
             let place = Place {
                 n,
@@ -186,23 +195,23 @@ fn update<T>(
             };
             let out = f(&mut slot.entry, &place);
             if current.is_some() && slot == old {
-                Step::Keep(Some((out, place)))
+                Step::Keep(Ok((out, place)))
             } else {
-                Step::Write(slot.encode(), Some((out, place)))
+                Step::Write(slot.encode(), Ok((out, place)))
             }
         },
     );
-    r.ok().flatten()
+    r.unwrap_or(Err(Miss::Contended))
 }
 
 /// Applies `f` to the entry at `place` if the slot still holds it (same owner and
-/// epoch); `None` if it was taken over (the entry was forgettable) or stayed contended.
+/// epoch): `Miss::Lost` once it was taken over (the entry was forgettable).
 pub fn at_place<T>(
     store: &dyn Store,
     place: &Place,
     now_ms: u64,
     mut f: impl FnMut(&mut FleetEntry) -> T,
-) -> Option<T> {
+) -> Result<T, Miss> {
     update(
         store,
         place.n,
@@ -296,7 +305,8 @@ mod tests {
                 quotas: vec![],
             };
             fleet::apply_lease(e, &ask, &resp, now, &c);
-        });
+        })
+        .unwrap();
     }
 
     /// Issue 10.17 in fleet mode: addresses churning through a node create a bounded

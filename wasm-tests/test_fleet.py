@@ -536,3 +536,62 @@ def test_anonymous_addresses_each_limited_across_envoys_from_a_fixed_table(start
         wait_for(lambda a=a: ds[0].peek(f"ip:{a}", [quota])["daily"]["consumed"] == 3, what=f"usage of {a}")
     st = [fleet_status(e) for e in es]
     assert all(s["state"] == "connected" for s in st), st
+
+
+# --------------------------------------------------------------------------- per-worker status
+
+
+def test_status_is_the_worst_worker_not_the_last_writer(start_envoy, limitd):
+    """Each worker has its own breaker. With limitd gone, a worker that needs a take
+    opens its breaker while another, spending a lease it holds, makes no call and keeps
+    publishing `connected`: the node's `state` must stay `partitioned`, with each
+    worker's own state under `workers`."""
+    import http.client
+
+    ds = limitd(1)
+    quota = {"name": "monthly", "period": "month", "limit": 100000}
+    kx, ky = Key(plan="m"), Key(plan="m")
+    (e,) = envoys(start_envoy, ds, 1, keyset(1, [kx, ky], {"m": {"quotas": [quota]}}), concurrency=2,
+                  max_chunk=1000, breaker_failures=2, breaker_cooldown_ms=10000, report_interval_ms=10000)  # fmt: skip
+    pattern = rf"^listener\.127\.0\.0\.1_{e.public_port}\.worker_\d+\.downstream_cx_total$"
+    conns = {}
+    for _ in range(40):  # keep-alive connections until one lands on each worker
+        before = e.stats(filter=pattern)
+        c = http.client.HTTPConnection(harness.LOCALHOST, e.public_port, timeout=5)
+        c.request("GET", PATH, headers={"x-api-key": ky.key})
+        assert c.getresponse().read() == b"ok"
+        grew = [k for k, v in e.stats(filter=pattern).items() if v > before.get(k, 0)]
+        if len(grew) == 1 and grew[0] not in conns:
+            conns[grew[0]] = c
+        else:
+            c.close()
+        if len(conns) == 2:
+            break
+    assert len(conns) == 2, "could not get a connection on each worker"
+    a, b = conns.values()
+
+    def send(conn, key, n):
+        codes = []
+        for _ in range(n):
+            conn.request("GET", PATH, headers={"x-api-key": key.key})
+            r = conn.getresponse()
+            r.read()
+            codes.append(r.status)
+        return codes
+
+    # B's key gets a large lease (its asks follow its spend), A's key none.
+    assert send(b, ky, 60) == [200] * 60
+    wait_for(lambda: ds[0].peek(f"k:{ky.id}", [quota])["monthly"]["holders"], what="B's key holding a lease")
+    time.sleep(0.3)
+    ds[0].kill()
+    send(a, kx, 3)  # takes fail: A's breaker opens (2 failures)
+    wait_for(lambda: fleet_status(e)["degraded_workers"] == 1, what="one worker partitioned")
+    assert send(b, ky, 5) == [200] * 5, "B spends its lease, no call"
+    time.sleep(0.5)  # B publishes its decisions (connected) after A's state
+    st = fleet_status(e)
+    # (The main thread's plugin instance is listed too: it serves no request.)
+    states = sorted(w["state"] for w in st["workers"].values() if w["subjects"])
+    assert states == ["connected", "partitioned"], st["workers"]
+    assert st["state"] == "partitioned" and st["degraded_workers"] == 1, st
+    for c in conns.values():
+        c.close()

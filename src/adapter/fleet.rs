@@ -24,16 +24,19 @@ use crate::core::limits::lease::Ask;
 use crate::core::limits::plan::{NamedBucket, NamedQuota};
 use crate::core::limits::subject_table::ANONYMOUS_SLOTS;
 use crate::core::remote::breaker::{Breaker, BreakerState};
+use crate::core::remote::fleet_health::{self, WorkerHealth, HEARTBEAT_MS};
 use crate::core::remote::fleet_protocol::{LeaseResponse, TakeResponse};
 use crate::core::store::{ensure_exists, Store};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Fleet health for `GET /v1/status` (`fleet`), written by the root contexts.
 pub const HEALTH: &str = "km/fleet";
+/// Counter naming each worker's entry in the health (`w<n>`, unique per process).
+const WORKER_SEQ: &str = "km/fleet/workers";
 /// CAS attempts on a subject's entry before the request falls back to a local decision.
 const CAS_RETRIES: usize = 32;
 /// Largest limitd answer read.
@@ -78,17 +81,25 @@ impl Counters {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Health {
     pub node_id: String,
-    /// `connected`, `partitioned` (breaker open) or `probing` (half-open), as last seen
-    /// by a worker.
+    /// `connected`, `partitioned` (a worker's breaker is open) or `probing` (half-open):
+    /// the worst of the live workers' states (`workers`).
     pub state: String,
+    /// Workers partitioned or probing.
+    #[serde(default)]
+    pub degraded_workers: usize,
+    /// Each live worker's own view, by worker (`core::remote::fleet_health`).
+    #[serde(default)]
+    pub workers: BTreeMap<String, WorkerHealth>,
     pub fleet_size: u64,
     pub counters: Counters,
     /// Requests decided from the lease over all fleet decisions.
     pub lease_hit_ratio: f64,
     pub refill_latency_ms_last: u64,
     pub refill_latency_ms_mean: f64,
-    /// Quota units admitted on overdraft and not yet reported to the fleet.
+    /// Quota units admitted on overdraft and not yet reported to the fleet (the most
+    /// any worker sees).
     pub overdraft_in_use: u64,
+    /// Subjects tracked (the most any worker tracks).
     pub subjects: usize,
     pub last_success_at_ms: u64,
     pub last_failure_at_ms: u64,
@@ -166,6 +177,10 @@ pub struct FleetNode {
     last_success_ms: std::cell::Cell<u64>,
     /// What was last published (skip the shared-data write when nothing changed).
     published: std::cell::Cell<Option<(BreakerState, u64, usize, u64)>>,
+    /// When this worker last wrote its health entry (a heartbeat keeps it live).
+    published_at: std::cell::Cell<u64>,
+    /// This worker's key in `Health::workers`.
+    worker: String,
     metrics: Metrics,
     /// Send `RateLimit-Policy` / `RateLimit` (the plugin's `rate_limit_headers`).
     pub ratelimit_headers: bool,
@@ -193,6 +208,15 @@ impl FleetNode {
             .unwrap_or_else(|| "0".into());
         let node_id = format!("{}-{instance}", cfg.node_name);
         let _ = ensure_exists(&HostStore, HEALTH, b"{}", host::now_ms());
+        let create = Create::ViaLock { now_ms: host::now_ms() };
+        let n = cas_update(&HostStore, WORKER_SEQ, CAS_RETRIES, create, |current| {
+            let n = current
+                .and_then(|b| std::str::from_utf8(b).ok()?.parse::<u64>().ok())
+                .unwrap_or(0)
+                + 1;
+            CasStep::Write(n.to_string().into_bytes(), n)
+        })
+        .unwrap_or(0);
         FleetNode {
             cfg,
             node_id,
@@ -204,6 +228,8 @@ impl FleetNode {
             last_error: RefCell::default(),
             last_success_ms: Default::default(),
             published: Default::default(),
+            published_at: Default::default(),
+            worker: format!("w{n}"),
             metrics: Metrics::define(),
             ratelimit_headers: false,
         }
@@ -656,6 +682,23 @@ impl FleetNode {
         sent
     }
 
+    /// Removes this worker's health entry (plugin unload): the node's state is then
+    /// its remaining workers'.
+    pub fn retire(&self) {
+        let now = host::now_ms();
+        let create = Create::ViaLock { now_ms: now };
+        let _ = cas_update(&HostStore, HEALTH, CAS_RETRIES, create, |current| {
+            let mut h: Health = current.and_then(|b| serde_json::from_slice(b).ok()).unwrap_or_default();
+            if h.workers.remove(&self.worker).is_none() {
+                return CasStep::Keep(());
+            }
+            let summary = fleet_health::summarize(&mut h.workers, now);
+            h.state = summary.state;
+            h.degraded_workers = summary.degraded_workers;
+            CasStep::Write(serde_json::to_vec(&h).unwrap_or_default(), ())
+        });
+    }
+
     pub fn pending_calls(&self) -> usize {
         self.calls.borrow().len()
     }
@@ -670,10 +713,14 @@ impl FleetNode {
             self.subjects.borrow().len(),
             self.last_latency.get(),
         );
-        if delta == Counters::default() && self.published.get() == Some(seen) {
+        if delta == Counters::default()
+            && self.published.get() == Some(seen)
+            && now.saturating_sub(self.published_at.get()) < HEARTBEAT_MS
+        {
             return;
         }
         self.published.set(Some(seen));
+        self.published_at.set(now);
         let m = &self.metrics;
         for (i, v) in [
             delta.lease_decisions,
@@ -690,20 +737,29 @@ impl FleetNode {
         Metrics::add(m.failures, delta.lease_failures + delta.take_failures);
         Metrics::add(m.latency, delta.refill_latency_ms_sum);
         Metrics::add(m.overdraft, delta.overdraft_units);
-        if let Some(id) = m.partitioned {
-            let _ = hostcalls::record_metric(id, u64::from(state == BreakerState::Open));
-        }
         let create = Create::ViaLock { now_ms: now };
-        let _ = cas_update(&HostStore, HEALTH, CAS_RETRIES, create, |current| {
+        let node_state = cas_update(&HostStore, HEALTH, CAS_RETRIES, create, |current| {
             let mut h: Health = current.and_then(|b| serde_json::from_slice(b).ok()).unwrap_or_default();
             h.counters.add(&delta);
             h.node_id.clone_from(&self.node_id);
-            h.state = match state {
-                BreakerState::Closed => "connected",
-                BreakerState::Open => "partitioned",
-                BreakerState::HalfOpen => "probing",
-            }
-            .into();
+            let mine = WorkerHealth {
+                state: match state {
+                    BreakerState::Closed => "connected",
+                    BreakerState::Open => "partitioned",
+                    BreakerState::HalfOpen => "probing",
+                }
+                .into(),
+                subjects: self.subjects.borrow().len(),
+                overdraft_in_use,
+                refill_latency_ms_last: self.last_latency.get(),
+                updated_at_ms: now,
+            };
+            h.workers.insert(self.worker.clone(), mine);
+            let summary = fleet_health::summarize(&mut h.workers, now);
+            h.state = summary.state;
+            h.degraded_workers = summary.degraded_workers;
+            h.overdraft_in_use = summary.overdraft_in_use;
+            h.subjects = summary.subjects;
             h.fleet_size = self.cfg.fleet_size;
             let c = &h.counters;
             let decided = c.lease_decisions + c.take_decisions + c.fallback_decisions + c.exhausted_decisions;
@@ -717,8 +773,6 @@ impl FleetNode {
             if self.last_latency.get() > 0 {
                 h.refill_latency_ms_last = self.last_latency.get();
             }
-            h.overdraft_in_use = overdraft_in_use;
-            h.subjects = self.subjects.borrow().len();
             h.last_success_at_ms = h.last_success_at_ms.max(self.last_success_ms.get());
             if let Some((at, e)) = self.last_error.borrow().as_ref() {
                 if *at >= h.last_failure_at_ms {
@@ -726,7 +780,13 @@ impl FleetNode {
                     h.last_error = Some(e.clone());
                 }
             }
-            CasStep::Write(serde_json::to_vec(&h).unwrap_or_default(), ())
+            let partitioned = h.state == "partitioned";
+            CasStep::Write(serde_json::to_vec(&h).unwrap_or_default(), partitioned)
         });
+        // The node's state (the worst live worker's), not this worker's: every worker
+        // sets the one gauge.
+        if let (Some(id), Ok(partitioned)) = (m.partitioned, node_state) {
+            let _ = hostcalls::record_metric(id, u64::from(partitioned));
+        }
     }
 }

@@ -70,11 +70,10 @@ impl Context for Root {
         }
         // Fleet mode: give the leases back (what is unspent returns to the fleet now,
         // not after the lease TTL); wait for the answers, bounded by the call timeout.
-        let sent = self
-            .state
-            .as_ref()
-            .and_then(|s| s.fleet.as_ref())
-            .map_or(0, |f| f.release_all());
+        let sent = self.state.as_ref().and_then(|s| s.fleet.as_ref()).map_or(0, |f| {
+            f.retire();
+            f.release_all()
+        });
         if sent > 0 {
             log::info!("keymeter fleet: unloading, returning {sent} lease(s)");
         }

@@ -1,0 +1,107 @@
+//! Fleet health across one Envoy's workers, for `GET /v1/status` (`fleet`).
+//!
+//! Every worker has its own circuit breaker and tracks its own subjects, so one worker
+//! can be partitioned while another is connected. Each worker publishes its own entry
+//! (at least every [`HEARTBEAT_MS`]); the node's `state` is the worst live worker's
+//! (`partitioned` > `probing` > `connected`), never whichever worker wrote last. An
+//! entry not refreshed for [`STALE_MS`] (a worker of an unloaded plugin that could not
+//! remove its own) is dropped.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A live worker refreshes its entry at least this often.
+pub const HEARTBEAT_MS: u64 = 1_000;
+/// An entry older than this is a worker that is gone.
+pub const STALE_MS: u64 = 10_000;
+
+/// One worker's view.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerHealth {
+    /// `connected`, `partitioned` (its breaker is open) or `probing` (half-open).
+    pub state: String,
+    /// Subjects this worker tracks (workers overlap: a subject busy on two workers
+    /// counts on both).
+    pub subjects: usize,
+    /// Quota units admitted on overdraft, not yet reported, in the subjects it tracks.
+    pub overdraft_in_use: u64,
+    pub refill_latency_ms_last: u64,
+    pub updated_at_ms: u64,
+}
+
+fn rank(state: &str) -> u8 {
+    match state {
+        "partitioned" => 2,
+        "probing" => 1,
+        _ => 0,
+    }
+}
+
+/// The node's summary of its live workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// The worst live worker's state (`connected` with none).
+    pub state: String,
+    /// Workers partitioned or probing.
+    pub degraded_workers: usize,
+    /// The most any one worker tracks / sees on overdraft (entries are shared by the
+    /// workers, so a sum would count a subject once per worker).
+    pub subjects: usize,
+    pub overdraft_in_use: u64,
+}
+
+/// Drops stale entries at `now_ms` and summarises the rest.
+pub fn summarize(workers: &mut BTreeMap<String, WorkerHealth>, now_ms: u64) -> Summary {
+    workers.retain(|_, w| now_ms.saturating_sub(w.updated_at_ms) <= STALE_MS);
+    let worst = workers.values().max_by_key(|w| rank(&w.state));
+    Summary {
+        state: worst.map_or("connected", |w| w.state.as_str()).to_string(),
+        degraded_workers: workers.values().filter(|w| rank(&w.state) > 0).count(),
+        subjects: workers.values().map(|w| w.subjects).max().unwrap_or(0),
+        overdraft_in_use: workers.values().map(|w| w.overdraft_in_use).max().unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(state: &str, at: u64) -> WorkerHealth {
+        WorkerHealth {
+            state: state.into(),
+            subjects: 2,
+            overdraft_in_use: u64::from(state == "partitioned") * 3,
+            refill_latency_ms_last: 1,
+            updated_at_ms: at,
+        }
+    }
+
+    #[test]
+    fn the_worst_live_worker_decides_whoever_wrote_last() {
+        let mut ws = BTreeMap::new();
+        ws.insert("a".to_string(), w("partitioned", 1_000));
+        // Worker b, connected, publishes after a: the node is still partitioned.
+        ws.insert("b".to_string(), w("connected", 1_500));
+        let s = summarize(&mut ws, 1_600);
+        assert_eq!(
+            (s.state.as_str(), s.degraded_workers, s.overdraft_in_use),
+            ("partitioned", 1, 3)
+        );
+        ws.insert("a".to_string(), w("probing", 1_700));
+        assert_eq!(summarize(&mut ws, 1_800).state, "probing");
+        ws.insert("a".to_string(), w("connected", 1_900));
+        let s = summarize(&mut ws, 2_000);
+        assert_eq!((s.state.as_str(), s.degraded_workers, s.subjects), ("connected", 0, 2));
+    }
+
+    #[test]
+    fn workers_gone_for_long_are_dropped() {
+        let mut ws = BTreeMap::new();
+        ws.insert("old".to_string(), w("partitioned", 0));
+        ws.insert("new".to_string(), w("connected", STALE_MS + 1));
+        let s = summarize(&mut ws, STALE_MS + 1);
+        assert_eq!(s.state, "connected");
+        assert_eq!(ws.keys().collect::<Vec<_>>(), ["new"]);
+        assert_eq!(summarize(&mut BTreeMap::new(), 0).state, "connected");
+    }
+}

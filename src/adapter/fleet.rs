@@ -460,7 +460,7 @@ impl FleetNode {
                 let cfg = &self.cfg;
                 let apply = |e: &mut FleetEntry| {
                     let v = fleet::apply_take(e, &resp, subject.buckets, cfg, now_ms, cost);
-                    e.view.record(&resp.buckets, &resp.quotas);
+                    e.view.record(resp.now_ms, &resp.buckets, &resp.quotas);
                     (v, self.fields(e, subject, &v, now_ms, cost))
                 };
                 let (v, fields) = self
@@ -631,7 +631,7 @@ impl FleetNode {
                 let _ = self.update_tracked(&p.subject, p.place.as_ref(), |e| {
                     fleet::apply_lease(e, &p.ask, &resp, &buckets, now, cfg);
                     if resp.applied {
-                        e.view.record(&resp.buckets, &resp.quotas);
+                        e.view.record(resp.now_ms, &resp.buckets, &resp.quotas);
                     }
                 });
                 if p.release {

@@ -30,11 +30,18 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FleetView {
     pub left: Vec<(u32, u64)>,
+    /// Store time of the answer recorded (answers may arrive out of order: a take's and
+    /// a lease call's, say; an older one never replaces a newer one).
+    pub at_ms: u64,
 }
 
 impl FleetView {
-    /// Records a lease or take answer's views.
-    pub fn record(&mut self, buckets: &[BucketView], quotas: &[QuotaView]) {
+    /// Records a lease or take answer's views, computed by the store at `at_ms`.
+    pub fn record(&mut self, at_ms: u64, buckets: &[BucketView], quotas: &[QuotaView]) {
+        if at_ms < self.at_ms {
+            return;
+        }
+        self.at_ms = at_ms;
         self.left.clear();
         self.left.extend(buckets.iter().map(|b| (name_hash(&b.name), b.tokens)));
         self.left
@@ -166,6 +173,7 @@ mod tests {
     fn view(b: u64, q: u64) -> FleetView {
         let mut v = FleetView::default();
         v.record(
+            0,
             &[BucketView {
                 name: "ps".into(),
                 tokens: b,
@@ -253,10 +261,28 @@ mod tests {
     #[test]
     fn views_are_matched_by_name_and_unknown_limits_count_what_is_held() {
         let mut v = FleetView::default();
-        v.record(&[], &[]);
+        v.record(0, &[], &[]);
         let (_, s) = headers(&[], &monthly(1000), 4, &v, &ok(Via::Lease), T0, 1).unwrap();
         assert!(s.starts_with(r#""month";r=4;"#), "{s}");
         let v = view(1, 2);
         assert_eq!((v.left("ps"), v.left("month"), v.left("other")), (1, 2, 0));
+    }
+
+    #[test]
+    fn an_older_answer_never_replaces_a_newer_one() {
+        let q = |available| QuotaView {
+            name: "month".into(),
+            period_start: 0,
+            period_end: 0,
+            consumed: 0,
+            outstanding: 0,
+            available,
+        };
+        let mut v = FleetView::default();
+        v.record(2_000, &[], &[q(10)]);
+        v.record(1_999, &[], &[q(11)]); // a lease answer computed before the take's
+        assert_eq!((v.left("month"), v.at_ms), (10, 2_000));
+        v.record(2_000, &[], &[q(9)]);
+        assert_eq!(v.left("month"), 9);
     }
 }

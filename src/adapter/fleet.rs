@@ -573,8 +573,11 @@ impl FleetNode {
     }
 
     /// The node id of a subject's lease calls: the slot's own for anonymous subjects.
-    fn node_for(&self, place: Option<&Place>) -> String {
-        place.map_or_else(|| self.node_id.clone(), |p| p.node_id(&self.node_id))
+    fn node_for(&self, place: Option<&Place>) -> std::borrow::Cow<'_, str> {
+        match place {
+            Some(p) => p.node_id(&self.node_id).into(),
+            None => self.node_id.as_str().into(),
+        }
     }
 
     fn send_lease(
@@ -742,10 +745,12 @@ impl FleetNode {
             let mut h: Health = current.and_then(|b| serde_json::from_slice(b).ok()).unwrap_or_default();
             h.counters.add(&delta);
             h.node_id.clone_from(&self.node_id);
+            let idle = self.subjects.borrow().is_empty();
             let mine = WorkerHealth {
                 state: match state {
                     BreakerState::Closed => "connected",
                     BreakerState::Open => "partitioned",
+                    BreakerState::HalfOpen if idle => "idle",
                     BreakerState::HalfOpen => "probing",
                 }
                 .into(),

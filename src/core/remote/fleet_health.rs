@@ -18,7 +18,9 @@ pub const STALE_MS: u64 = 10_000;
 /// One worker's view.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerHealth {
-    /// `connected`, `partitioned` (its breaker is open) or `probing` (half-open).
+    /// `connected`, `partitioned` (its breaker is open), `probing` (half-open, with
+    /// subjects to try it on) or `idle` (half-open with nothing to call for: it stays so
+    /// until traffic comes, and does not make the node look degraded).
     pub state: String,
     /// Subjects this worker tracks (workers overlap: a subject busy on two workers
     /// counts on both).
@@ -40,7 +42,7 @@ fn rank(state: &str) -> u8 {
 /// The node's summary of its live workers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
-    /// The worst live worker's state (`connected` with none).
+    /// The worst live worker's state (`connected` when none is partitioned or probing).
     pub state: String,
     /// Workers partitioned or probing.
     pub degraded_workers: usize,
@@ -53,9 +55,9 @@ pub struct Summary {
 /// Drops stale entries at `now_ms` and summarises the rest.
 pub fn summarize(workers: &mut BTreeMap<String, WorkerHealth>, now_ms: u64) -> Summary {
     workers.retain(|_, w| now_ms.saturating_sub(w.updated_at_ms) <= STALE_MS);
-    let worst = workers.values().max_by_key(|w| rank(&w.state));
+    let worst = workers.values().map(|w| w.state.as_str()).max_by_key(|s| rank(s));
     Summary {
-        state: worst.map_or("connected", |w| w.state.as_str()).to_string(),
+        state: worst.filter(|s| rank(s) > 0).unwrap_or("connected").to_string(),
         degraded_workers: workers.values().filter(|w| rank(&w.state) > 0).count(),
         subjects: workers.values().map(|w| w.subjects).max().unwrap_or(0),
         overdraft_in_use: workers.values().map(|w| w.overdraft_in_use).max().unwrap_or(0),
@@ -92,6 +94,10 @@ mod tests {
         ws.insert("a".to_string(), w("connected", 1_900));
         let s = summarize(&mut ws, 2_000);
         assert_eq!((s.state.as_str(), s.degraded_workers, s.subjects), ("connected", 0, 2));
+        // A worker with nothing to try its breaker on is idle, not degraded.
+        ws.insert("a".to_string(), w("idle", 2_100));
+        let s = summarize(&mut ws, 2_200);
+        assert_eq!((s.state.as_str(), s.degraded_workers), ("connected", 0));
     }
 
     #[test]

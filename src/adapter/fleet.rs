@@ -31,7 +31,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 /// Fleet health for `GET /v1/status` (`fleet`), written by the root contexts.
 pub const HEALTH: &str = "km/fleet";
@@ -87,9 +87,9 @@ pub struct Health {
     /// Workers partitioned or probing.
     #[serde(default)]
     pub degraded_workers: usize,
-    /// Each live worker's own view, by worker (`core::remote::fleet_health`).
+    /// Each live worker's own view (`core::remote::fleet_health`).
     #[serde(default)]
-    pub workers: BTreeMap<String, WorkerHealth>,
+    pub workers: Vec<WorkerHealth>,
     pub fleet_size: u64,
     pub counters: Counters,
     /// Requests decided from the lease over all fleet decisions.
@@ -692,7 +692,9 @@ impl FleetNode {
         let create = Create::ViaLock { now_ms: now };
         let _ = cas_update(&HostStore, HEALTH, CAS_RETRIES, create, |current| {
             let mut h: Health = current.and_then(|b| serde_json::from_slice(b).ok()).unwrap_or_default();
-            if h.workers.remove(&self.worker).is_none() {
+            let before = h.workers.len();
+            h.workers.retain(|w| w.worker != self.worker);
+            if h.workers.len() == before {
                 return CasStep::Keep(());
             }
             let summary = fleet_health::summarize(&mut h.workers, now);
@@ -747,6 +749,7 @@ impl FleetNode {
             h.node_id.clone_from(&self.node_id);
             let idle = self.subjects.borrow().is_empty();
             let mine = WorkerHealth {
+                worker: self.worker.clone(),
                 state: match state {
                     BreakerState::Closed => "connected",
                     BreakerState::Open => "partitioned",
@@ -759,7 +762,7 @@ impl FleetNode {
                 refill_latency_ms_last: self.last_latency.get(),
                 updated_at_ms: now,
             };
-            h.workers.insert(self.worker.clone(), mine);
+            fleet_health::upsert(&mut h.workers, mine);
             let summary = fleet_health::summarize(&mut h.workers, now);
             h.state = summary.state;
             h.degraded_workers = summary.degraded_workers;

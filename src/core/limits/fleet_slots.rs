@@ -125,6 +125,21 @@ pub fn with_slot<T>(
     policy: &LeasePolicy,
     mut f: impl FnMut(&mut FleetEntry, &Place) -> T,
 ) -> Option<(T, Place)> {
+    // The probing and CAS loops are not generic (one copy in the wasm, whatever `T`):
+    // `f`'s result comes out through `out` (the last run is the one that was stored).
+    let mut out = None;
+    let place = find(store, subject, slots, now_ms, policy, &mut |e, p| out = Some(f(e, p)))?;
+    Some((out?, place))
+}
+
+fn find(
+    store: &dyn Store,
+    subject: &str,
+    slots: u32,
+    now_ms: u64,
+    policy: &LeasePolicy,
+    f: &mut dyn FnMut(&mut FleetEntry, &Place),
+) -> Option<Place> {
     let mut claim = None;
     for probe in 0..PROBES {
         let n = slot_of(subject, probe, slots);
@@ -135,48 +150,42 @@ pub fn with_slot<T>(
         };
         let slot = AnonSlot::decode(&bytes);
         if slot.owner == subject {
-            return update(store, n, now_ms, |s| (s.owner == subject).then_some(()), &mut f).ok();
+            return update(store, n, now_ms, &mut |s| s.owner == subject, f).ok();
         }
         if claim.is_none() && (slot.owner.is_empty() || forgettable(&slot.entry, now_ms, policy)) {
             claim = Some(n);
         }
     }
     if let Some(n) = claim {
-        let r = update(
-            store,
-            n,
-            now_ms,
-            |s| {
-                let free = s.owner.is_empty() || s.owner == subject || forgettable(&s.entry, now_ms, policy);
-                if free && s.owner != subject {
-                    *s = AnonSlot {
-                        owner: subject.to_string(),
-                        epoch: now_ms.max(s.epoch + 1),
-                        entry: FleetEntry::default(),
-                    };
-                }
-                free.then_some(())
-            },
-            &mut f,
-        );
-        if let Ok(r) = r {
-            return Some(r);
+        let mut admit = |s: &mut AnonSlot| {
+            let free = s.owner.is_empty() || s.owner == subject || forgettable(&s.entry, now_ms, policy);
+            if free && s.owner != subject {
+                *s = AnonSlot {
+                    owner: subject.to_string(),
+                    epoch: now_ms.max(s.epoch + 1),
+                    entry: FleetEntry::default(),
+                };
+            }
+            free
+        };
+        if let Ok(place) = update(store, n, now_ms, &mut admit, f) {
+            return Some(place);
         }
     }
     // Every candidate holds a live subject: share the first one's entry (and limits).
     let n = slot_of(subject, 0, slots);
-    update(store, n, now_ms, |_| Some(()), &mut f).ok()
+    update(store, n, now_ms, &mut |_| true, f).ok()
 }
 
 /// CAS-updates slot `n`: `admit` checks (and may claim) the slot, then `f` runs on its
 /// entry.
-fn update<T>(
+fn update(
     store: &dyn Store,
     n: u32,
     now_ms: u64,
-    mut admit: impl FnMut(&mut AnonSlot) -> Option<()>,
-    f: &mut impl FnMut(&mut FleetEntry, &Place) -> T,
-) -> Result<(T, Place), Miss> {
+    admit: &mut dyn FnMut(&mut AnonSlot) -> bool,
+    f: &mut dyn FnMut(&mut FleetEntry, &Place),
+) -> Result<Place, Miss> {
     let r = cas_update(
         store,
         &slot_name(n),
@@ -185,7 +194,7 @@ fn update<T>(
         |current| {
             let old = current.map(AnonSlot::decode).unwrap_or_default();
             let mut slot = old.clone();
-            if admit(&mut slot).is_none() {
+            if !admit(&mut slot) {
                 return Step::Keep(Err(Miss::Lost));
             }
             let place = Place {
@@ -193,11 +202,11 @@ fn update<T>(
                 owner: slot.owner.clone(),
                 epoch: slot.epoch,
             };
-            let out = f(&mut slot.entry, &place);
+            f(&mut slot.entry, &place);
             if current.is_some() && slot == old {
-                Step::Keep(Ok((out, place)))
+                Step::Keep(Ok(place))
             } else {
-                Step::Write(slot.encode(), Ok((out, place)))
+                Step::Write(slot.encode(), Ok(place))
             }
         },
     );
@@ -212,14 +221,15 @@ pub fn at_place<T>(
     now_ms: u64,
     mut f: impl FnMut(&mut FleetEntry) -> T,
 ) -> Result<T, Miss> {
+    let mut out = None;
     update(
         store,
         place.n,
         now_ms,
-        |s| (s.owner == place.owner && s.epoch == place.epoch).then_some(()),
-        &mut |e: &mut FleetEntry, _: &Place| f(e),
-    )
-    .map(|(t, _)| t)
+        &mut |s| s.owner == place.owner && s.epoch == place.epoch,
+        &mut |e, _| out = Some(f(e)),
+    )?;
+    out.ok_or(Miss::Contended)
 }
 
 #[cfg(test)]

@@ -8,7 +8,6 @@
 //! remove its own) is dropped.
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 
 /// A live worker refreshes its entry at least this often.
 pub const HEARTBEAT_MS: u64 = 1_000;
@@ -18,6 +17,8 @@ pub const STALE_MS: u64 = 10_000;
 /// One worker's view.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerHealth {
+    /// The worker (`w<n>`, unique in the process).
+    pub worker: String,
     /// `connected`, `partitioned` (its breaker is open), `probing` (half-open, with
     /// subjects to try it on) or `idle` (half-open with nothing to call for: it stays so
     /// until traffic comes, and does not make the node look degraded).
@@ -52,15 +53,23 @@ pub struct Summary {
     pub overdraft_in_use: u64,
 }
 
+/// Puts `mine` in place of its worker's previous entry.
+pub fn upsert(workers: &mut Vec<WorkerHealth>, mine: WorkerHealth) {
+    match workers.iter_mut().find(|w| w.worker == mine.worker) {
+        Some(w) => *w = mine,
+        None => workers.push(mine),
+    }
+}
+
 /// Drops stale entries at `now_ms` and summarises the rest.
-pub fn summarize(workers: &mut BTreeMap<String, WorkerHealth>, now_ms: u64) -> Summary {
-    workers.retain(|_, w| now_ms.saturating_sub(w.updated_at_ms) <= STALE_MS);
-    let worst = workers.values().map(|w| w.state.as_str()).max_by_key(|s| rank(s));
+pub fn summarize(workers: &mut Vec<WorkerHealth>, now_ms: u64) -> Summary {
+    workers.retain(|w| now_ms.saturating_sub(w.updated_at_ms) <= STALE_MS);
+    let worst = workers.iter().map(|w| w.state.as_str()).max_by_key(|s| rank(s));
     Summary {
         state: worst.filter(|s| rank(s) > 0).unwrap_or("connected").to_string(),
-        degraded_workers: workers.values().filter(|w| rank(&w.state) > 0).count(),
-        subjects: workers.values().map(|w| w.subjects).max().unwrap_or(0),
-        overdraft_in_use: workers.values().map(|w| w.overdraft_in_use).max().unwrap_or(0),
+        degraded_workers: workers.iter().filter(|w| rank(&w.state) > 0).count(),
+        subjects: workers.iter().map(|w| w.subjects).max().unwrap_or(0),
+        overdraft_in_use: workers.iter().map(|w| w.overdraft_in_use).max().unwrap_or(0),
     }
 }
 
@@ -68,8 +77,9 @@ pub fn summarize(workers: &mut BTreeMap<String, WorkerHealth>, now_ms: u64) -> S
 mod tests {
     use super::*;
 
-    fn w(state: &str, at: u64) -> WorkerHealth {
+    fn w(worker: &str, state: &str, at: u64) -> WorkerHealth {
         WorkerHealth {
+            worker: worker.into(),
             state: state.into(),
             subjects: 2,
             overdraft_in_use: u64::from(state == "partitioned") * 3,
@@ -80,34 +90,35 @@ mod tests {
 
     #[test]
     fn the_worst_live_worker_decides_whoever_wrote_last() {
-        let mut ws = BTreeMap::new();
-        ws.insert("a".to_string(), w("partitioned", 1_000));
+        let mut ws = Vec::new();
+        upsert(&mut ws, w("a", "partitioned", 1_000));
         // Worker b, connected, publishes after a: the node is still partitioned.
-        ws.insert("b".to_string(), w("connected", 1_500));
+        upsert(&mut ws, w("b", "connected", 1_500));
         let s = summarize(&mut ws, 1_600);
         assert_eq!(
             (s.state.as_str(), s.degraded_workers, s.overdraft_in_use),
             ("partitioned", 1, 3)
         );
-        ws.insert("a".to_string(), w("probing", 1_700));
+        upsert(&mut ws, w("a", "probing", 1_700));
         assert_eq!(summarize(&mut ws, 1_800).state, "probing");
-        ws.insert("a".to_string(), w("connected", 1_900));
+        upsert(&mut ws, w("a", "connected", 1_900));
         let s = summarize(&mut ws, 2_000);
         assert_eq!((s.state.as_str(), s.degraded_workers, s.subjects), ("connected", 0, 2));
         // A worker with nothing to try its breaker on is idle, not degraded.
-        ws.insert("a".to_string(), w("idle", 2_100));
+        upsert(&mut ws, w("a", "idle", 2_100));
+        assert_eq!(ws.len(), 2);
         let s = summarize(&mut ws, 2_200);
         assert_eq!((s.state.as_str(), s.degraded_workers), ("connected", 0));
     }
 
     #[test]
     fn workers_gone_for_long_are_dropped() {
-        let mut ws = BTreeMap::new();
-        ws.insert("old".to_string(), w("partitioned", 0));
-        ws.insert("new".to_string(), w("connected", STALE_MS + 1));
+        let mut ws = Vec::new();
+        upsert(&mut ws, w("old", "partitioned", 0));
+        upsert(&mut ws, w("new", "connected", STALE_MS + 1));
         let s = summarize(&mut ws, STALE_MS + 1);
         assert_eq!(s.state, "connected");
-        assert_eq!(ws.keys().collect::<Vec<_>>(), ["new"]);
-        assert_eq!(summarize(&mut BTreeMap::new(), 0).state, "connected");
+        assert_eq!(ws.iter().map(|w| w.worker.as_str()).collect::<Vec<_>>(), ["new"]);
+        assert_eq!(summarize(&mut Vec::new(), 0).state, "connected");
     }
 }

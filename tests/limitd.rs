@@ -947,6 +947,10 @@ mod valkey {
         on_valkey(super::a_dead_nodes_lease_comes_back_after_its_ttl);
     }
     #[test]
+    fn a_killed_nodes_unreported_spend_is_never_admitted_twice() {
+        on_valkey(super::a_killed_nodes_unreported_spend_is_never_admitted_twice);
+    }
+    #[test]
     fn quota_is_never_exceeded_by_concurrent_nodes() {
         on_valkey(super::quota_is_never_exceeded_by_concurrent_nodes);
     }

@@ -360,11 +360,11 @@ def test_ratelimit_fields_in_fleet_mode_are_the_nodes_view(start_envoy, limitd):
         assert policy["monthly"][0] == limit and policy["per-second"] == (1000, 1), policy
         assert state["monthly"][0] == limit - i, (i, state)
         assert state["monthly"][1] > 0, "seconds to the end of the month"
-    # Both Envoys until the quota is gone: never above the limit, never rising on one
-    # Envoy (no lease is returned meanwhile), 0 on every 429.
-    last = {a: limit - 10, b: limit}
+    # Both Envoys until the quota is gone (units held by one Envoy come back to the
+    # other as it returns or refills them): never above the limit, 0 on every 429.
+    last = {}
     admitted, refused_rounds = 10, 0
-    for _ in range(100):
+    for _ in range(300):
         codes = []
         for e in (a, b):
             r = get(e, PATH, {"x-api-key": k.key})
@@ -373,7 +373,6 @@ def test_ratelimit_fields_in_fleet_mode_are_the_nodes_view(start_envoy, limitd):
             _, state = fields(r)
             remaining = state["monthly"][0]
             assert 0 <= remaining <= limit, state
-            assert remaining <= last[e], (remaining, last[e])
             last[e] = remaining
             if r.status == 429:
                 assert remaining == 0, state
@@ -382,9 +381,10 @@ def test_ratelimit_fields_in_fleet_mode_are_the_nodes_view(start_envoy, limitd):
             else:
                 admitted += 1
         refused_rounds = refused_rounds + 1 if 200 not in codes else 0
-        if refused_rounds >= 3:
+        if refused_rounds >= 3 and admitted == limit:
             break
-    assert admitted == limit, admitted
+        time.sleep(0.05)
+    assert admitted == limit, (admitted, ds[0].peek(f"k:{k.id}", [quota]))
     assert last == {a: 0, b: 0}, last
 
 
@@ -417,7 +417,7 @@ def spend_until_holding(e, d, k, quota, spent=5):
     reported them; returns (node id, units held)."""
     for _ in range(spent):
         assert get(e, PATH, {"x-api-key": k.key}).status == 200
-    node = fleet_status(e)["node_id"]
+    node = wait_for(lambda: fleet_status(e).get("node_id"), what="the fleet status published")
     held = wait_for(lambda: (h := holding(d, f"k:{k.id}", quota, node))[1] == spent and h[0],
                     what="the Envoy reporting while holding a lease")  # fmt: skip
     return node, held
@@ -443,10 +443,15 @@ def test_sigterm_sends_the_lease_return_and_the_units_are_back_by_the_ttl(start_
     e.stop()  # SIGTERM (SIGKILL only after 5 s)
     assert e.returncode == 0, e.returncode
     assert "unloading, returning" in e.log_text(current_run=True), e.log_tail()
-    wait_for(lambda: fleet_outstanding(ds[0], f"k:{k.id}", quota) == (0, 5), timeout=ttl + 3,
-             what="the held units back in Redis")  # fmt: skip
+    _, consumed = wait_for(lambda: (o := fleet_outstanding(ds[0], f"k:{k.id}", quota))[0] == 0 and o,
+                           timeout=ttl + 3, what="the held units back in Redis")  # fmt: skip
     took = time.monotonic() - t
-    print(f"\nSIGTERM: Envoy held {held} units, back after {took:.2f} s ({'returned' if took < 1 else 'lease TTL'})")
+    returned = took < 1
+    print(f"\nSIGTERM: Envoy held {held} units, back after {took:.2f} s ({'returned' if returned else 'lease TTL'})")
+    # Returned: exactly the 5 spent are counted. Expired: the fleet also counts R' =
+    # min(R, held) as possibly spent unreported (R = 1 % of the quota by default).
+    r_max = max(1, min(quota["limit"] * 1 // 100, 50))
+    assert consumed == (5 if returned else 5 + min(r_max, held)), (consumed, held, took)
 
 
 def test_plugin_reload_returns_held_leases_at_once(start_envoy, limitd, tmp_path):

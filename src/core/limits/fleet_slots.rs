@@ -282,12 +282,13 @@ mod tests {
                 let resp = LeaseResponse {
                     applied: true,
                     granted: 4,
+                    hold_void: false,
                     valid_ms: 30_000,
                     now_ms: now,
                     buckets: vec![],
                     quotas: vec![],
                 };
-                fleet::apply_lease(e, &ask, &resp, now, &c);
+                fleet::apply_lease(e, &ask, &resp, &[], now, &c);
                 assert!(e.lease.try_spend(1, now));
             })
             .unwrap();
@@ -309,12 +310,13 @@ mod tests {
             let resp = LeaseResponse {
                 applied: true,
                 granted: 0,
+                hold_void: false,
                 valid_ms: 30_000,
                 now_ms: now,
                 buckets: vec![],
                 quotas: vec![],
             };
-            fleet::apply_lease(e, &ask, &resp, now, &c);
+            fleet::apply_lease(e, &ask, &resp, &[], now, &c);
         })
         .unwrap();
     }

@@ -40,7 +40,7 @@ SHELL       := /bin/bash
 
 .DEFAULT_GOAL := test
 
-.PHONY: tools wasm cli limitd fleet-tools check test run run-fleet bench-tools bench bench-quick soak fuzz wasm-fault demo-config clean distclean
+.PHONY: tools wasm cli limitd fleet-tools valkey check test run run-fleet bench-tools bench bench-quick soak fuzz wasm-fault demo-config clean distclean
 
 # --------------------------------------------------------------------------- tools
 
@@ -100,6 +100,44 @@ fleet-tools:
 		$$sudo apt-get install -y redis-server \
 			|| { $$sudo apt-get update && $$sudo apt-get install -y redis-server; }; \
 	fi
+	@$(MAKE) --no-print-directory valkey
+
+# Valkey for the fleet tests that run on it (tests/limitd.rs, one test_fleet.py test):
+# Debian 12 has no valkey package, bookworm-backports has `valkey-tools` (8.x; its
+# valkey-check-rdb is the server, run by the name valkey-server; its libraries come with
+# redis-server above). Fetched without touching the system's apt configuration: a private
+# sources list (the system's own Debian mirror, suite <codename>-backports), package lists
+# and cache under .tools/valkey.apt, then `apt-get download` and `dpkg-deb -x` into
+# .tools/valkey (nothing is installed system-wide). A no-op once the binary is there.
+VALKEY_DIR    := $(TOOLS)/valkey
+VALKEY_SERVER := $(VALKEY_DIR)/bin/valkey-server
+# Override when the system's apt sources name no Debian mirror for this release.
+VALKEY_APT_MIRROR ?=
+
+valkey: $(VALKEY_SERVER)
+
+$(VALKEY_SERVER):
+	@set -eu; \
+	. /etc/os-release; \
+	mirror='$(VALKEY_APT_MIRROR)'; \
+	if [ -z "$$mirror" ]; then \
+		mirror=$$(apt-get indextargets --format '$$(REPO_URI) $$(RELEASE)' 2>/dev/null \
+			| awk -v s="$$VERSION_CODENAME" '$$2 == s { print $$1; exit }'); \
+	fi; \
+	[ -n "$$mirror" ] || { echo "valkey: no Debian mirror for $$VERSION_CODENAME in apt's sources; set VALKEY_APT_MIRROR" >&2; exit 1; }; \
+	apt="$(TOOLS)/valkey.apt"; rm -rf "$$apt" $(VALKEY_DIR).tmp; \
+	mkdir -p "$$apt/lists/partial" "$$apt/cache/archives/partial" "$$apt/deb" $(VALKEY_DIR).tmp/bin; \
+	echo "deb $$mirror $$VERSION_CODENAME-backports main" > "$$apt/sources.list"; \
+	opts=(-q -o Dir::Etc::SourceList="$$apt/sources.list" -o Dir::Etc::SourceParts=/dev/null \
+		-o Dir::State::Lists="$$apt/lists" -o Dir::Cache="$$apt/cache" -o APT::Sandbox::User=root); \
+	apt-get "$${opts[@]}" update >/dev/null; \
+	(cd "$$apt/deb" && apt-get "$${opts[@]}" download valkey-tools); \
+	dpkg-deb -x "$$apt"/deb/valkey-tools_*.deb $(VALKEY_DIR).tmp/root; \
+	mv $(VALKEY_DIR).tmp/root/usr/bin/valkey-check-rdb $(VALKEY_DIR).tmp/root/usr/bin/valkey-cli $(VALKEY_DIR).tmp/bin/; \
+	ln -s valkey-check-rdb $(VALKEY_DIR).tmp/bin/valkey-server; \
+	rm -rf $(VALKEY_DIR).tmp/root "$$apt"; \
+	$(VALKEY_DIR).tmp/bin/valkey-server --version; \
+	rm -rf $(VALKEY_DIR) && mv $(VALKEY_DIR).tmp $(VALKEY_DIR)
 
 # --------------------------------------------------------------------------- check/test
 
@@ -112,9 +150,9 @@ check: $(STAMP_RUST)
 # check runs via a sub-make (not as a prerequisite) so the order is fixed even under -j.
 test: tools fleet-tools wasm wasm-fault cli limitd
 	$(MAKE) --no-print-directory check
-	cargo test
+	VALKEY_SERVER=$(VALKEY_SERVER) cargo test
 	cd $(ROOT) && KEYMETER_WASM=$(WASM) KEYMETER_FAULT_WASM=$(FAULT_WASM) KEYMETER_CLI=$(CLI) KEYMETER_LIMITD=$(LIMITD) ENVOY_BIN=$(ENVOY_BIN) \
-		$(PY) -m pytest wasm-tests -q $(PYTEST_ARGS)
+		VALKEY_SERVER=$(VALKEY_SERVER) $(PY) -m pytest wasm-tests -q $(PYTEST_ARGS)
 
 # --------------------------------------------------------------------------- demo
 

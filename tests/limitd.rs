@@ -2,6 +2,11 @@
 //! `make test`), each on a free loopback port and stopped when its guard drops, also when
 //! a test panics. Nodes are played by threads driving the core `Lease` type, so the
 //! protocol is tested end to end with the same holder logic the filter uses.
+//!
+//! The key scenarios run again on Valkey (module `valkey` at the end): the same test
+//! functions with the server binary switched for the test's thread. Valkey's binary is
+//! `$VALKEY_SERVER`, else `.tools/valkey/bin/valkey-server` (`make fleet-tools` puts it
+//! there, from Debian's bookworm-backports).
 
 use keymeter::core::limits::lease::{bounds, Ask, Lease, LeasePolicy};
 use keymeter::core::limits::quota::{period_bounds, Period};
@@ -46,17 +51,62 @@ fn resp(port: u16, args: &[&str]) -> std::io::Result<String> {
     Ok(line)
 }
 
-/// A redis-server child, killed on drop.
+/// Which server `Redis::start` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Server {
+    Redis,
+    Valkey,
+}
+
+std::thread_local! {
+    /// The server of the test running on this thread (`valkey::*` switch it).
+    static SERVER: std::cell::Cell<Server> = const { std::cell::Cell::new(Server::Redis) };
+}
+
+impl Server {
+    fn current() -> Server {
+        SERVER.with(|s| s.get())
+    }
+
+    /// (server binary, cli binary).
+    fn binaries(self) -> (PathBuf, PathBuf) {
+        match self {
+            Server::Redis => ("redis-server".into(), "redis-cli".into()),
+            Server::Valkey => {
+                let server = std::env::var_os("VALKEY_SERVER").map(PathBuf::from).unwrap_or_else(|| {
+                    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/valkey/bin/valkey-server")
+                });
+                assert!(
+                    server.exists(),
+                    "{} not found: run `make fleet-tools` (it unpacks Valkey from bookworm-backports)",
+                    server.display()
+                );
+                let cli = server.with_file_name("valkey-cli");
+                (server, cli)
+            }
+        }
+    }
+}
+
+/// Runs `test` with `Redis::start` starting valkey-server instead of redis-server.
+fn on_valkey(test: fn()) {
+    SERVER.with(|s| s.set(Server::Valkey));
+    test();
+}
+
+/// A redis-server (or valkey-server) child, killed on drop.
 struct Redis {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
     extra: Vec<String>,
+    server: Server,
 }
 
 impl Redis {
     fn start(extra: &[&str]) -> Redis {
         let mut r = Redis {
+            server: Server::current(),
             child: None,
             port: free_port(),
             dir: scratch_dir("redis"),
@@ -67,7 +117,7 @@ impl Redis {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new("redis-server")
+        let child = Command::new(self.server.binaries().0)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
             .arg("--dir")
             .arg(&self.dir)
@@ -75,7 +125,7 @@ impl Redis {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server not found: run `make test` (it installs Debian's redis-server)");
+            .expect("server not found: run `make fleet-tools` (Debian's redis-server, Valkey from backports)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
@@ -701,7 +751,7 @@ fn works_on_a_redis_cluster() {
         })
         .collect();
     let addrs: Vec<String> = nodes.iter().map(|r| format!("127.0.0.1:{}", r.port)).collect();
-    let mut create = Command::new("redis-cli");
+    let mut create = Command::new(nodes[0].server.binaries().1);
     create
         .args(["--cluster", "create"])
         .args(&addrs)
@@ -710,7 +760,7 @@ fn works_on_a_redis_cluster() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     let deadline = Instant::now() + Duration::from_secs(20);
     while !nodes.iter().all(|n| {
-        Command::new("redis-cli")
+        Command::new(n.server.binaries().1)
             .args(["-p", &n.port.to_string(), "cluster", "info"])
             .output()
             .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
@@ -824,4 +874,122 @@ fn take_is_all_or_nothing_and_never_exceeds_the_quota() {
     }
     assert_eq!(admitted.load(Ordering::Relaxed), 50);
     assert_eq!(peek(d.port, "k:race-take", 50)["consumed"], 50);
+}
+
+/// Issue 10.17 on the store side: every key limitd writes for a subject (an anonymous
+/// address churned once, say) has a TTL, so idle subjects expire from Redis too: the
+/// node record after `--forget-node-ms` (7 days), a bucket once it would be full again (plus the
+/// lease TTL and a minute), a quota period a day after its end.
+#[test]
+fn every_key_of_a_subject_expires() {
+    let redis = Redis::start(&[]);
+    let d = Limitd::single(&redis);
+    let limits = json!({"buckets": [{"name": "s", "rate": 10, "interval_ms": 1000, "burst": 10}],
+                        "quotas": quota(100)});
+    for i in 0..20 {
+        let subject = format!("ip:203.0.113.{i}");
+        let mut n = Node::new("n", 1, 10);
+        n.refill(d.port, &subject, &limits).unwrap();
+        let mut b = json!({"subject": subject, "cost": 1});
+        for (k, v) in limits.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        assert_eq!(post(d.port, "/v1/take", &b).1["admitted"], true);
+        n.release(d.port, &subject, &limits);
+    }
+    let cli = |args: &[&str]| {
+        let out = Command::new(redis.server.binaries().1)
+            .args(["-p", &redis.port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let keys: Vec<String> = cli(&["--scan"]).lines().map(str::to_string).collect();
+    assert_eq!(
+        keys.len(),
+        20 * 3,
+        "node record, bucket, quota period per address: {keys:?}"
+    );
+    let month_end_ms = period_bounds(Period::Month, (now_ms() / 1000) as i64).1 as u64 * 1000;
+    for k in &keys {
+        let ttl: i64 = cli(&["pttl", k]).trim().parse().unwrap();
+        assert!(ttl > 0, "{k} never expires ({ttl})");
+        let limit_ms = if k.contains(":q:") {
+            month_end_ms - now_ms() + 86_400_000
+        } else if k.ends_with(":n") {
+            7 * 86_400_000 // limitd's default --forget-node-ms
+        } else {
+            3_600_000
+        };
+        assert!(ttl as u64 <= limit_ms + 1_000, "{k}: ttl {ttl} ms > {limit_ms}");
+    }
+}
+
+/// The key scenarios on Valkey (same functions, valkey-server instead of redis-server).
+mod valkey {
+    use super::on_valkey;
+
+    #[test]
+    fn grants_shrink_to_one_near_the_quota_and_never_exceed_it() {
+        on_valkey(super::grants_shrink_to_one_near_the_quota_and_never_exceed_it);
+    }
+    #[test]
+    fn returned_units_come_back_and_reports_count_once() {
+        on_valkey(super::returned_units_come_back_and_reports_count_once);
+    }
+    #[test]
+    fn replayed_and_reordered_calls_change_nothing() {
+        on_valkey(super::replayed_and_reordered_calls_change_nothing);
+    }
+    #[test]
+    fn a_dead_nodes_lease_comes_back_after_its_ttl() {
+        on_valkey(super::a_dead_nodes_lease_comes_back_after_its_ttl);
+    }
+    #[test]
+    fn a_killed_nodes_unreported_spend_is_never_admitted_twice() {
+        on_valkey(super::a_killed_nodes_unreported_spend_is_never_admitted_twice);
+    }
+    #[test]
+    fn quota_is_never_exceeded_by_concurrent_nodes() {
+        on_valkey(super::quota_is_never_exceeded_by_concurrent_nodes);
+    }
+    #[test]
+    fn token_bucket_is_shared_across_nodes() {
+        on_valkey(super::token_bucket_is_shared_across_nodes);
+    }
+    #[test]
+    fn redis_outage_costs_one_timeout_and_recovers_without_restart() {
+        on_valkey(super::redis_outage_costs_one_timeout_and_recovers_without_restart);
+    }
+    #[test]
+    fn quota_periods_are_the_cores_utc_calendar_periods() {
+        on_valkey(super::quota_periods_are_the_cores_utc_calendar_periods);
+    }
+    #[test]
+    fn works_on_a_cluster() {
+        on_valkey(super::works_on_a_redis_cluster);
+    }
+    #[test]
+    fn take_is_all_or_nothing_and_never_exceeds_the_quota() {
+        on_valkey(super::take_is_all_or_nothing_and_never_exceeds_the_quota);
+    }
+    #[test]
+    fn every_key_of_a_subject_expires() {
+        on_valkey(super::every_key_of_a_subject_expires);
+    }
+    #[test]
+    fn runs_on_valkey() {
+        on_valkey(|| {
+            let v = super::Redis::start(&[]);
+            let out = std::process::Command::new(v.server.binaries().1)
+                .args(["-p", &v.port.to_string(), "info", "server"])
+                .output()
+                .unwrap();
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains("server_name:valkey"),
+                "not a Valkey server"
+            );
+        });
+    }
 }

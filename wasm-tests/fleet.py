@@ -60,12 +60,22 @@ def _chain_signal_handlers() -> None:
 _chain_signal_handlers()
 
 
+def valkey_server() -> str:
+    """valkey-server: $VALKEY_SERVER, else where `make fleet-tools` unpacks it."""
+    path = os.environ.get("VALKEY_SERVER") or str(harness.REPO_ROOT / ".tools" / "valkey" / "bin" / "valkey-server")
+    if not os.access(path, os.X_OK):
+        raise RuntimeError(f"valkey-server not found at {path}: run `make fleet-tools`")
+    return path
+
+
 class RedisServer:
     """redis-server on a free loopback port. With `aof` (the default) every write is
     fsynced to an append-only file in `workdir`, so a killed and restarted server comes
-    back with its data (what a production deployment gets from AOF or replicas)."""
+    back with its data (what a production deployment gets from AOF or replicas).
+    `binary`: another server speaking the protocol (valkey_server())."""
 
-    def __init__(self, workdir: Path, *, aof: bool = True, port: int | None = None):
+    def __init__(self, workdir: Path, *, aof: bool = True, port: int | None = None, binary: str | None = None):
+        self.binary = binary
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or harness.free_port()
@@ -74,7 +84,7 @@ class RedisServer:
         self.log = self.workdir / "redis.log"
 
     def start(self) -> "RedisServer":
-        exe = shutil.which("redis-server")
+        exe = self.binary or shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server not found: run `make fleet-tools` (Debian's redis-server)")
         args = [exe, "--port", str(self.port), "--bind", harness.LOCALHOST, "--save", "",

@@ -10,8 +10,11 @@ timing are checked against the documented bounds, never against a lucky exact va
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -317,3 +320,285 @@ def test_an_envoy_killed_holding_leases_gives_them_back_after_the_ttl(start_envo
     # its lease came back (hold - reported - R').
     assert first + second == limit - counted - presumed, (first, second, counted, held, presumed)
     assert total >= limit - r_max, total
+
+
+# --------------------------------------------------------------------------- RateLimit fields
+
+ITEM = re.compile(r'"(?P<name>[^"\\]*)";(?P<a>[qr])=(?P<x>\d+);(?P<b>[wt])=(?P<y>\d+)$')
+
+
+def fields(r) -> tuple[dict, dict]:
+    """RateLimit-Policy and RateLimit of a response as {name: (q, w)}, {name: (r, t)};
+    asserts both are present and well-formed (sf-list of "name";q=..;w=.. items)."""
+    out = []
+    for header, first in (("ratelimit-policy", "q"), ("ratelimit", "r")):
+        value = r.headers.get(header)
+        assert value, f"{header} missing: {r}"
+        items = {}
+        for part in value.split(", "):
+            m = ITEM.match(part)
+            assert m and m["a"] == first, f"malformed {header}: {value!r}"
+            items[m["name"]] = (int(m["x"]), int(m["y"]))
+        out.append(items)
+    return out[0], out[1]
+
+
+def test_ratelimit_fields_in_fleet_mode_are_the_nodes_view(start_envoy, limitd):
+    ds = limitd(1)
+    k = Key(plan="q")
+    limit = 40
+    quota = {"name": "monthly", "period": "month", "limit": limit}
+    bucket = {"name": "per-second", "rate": 1000, "per": "1s", "burst": 1000}
+    plans = {"q": {"quotas": [quota], "rate_limits": [bucket]}}
+    a, b = envoys(start_envoy, ds, 2, keyset(1, [k], plans), concurrency=1, max_chunk=10)
+    # One Envoy alone: its view is exact (held + what the fleet has left = the limit
+    # minus what was admitted), whether a request was decided by a take or the lease.
+    for i in range(1, 11):
+        r = get(a, PATH, {"x-api-key": k.key})
+        assert r.status == 200, r
+        policy, state = fields(r)
+        assert policy["monthly"][0] == limit and policy["per-second"] == (1000, 1), policy
+        assert state["monthly"][0] == limit - i, (i, state)
+        assert state["monthly"][1] > 0, "seconds to the end of the month"
+    # Both Envoys until the quota is gone (units held by one Envoy come back to the
+    # other as it returns or refills them): never above the limit, 0 on every 429.
+    last = {}
+    admitted, refused_rounds = 10, 0
+    for _ in range(300):
+        codes = []
+        for e in (a, b):
+            r = get(e, PATH, {"x-api-key": k.key})
+            codes.append(r.status)
+            assert r.status in (200, 429), r
+            _, state = fields(r)
+            remaining = state["monthly"][0]
+            assert 0 <= remaining <= limit, state
+            last[e] = remaining
+            if r.status == 429:
+                assert remaining == 0, state
+                assert int(r.headers["retry-after"]) >= 1
+                assert r.json()["type"].endswith("quota-exceeded"), r.json()
+            else:
+                admitted += 1
+        refused_rounds = refused_rounds + 1 if 200 not in codes else 0
+        if refused_rounds >= 3 and admitted == limit:
+            break
+        time.sleep(0.05)
+    assert admitted == limit, (admitted, ds[0].peek(f"k:{k.id}", [quota]))
+    assert last == {a: 0, b: 0}, last
+
+
+# --------------------------------------------------------------------------- graceful return
+
+LONG_TTL_S = 60  # lease_ttl_ms of these tests: "at once" is measured against it
+
+
+def holding(d, subject, quota, node):
+    """Units `node` holds of `quota` (per limitd's peek), and the period's consumed."""
+    q = d.peek(subject, [quota])[quota["name"]]
+    return q["holders"].get(node, 0), q["consumed"]
+
+
+_probes = iter(range(1, 1 << 30))
+
+
+def fleet_outstanding(d, subject, quota):
+    """(units held by all nodes, consumed) as a lease call sees them: unlike peek, a
+    call reclaims expired leases first. A fresh probe node asking for nothing."""
+    r = d.post("/v1/lease", {"node": f"probe-{next(_probes)}", "seq": 1, "subject": subject, "fleet_size": 1,
+                             "ttl_ms": 1000, "want": 0, "hold": 0, "returned": 0, "spent_total": 0,
+                             "buckets": [], "quotas": [quota]})  # fmt: skip
+    q = r["quotas"][0]
+    return q["outstanding"], q["consumed"]
+
+
+def spend_until_holding(e, d, k, quota, spent=5):
+    """Sends `spent` requests through `e` and waits until its node holds a lease and has
+    reported them; returns (node id, units held)."""
+    for _ in range(spent):
+        assert get(e, PATH, {"x-api-key": k.key}).status == 200
+    node = wait_for(lambda: fleet_status(e).get("node_id"), what="the fleet status published")
+    held = wait_for(lambda: (h := holding(d, f"k:{k.id}", quota, node))[1] == spent and h[0],
+                    what="the Envoy reporting while holding a lease")  # fmt: skip
+    return node, held
+
+
+def test_sigterm_sends_the_lease_return_and_the_units_are_back_by_the_ttl(start_envoy, limitd):
+    """On SIGTERM Envoy 1.40 runs each worker's on_done, which dispatches the lease
+    returns, but it does not wait for them: its wasm extension registers its
+    ShutdownExit lifecycle callback without keeping the handle (so it is unregistered at
+    once, envoyproxy/envoy#35882) and the workers' loops stop right after. A return gets
+    out only if the worker's loop turns once more (about half the runs here). What is
+    guaranteed, and checked: the return is sent, and the units are back by the lease
+    TTL whether it arrived or not. Reload (below) waits for the answers."""
+    ds = limitd(1)
+    k = Key(plan="m")
+    quota = {"name": "monthly", "period": "month", "limit": 1000}
+    ttl = 4.0
+    (e,) = envoys(start_envoy, ds, 1, keyset(1, [k], {"m": {"quotas": [quota]}}), concurrency=2,
+                  lease_ttl_ms=int(ttl * 1000), max_chunk=50)  # fmt: skip
+    node, held = spend_until_holding(e, ds[0], k, quota)
+    assert held > 0
+    t = time.monotonic()
+    e.stop()  # SIGTERM (SIGKILL only after 5 s)
+    assert e.returncode == 0, e.returncode
+    assert "unloading, returning" in e.log_text(current_run=True), e.log_tail()
+    _, consumed = wait_for(lambda: (o := fleet_outstanding(ds[0], f"k:{k.id}", quota))[0] == 0 and o,
+                           timeout=ttl + 3, what="the held units back in Redis")  # fmt: skip
+    took = time.monotonic() - t
+    returned = took < 1
+    print(f"\nSIGTERM: Envoy held {held} units, back after {took:.2f} s ({'returned' if returned else 'lease TTL'})")
+    # Returned: exactly the 5 spent are counted. Expired: the fleet also counts R' =
+    # min(R, held) as possibly spent unreported (R = 1 % of the quota by default).
+    r_max = max(1, min(quota["limit"] * 1 // 100, 50))
+    assert consumed == (5 if returned else 5 + min(r_max, held)), (consumed, held, took)
+
+
+def test_plugin_reload_returns_held_leases_at_once(start_envoy, limitd, tmp_path):
+    ds = limitd(1)
+    k = Key(plan="m")
+    quota = {"name": "monthly", "period": "month", "limit": 1000}
+    conf = fleet.filter_conf(1, lease_ttl_ms=LONG_TTL_S * 1000, max_chunk=50)
+    e = start_envoy(concurrency=2, filter_conf=conf, extra_routes=[DIRECT], lds_dir=tmp_path / "lds",
+                    extra_args=harness.LDS_ENVOY_ARGS, extra_clusters=[fleet.limitd_cluster([ds[0].port])])  # fmt: skip
+    assert push(e, keyset(1, [k], {"m": {"quotas": [quota]}})).status == 200
+    node, held = spend_until_holding(e, ds[0], k, quota)
+    t = time.monotonic()
+    harness.update_public_listener(e, {**conf, "realm": "reloaded"})
+    harness.wait_listeners_drained(e)
+    wait_for(lambda: holding(ds[0], f"k:{k.id}", quota, node)[0] == 0, timeout=LONG_TTL_S / 4,
+             what="the held units back in Redis")  # fmt: skip
+    took = time.monotonic() - t
+    print(f"\nreload: Envoy held {held} units, back after {took:.2f} s")
+    assert took < 10.0, took
+    # The new configuration carries on exactly: nothing lost, nothing counted twice.
+    for _ in range(5):
+        assert get(e, PATH, {"x-api-key": k.key}).status == 200
+    wait_for(lambda: holding(ds[0], f"k:{k.id}", quota, node)[1] == 10, what="usage reported after the reload")
+
+
+# --------------------------------------------------------------------------- Valkey
+
+
+def test_monthly_quota_across_envoys_on_valkey(start_envoy, tmp_path):
+    """The quota scenario with valkey-server as the fleet store."""
+    store = fleet.RedisServer(tmp_path / "valkey", binary=fleet.valkey_server()).start()
+    d = None
+    try:
+        info = subprocess.run([str(Path(store.binary).with_name("valkey-cli")), "-p", str(store.port), "info", "server"],
+                              capture_output=True, text=True, timeout=10).stdout  # fmt: skip
+        assert "server_name:valkey" in info, info
+        d = fleet.Limitd(store.url, tmp_path / "limitd").start()
+        k = Key(plan="m")
+        quota = {"name": "monthly", "period": "month", "limit": 200}
+        es = envoys(start_envoy, [d], 2, keyset(1, [k], {"m": {"quotas": [quota]}}), concurrency=1, max_chunk=20)
+        codes, _ = hammer(es, k, 260, threads=6)
+        admitted = codes.count(200)
+        assert admitted <= 200 and set(codes) <= {200, 429}, (admitted, set(codes))
+        total = admitted + drain(es, k)
+        assert total == 200, (admitted, total)
+        wait_for(lambda: d.peek(f"k:{k.id}", [quota])["monthly"]["consumed"] == 200, what="usage in Valkey")
+        print(f"\nValkey: quota 200 over 2 Envoys: first pass {admitted}, total {total}")
+    finally:
+        if d is not None:
+            d.kill()
+        store.kill()
+
+
+# --------------------------------------------------------------------------- anonymous subjects
+
+
+def test_anonymous_addresses_each_limited_across_envoys_from_a_fixed_table(start_envoy, limitd):
+    """Anonymous clients in fleet mode: each source address is its own fleet subject
+    (`ip:<addr>`), limited across both Envoys, its node state in the fixed slot table
+    (the bound itself is the host test fleet_slots::address_churn_is_bounded_in_fleet_mode)."""
+    ds = limitd(1)
+    quota = {"name": "daily", "period": "day", "limit": 3}
+    plans = {"default": {}, "anon": {"quotas": [quota]}}
+    conf = fleet.filter_conf(2, max_chunk=10)
+    conf["anonymous"] = {"plan": "anon"}
+    es = []
+    for _ in range(2):
+        e = start_envoy(concurrency=1, filter_conf=conf, extra_routes=[DIRECT],
+                        extra_clusters=[fleet.limitd_cluster([ds[0].port])])  # fmt: skip
+        assert push(e, keyset(1, [], plans)).status == 200
+        es.append(e)
+    addrs = [f"127.0.0.{i}" for i in range(2, 22)]
+    admitted = {a: 0 for a in addrs}
+    # The slot's lease is held in the fleet under the node id plus the slot's epoch.
+    assert harness.http("GET", es[0].url(PATH), source_address=(addrs[0], 0)).status == 200
+    admitted[addrs[0]] += 1
+    node = fleet_status(es[0])["node_id"]
+    holders = wait_for(lambda: ds[0].peek(f"ip:{addrs[0]}", [quota])["daily"]["holders"], what="a lease held")
+    assert all(h.startswith(f"{node}.") for h in holders), (node, holders)
+    for rnd in range(5):
+        for a in addrs:
+            r = harness.http("GET", es[rnd % 2].url(PATH), source_address=(a, 0))
+            assert r.status in (200, 429), r
+            admitted[a] += r.status == 200
+    assert set(admitted.values()) == {3}, admitted
+    for a in addrs[:5]:
+        wait_for(lambda a=a: ds[0].peek(f"ip:{a}", [quota])["daily"]["consumed"] == 3, what=f"usage of {a}")
+    st = [fleet_status(e) for e in es]
+    assert all(s["state"] == "connected" for s in st), st
+
+
+# --------------------------------------------------------------------------- per-worker status
+
+
+def test_status_is_the_worst_worker_not_the_last_writer(start_envoy, limitd):
+    """Each worker has its own breaker. With limitd gone, a worker that needs a take
+    opens its breaker while another, spending a lease it holds, makes no call and keeps
+    publishing `connected`: the node's `state` must stay `partitioned`, with each
+    worker's own state under `workers`."""
+    import http.client
+
+    ds = limitd(1)
+    quota = {"name": "monthly", "period": "month", "limit": 100000}
+    kx, ky = Key(plan="m"), Key(plan="m")
+    (e,) = envoys(start_envoy, ds, 1, keyset(1, [kx, ky], {"m": {"quotas": [quota]}}), concurrency=2,
+                  max_chunk=1000, breaker_failures=2, breaker_cooldown_ms=10000, report_interval_ms=10000)  # fmt: skip
+    pattern = rf"^listener\.127\.0\.0\.1_{e.public_port}\.worker_\d+\.downstream_cx_total$"
+    conns = {}
+    for _ in range(40):  # keep-alive connections until one lands on each worker
+        before = e.stats(filter=pattern)
+        c = http.client.HTTPConnection(harness.LOCALHOST, e.public_port, timeout=5)
+        c.request("GET", PATH, headers={"x-api-key": ky.key})
+        assert c.getresponse().read() == b"ok"
+        grew = [k for k, v in e.stats(filter=pattern).items() if v > before.get(k, 0)]
+        if len(grew) == 1 and grew[0] not in conns:
+            conns[grew[0]] = c
+        else:
+            c.close()
+        if len(conns) == 2:
+            break
+    assert len(conns) == 2, "could not get a connection on each worker"
+    a, b = conns.values()
+
+    def send(conn, key, n):
+        codes = []
+        for _ in range(n):
+            conn.request("GET", PATH, headers={"x-api-key": key.key})
+            r = conn.getresponse()
+            r.read()
+            codes.append(r.status)
+        return codes
+
+    # B's key gets a large lease (its asks follow its spend), A's key none.
+    assert send(b, ky, 60) == [200] * 60
+    wait_for(lambda: ds[0].peek(f"k:{ky.id}", [quota])["monthly"]["holders"], what="B's key holding a lease")
+    time.sleep(0.3)
+    ds[0].kill()
+    send(a, kx, 3)  # takes fail: A's breaker opens (2 failures)
+    wait_for(lambda: fleet_status(e)["degraded_workers"] == 1, what="one worker partitioned")
+    # 3 units: after any refill a lease is at least 5 above its low-water mark (half a
+    # chunk of at least 10), so these make no call.
+    assert send(b, ky, 3) == [200] * 3, "B spends its lease, no call"
+    time.sleep(0.5)  # B publishes its decisions (connected) after A's state
+    st = fleet_status(e)
+    # (The main thread's plugin instance is listed too: it serves no request.)
+    states = sorted(w["state"] for w in st["workers"] if w["subjects"])
+    assert states == ["connected", "partitioned"], st["workers"]
+    assert st["state"] == "partitioned" and st["degraded_workers"] == 1, st
+    for c in conns.values():
+        c.close()

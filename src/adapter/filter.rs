@@ -122,8 +122,9 @@ impl Context for FilterRequest {
             buckets: &limits.buckets,
             quotas: &limits.quotas,
         };
-        let verdict = fleet.on_take_response(&subject, decision.cost, num_headers, body_size);
+        let (verdict, fields) = fleet.on_take_response(&subject, decision.cost, num_headers, body_size);
         decision.apply_fleet(&verdict);
+        decision.ratelimit = fields;
         let action = self.apply(&decision);
         self.decision = Some(decision);
         if action == Action::Continue {
@@ -154,7 +155,10 @@ impl HttpContext for FilterRequest {
                 quotas: &limits.quotas,
             };
             match fleet.decide(&subject, limits.now_ms, decision.cost) {
-                super::fleet::RequestStep::Decided(v) => decision.apply_fleet(&v),
+                super::fleet::RequestStep::Decided(v, fields) => {
+                    decision.apply_fleet(&v);
+                    decision.ratelimit = fields;
+                }
                 super::fleet::RequestStep::Paused(token) => {
                     self.pending_take = Some((token, limits));
                     self.decision = Some(decision);

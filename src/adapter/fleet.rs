@@ -18,9 +18,13 @@ use super::host::{self, HostStore};
 use super::service::{dispatch, CallResponse};
 use crate::core::cas::{cas_update, Create, Step as CasStep};
 use crate::core::limits::fleet::{self, FleetConfig, FleetEntry, FleetVerdict, Step, Subject, Via};
+use crate::core::limits::fleet_slots::{self, Miss, Place};
+use crate::core::limits::fleet_view;
 use crate::core::limits::lease::Ask;
 use crate::core::limits::plan::{NamedBucket, NamedQuota};
+use crate::core::limits::subject_table::ANONYMOUS_SLOTS;
 use crate::core::remote::breaker::{Breaker, BreakerState};
+use crate::core::remote::fleet_health::{self, WorkerHealth, HEARTBEAT_MS};
 use crate::core::remote::fleet_protocol::{LeaseResponse, TakeResponse};
 use crate::core::store::{ensure_exists, Store};
 use proxy_wasm::hostcalls;
@@ -31,6 +35,8 @@ use std::collections::HashMap;
 
 /// Fleet health for `GET /v1/status` (`fleet`), written by the root contexts.
 pub const HEALTH: &str = "km/fleet";
+/// Counter naming each worker's entry in the health (`w<n>`, unique per process).
+const WORKER_SEQ: &str = "km/fleet/workers";
 /// CAS attempts on a subject's entry before the request falls back to a local decision.
 const CAS_RETRIES: usize = 32;
 /// Largest limitd answer read.
@@ -75,17 +81,25 @@ impl Counters {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Health {
     pub node_id: String,
-    /// `connected`, `partitioned` (breaker open) or `probing` (half-open), as last seen
-    /// by a worker.
+    /// `connected`, `partitioned` (a worker's breaker is open) or `probing` (half-open):
+    /// the worst of the live workers' states (`workers`).
     pub state: String,
+    /// Workers partitioned or probing.
+    #[serde(default)]
+    pub degraded_workers: usize,
+    /// Each live worker's own view (`core::remote::fleet_health`).
+    #[serde(default)]
+    pub workers: Vec<WorkerHealth>,
     pub fleet_size: u64,
     pub counters: Counters,
     /// Requests decided from the lease over all fleet decisions.
     pub lease_hit_ratio: f64,
     pub refill_latency_ms_last: u64,
     pub refill_latency_ms_mean: f64,
-    /// Quota units admitted on overdraft and not yet reported to the fleet.
+    /// Quota units admitted on overdraft and not yet reported to the fleet (the most
+    /// any worker sees).
     pub overdraft_in_use: u64,
+    /// Subjects tracked (the most any worker tracks).
     pub subjects: usize,
     pub last_success_at_ms: u64,
     pub last_failure_at_ms: u64,
@@ -93,6 +107,8 @@ pub struct Health {
 }
 
 struct Tracked {
+    /// Anonymous subjects: the slot of the fixed table holding the entry.
+    place: Option<Place>,
     buckets: Vec<NamedBucket>,
     quotas: Vec<NamedQuota>,
     last_used_ms: u64,
@@ -105,6 +121,7 @@ struct Tracked {
 
 struct Pending {
     subject: String,
+    place: Option<Place>,
     ask: Ask,
     sent_ms: u64,
     release: bool,
@@ -160,12 +177,21 @@ pub struct FleetNode {
     last_success_ms: std::cell::Cell<u64>,
     /// What was last published (skip the shared-data write when nothing changed).
     published: std::cell::Cell<Option<(BreakerState, u64, usize, u64)>>,
+    /// When this worker last wrote its health entry (a heartbeat keeps it live).
+    published_at: std::cell::Cell<u64>,
+    /// This worker's key in `Health::workers`.
+    worker: String,
     metrics: Metrics,
+    /// Send `RateLimit-Policy` / `RateLimit` (the plugin's `rate_limit_headers`).
+    pub ratelimit_headers: bool,
 }
+
+/// `RateLimit-Policy` and `RateLimit` values for a decided request, if sent.
+pub type Fields = Option<(String, String)>;
 
 /// The request path's next move.
 pub enum RequestStep {
-    Decided(FleetVerdict),
+    Decided(FleetVerdict, Fields),
     /// Paused for this take call.
     Paused(u32),
 }
@@ -182,6 +208,15 @@ impl FleetNode {
             .unwrap_or_else(|| "0".into());
         let node_id = format!("{}-{instance}", cfg.node_name);
         let _ = ensure_exists(&HostStore, HEALTH, b"{}", host::now_ms());
+        let create = Create::ViaLock { now_ms: host::now_ms() };
+        let n = cas_update(&HostStore, WORKER_SEQ, CAS_RETRIES, create, |current| {
+            let n = current
+                .and_then(|b| std::str::from_utf8(b).ok()?.parse::<u64>().ok())
+                .unwrap_or(0)
+                + 1;
+            CasStep::Write(n.to_string().into_bytes(), n)
+        })
+        .unwrap_or(0);
         FleetNode {
             cfg,
             node_id,
@@ -193,7 +228,10 @@ impl FleetNode {
             last_error: RefCell::default(),
             last_success_ms: Default::default(),
             published: Default::default(),
+            published_at: Default::default(),
+            worker: format!("w{n}"),
             metrics: Metrics::define(),
+            ratelimit_headers: false,
         }
     }
 
@@ -209,7 +247,40 @@ impl FleetNode {
 
     /// Applies `f` to the subject's entry under CAS (`f` may run more than once);
     /// `None` when the entry stayed contended (or the host failed) for all attempts.
-    fn update<T>(&self, subject: &str, mut f: impl FnMut(&mut FleetEntry) -> T) -> Option<T> {
+    fn update<T>(&self, subject: &str, f: impl FnMut(&mut FleetEntry) -> T) -> Option<T> {
+        self.update_placed(subject, f).map(|(t, _)| t)
+    }
+
+    /// As `update`; an anonymous subject (`ip:<addr>`) is found, or given a slot, in the
+    /// fixed table (`core::limits::fleet_slots`), whose place is returned: its owner is
+    /// the subject whose limits apply (a neighbour's when the table is full).
+    fn update_placed<T>(&self, subject: &str, mut f: impl FnMut(&mut FleetEntry) -> T) -> Option<(T, Option<Place>)> {
+        if subject.starts_with("ip:") {
+            let policy = self.cfg.policy();
+            return fleet_slots::with_slot(&HostStore, subject, ANONYMOUS_SLOTS, host::now_ms(), &policy, |e, _| {
+                f(e)
+            })
+            .map(|(t, p)| (t, Some(p)));
+        }
+        self.update_named(subject, f).map(|t| (t, None))
+    }
+
+    /// `update` of a tracked subject: at its slot if it has one (`Err(Miss::Lost)` once
+    /// another subject took the slot over, which it may only do when the entry was
+    /// forgettable).
+    fn update_tracked<T>(
+        &self,
+        subject: &str,
+        place: Option<&Place>,
+        f: impl FnMut(&mut FleetEntry) -> T,
+    ) -> Result<T, Miss> {
+        match place {
+            Some(p) => fleet_slots::at_place(&HostStore, p, host::now_ms(), f),
+            None => self.update_named(subject, f).ok_or(Miss::Contended),
+        }
+    }
+
+    fn update_named<T>(&self, subject: &str, mut f: impl FnMut(&mut FleetEntry) -> T) -> Option<T> {
         let create = Create::ViaLock { now_ms: host::now_ms() };
         cas_update(&HostStore, &entry_key(subject), CAS_RETRIES, create, |current| {
             let old = current.map(FleetEntry::decode).unwrap_or_default();
@@ -224,34 +295,60 @@ impl FleetNode {
         .ok()
     }
 
+    /// The `RateLimit` fields for a verdict on `e` (after the decision), if sent.
+    fn fields(&self, e: &FleetEntry, subject: &Subject<'_>, v: &FleetVerdict, now_ms: u64, cost: u64) -> Fields {
+        if !self.ratelimit_headers {
+            return None;
+        }
+        let held = e.lease.available;
+        fleet_view::headers(subject.buckets, subject.quotas, held, &e.view, v, now_ms, cost)
+    }
+
     /// Decides a request of `cost` for `subject`; may dispatch a take and pause.
     pub fn decide(&self, subject: &Subject<'_>, now_ms: u64, cost: u64) -> RequestStep {
         let connected = self.breaker.borrow().connected(now_ms);
         let cfg = &self.cfg;
-        let step = self.update(subject.name, |e| {
+        let placed = self.update_placed(subject.name, |e| {
             let step = fleet::decide(e, subject.buckets, subject.quotas, cfg, now_ms, cost, connected);
-            (step, fleet::wants_call(e, subject.quotas, cfg, now_ms))
+            let fields = match &step {
+                Step::Decided(v) => self.fields(e, subject, v, now_ms, cost),
+                Step::Take => None,
+            };
+            (step, fleet::wants_call(e, subject.quotas, cfg, now_ms), fields)
         });
-        self.track(subject, now_ms, step.as_ref().is_none_or(|(_, w)| *w));
-        let step = step.map(|(s, _)| s);
+        let (step, place) = match placed {
+            Some((s, p)) => (Some(s), p),
+            None => (None, None),
+        };
+        // The subject whose limits apply (an anonymous newcomer sharing a neighbour's
+        // slot in a full table is charged to the neighbour).
+        let subject = &Subject {
+            name: place.as_ref().map_or(subject.name, |p| p.owner.as_str()),
+            ..*subject
+        };
+        self.track(subject, place.clone(), now_ms, step.as_ref().is_none_or(|(_, w, _)| *w));
         match step {
-            Some(Step::Decided(v)) => {
+            Some((Step::Decided(v), _, fields)) => {
                 self.count(v.via);
                 self.note_overdraft(&v, subject, cost);
-                RequestStep::Decided(v)
+                RequestStep::Decided(v, fields)
             }
-            Some(Step::Take) => {
+            Some((Step::Take, _, _)) => {
                 let allowed = self.breaker.borrow_mut().allow(now_ms, cfg.breaker_cooldown_ms);
                 if allowed {
                     if let Some(token) = self.dispatch_take(subject, cost, now_ms) {
                         return RequestStep::Paused(token);
                     }
                 }
-                RequestStep::Decided(self.fall_back(subject, now_ms, cost))
+                let (v, fields) = self.fall_back(subject, now_ms, cost);
+                RequestStep::Decided(v, fields)
             }
             // Contended beyond retries: decide from a fresh local fallback view, which
             // never admits more than the local share.
-            None => RequestStep::Decided(self.fall_back(subject, now_ms, cost)),
+            None => {
+                let (v, fields) = self.fall_back(subject, now_ms, cost);
+                RequestStep::Decided(v, fields)
+            }
         }
     }
 
@@ -261,22 +358,30 @@ impl FleetNode {
         }
     }
 
-    fn fall_back(&self, subject: &Subject<'_>, now_ms: u64, cost: u64) -> FleetVerdict {
+    fn fall_back(&self, subject: &Subject<'_>, now_ms: u64, cost: u64) -> (FleetVerdict, Fields) {
         let cfg = &self.cfg;
         let step = self.update(subject.name, |e| {
-            fleet::fallback(e, subject.buckets, subject.quotas, cfg, now_ms, cost)
+            let step = fleet::fallback(e, subject.buckets, subject.quotas, cfg, now_ms, cost);
+            let fields = match &step {
+                Step::Decided(v) => self.fields(e, subject, v, now_ms, cost),
+                Step::Take => None,
+            };
+            (step, fields)
         });
-        let v = match step {
-            Some(Step::Decided(v)) => v,
-            _ => FleetVerdict {
-                denial: Some(crate::core::limits::limiter::Denial::RateLimited),
-                retry_after_secs: Some(1),
-                via: Via::Fallback,
-            },
+        let (v, fields) = match step {
+            Some((Step::Decided(v), fields)) => (v, fields),
+            _ => (
+                FleetVerdict {
+                    denial: Some(crate::core::limits::limiter::Denial::RateLimited),
+                    retry_after_secs: Some(1),
+                    via: Via::Fallback,
+                },
+                None,
+            ),
         };
         self.count(v.via);
         self.note_overdraft(&v, subject, cost);
-        v
+        (v, fields)
     }
 
     fn dispatch_take(&self, subject: &Subject<'_>, cost: u64, now_ms: u64) -> Option<u32> {
@@ -347,22 +452,22 @@ impl FleetNode {
         cost: u64,
         num_headers: usize,
         body_size: usize,
-    ) -> FleetVerdict {
+    ) -> (FleetVerdict, Fields) {
         let now_ms = host::now_ms();
         match Self::answer::<TakeResponse>(num_headers, body_size) {
             Ok(resp) => {
                 self.succeeded(now_ms);
                 let cfg = &self.cfg;
-                let v = self
-                    .update(subject.name, |e| {
-                        fleet::apply_take(e, &resp, subject.buckets, cfg, now_ms, cost)
-                    })
-                    .unwrap_or_else(|| {
-                        let mut e = FleetEntry::default();
-                        fleet::apply_take(&mut e, &resp, subject.buckets, cfg, now_ms, cost)
-                    });
+                let apply = |e: &mut FleetEntry| {
+                    let v = fleet::apply_take(e, &resp, subject.buckets, cfg, now_ms, cost);
+                    e.view.record(resp.now_ms, &resp.buckets, &resp.quotas);
+                    (v, self.fields(e, subject, &v, now_ms, cost))
+                };
+                let (v, fields) = self
+                    .update(subject.name, apply)
+                    .unwrap_or_else(|| apply(&mut FleetEntry::default()));
                 self.count(v.via);
-                v
+                (v, fields)
             }
             Err(why) => {
                 self.delta.borrow_mut().take_failures += 1;
@@ -372,12 +477,15 @@ impl FleetNode {
         }
     }
 
-    fn track(&self, subject: &Subject<'_>, now_ms: u64, wanted: bool) {
+    fn track(&self, subject: &Subject<'_>, place: Option<Place>, now_ms: u64, wanted: bool) {
         let mut subjects = self.subjects.borrow_mut();
         match subjects.get_mut(subject.name) {
             Some(t) => {
                 t.last_used_ms = now_ms;
                 t.wanted |= wanted;
+                if place.is_some() && t.place != place {
+                    t.place = place;
+                }
                 if t.buckets != subject.buckets || t.quotas != subject.quotas {
                     t.buckets = subject.buckets.to_vec();
                     t.quotas = subject.quotas.to_vec();
@@ -387,6 +495,7 @@ impl FleetNode {
                 subjects.insert(
                     subject.name.to_string(),
                     Tracked {
+                        place,
                         buckets: subject.buckets.to_vec(),
                         quotas: subject.quotas.to_vec(),
                         last_used_ms: now_ms,
@@ -423,13 +532,14 @@ impl FleetNode {
             {
                 continue;
             }
-            let (buckets, quotas, idle) = {
+            let (buckets, quotas, idle, place) = {
                 let s = self.subjects.borrow();
                 let t = &s[&name];
                 (
                     t.buckets.clone(),
                     t.quotas.clone(),
                     now.saturating_sub(t.last_used_ms) > idle_after,
+                    t.place.clone(),
                 )
             };
             let subject = Subject {
@@ -437,19 +547,23 @@ impl FleetNode {
                 buckets: &buckets,
                 quotas: &quotas,
             };
-            let node_id = &self.node_id;
-            let started = self.update(&name, |e| {
+            let node_id = self.node_for(place.as_ref());
+            let started = self.update_tracked(&name, place.as_ref(), |e| {
                 let overdraft = e.overdraft_used;
                 if idle && e.lease.settled() && overdraft == 0 {
                     return (overdraft, None);
                 }
-                (overdraft, fleet::begin_lease(e, node_id, &subject, cfg, now, idle))
+                (overdraft, fleet::begin_lease(e, &node_id, &subject, cfg, now, idle))
             });
             overdraft_in_use += started.as_ref().map_or(0, |(o, _)| *o);
             match started.map(|(_, s)| s) {
-                Some(Some((ask, req))) => self.send_lease(name.clone(), ask, &req, now, idle),
-                Some(None) if idle => {
-                    // Nothing held, nothing to report: forget the subject.
+                Ok(Some((ask, req))) => self.send_lease(name.clone(), place, ask, &req, now, idle),
+                // Nothing held, nothing to report: forget the subject. (A lost slot was
+                // taken over because its entry was forgettable.)
+                Ok(None) if idle => {
+                    self.subjects.borrow_mut().remove(&name);
+                }
+                Err(Miss::Lost) => {
                     self.subjects.borrow_mut().remove(&name);
                 }
                 _ => {}
@@ -458,9 +572,18 @@ impl FleetNode {
         self.publish(now, overdraft_in_use);
     }
 
+    /// The node id of a subject's lease calls: the slot's own for anonymous subjects.
+    fn node_for(&self, place: Option<&Place>) -> std::borrow::Cow<'_, str> {
+        match place {
+            Some(p) => p.node_id(&self.node_id).into(),
+            None => self.node_id.as_str().into(),
+        }
+    }
+
     fn send_lease(
         &self,
         subject: String,
+        place: Option<Place>,
         ask: Ask,
         req: &crate::core::remote::fleet_protocol::LeaseRequest,
         now: u64,
@@ -474,6 +597,7 @@ impl FleetNode {
                     token,
                     Pending {
                         subject,
+                        place,
                         ask,
                         sent_ms: now,
                         release,
@@ -483,7 +607,7 @@ impl FleetNode {
             Err(e) => {
                 self.delta.borrow_mut().lease_failures += 1;
                 self.failed(now, e);
-                let _ = self.update(&subject, |e| e.lease.on_failure());
+                let _ = self.update_tracked(&subject, place.as_ref(), |e| e.lease.on_failure());
             }
         }
     }
@@ -507,7 +631,12 @@ impl FleetNode {
                     .get(&p.subject)
                     .map(|t| t.buckets.clone())
                     .unwrap_or_default();
-                let _ = self.update(&p.subject, |e| fleet::apply_lease(e, &p.ask, &resp, &buckets, now, cfg));
+                let _ = self.update_tracked(&p.subject, p.place.as_ref(), |e| {
+                    fleet::apply_lease(e, &p.ask, &resp, &buckets, now, cfg);
+                    if resp.applied {
+                        e.view.record(resp.now_ms, &resp.buckets, &resp.quotas);
+                    }
+                });
                 if p.release {
                     self.subjects.borrow_mut().remove(&p.subject);
                 }
@@ -515,7 +644,7 @@ impl FleetNode {
             Err(why) => {
                 self.delta.borrow_mut().lease_failures += 1;
                 self.failed(now, why);
-                let _ = self.update(&p.subject, |e| e.lease.on_failure());
+                let _ = self.update_tracked(&p.subject, p.place.as_ref(), |e| e.lease.on_failure());
             }
         }
         true
@@ -528,28 +657,51 @@ impl FleetNode {
         let names: Vec<String> = self.subjects.borrow().keys().cloned().collect();
         let mut sent = 0;
         for name in names {
-            let (buckets, quotas) = {
+            let (buckets, quotas, place) = {
                 let s = self.subjects.borrow();
-                (s[&name].buckets.clone(), s[&name].quotas.clone())
+                (
+                    s[&name].buckets.clone(),
+                    s[&name].quotas.clone(),
+                    s[&name].place.clone(),
+                )
             };
             let subject = Subject {
                 name: &name,
                 buckets: &buckets,
                 quotas: &quotas,
             };
-            let node_id = &self.node_id;
+            let node_id = self.node_for(place.as_ref());
             let cfg = &self.cfg;
             // A call in flight is given up: the release supersedes it (newer seq).
-            let started = self.update(&name, |e| {
+            let started = self.update_tracked(&name, place.as_ref(), |e| {
                 e.lease.refill_sent_ms = 0;
-                fleet::begin_lease(e, node_id, &subject, cfg, now, true)
+                fleet::begin_lease(e, &node_id, &subject, cfg, now, true)
             });
-            if let Some(Some((ask, req))) = started {
-                self.send_lease(name.clone(), ask, &req, now, true);
+            if let Ok(Some((ask, req))) = started {
+                self.send_lease(name.clone(), place, ask, &req, now, true);
                 sent += 1;
             }
         }
         sent
+    }
+
+    /// Removes this worker's health entry (plugin unload): the node's state is then
+    /// its remaining workers'.
+    pub fn retire(&self) {
+        let now = host::now_ms();
+        let create = Create::ViaLock { now_ms: now };
+        let _ = cas_update(&HostStore, HEALTH, CAS_RETRIES, create, |current| {
+            let mut h: Health = current.and_then(|b| serde_json::from_slice(b).ok()).unwrap_or_default();
+            let before = h.workers.len();
+            h.workers.retain(|w| w.worker != self.worker);
+            if h.workers.len() == before {
+                return CasStep::Keep(());
+            }
+            let summary = fleet_health::summarize(&mut h.workers, now);
+            h.state = summary.state;
+            h.degraded_workers = summary.degraded_workers;
+            CasStep::Write(serde_json::to_vec(&h).unwrap_or_default(), ())
+        });
     }
 
     pub fn pending_calls(&self) -> usize {
@@ -566,10 +718,14 @@ impl FleetNode {
             self.subjects.borrow().len(),
             self.last_latency.get(),
         );
-        if delta == Counters::default() && self.published.get() == Some(seen) {
+        if delta == Counters::default()
+            && self.published.get() == Some(seen)
+            && now.saturating_sub(self.published_at.get()) < HEARTBEAT_MS
+        {
             return;
         }
         self.published.set(Some(seen));
+        self.published_at.set(now);
         let m = &self.metrics;
         for (i, v) in [
             delta.lease_decisions,
@@ -586,20 +742,32 @@ impl FleetNode {
         Metrics::add(m.failures, delta.lease_failures + delta.take_failures);
         Metrics::add(m.latency, delta.refill_latency_ms_sum);
         Metrics::add(m.overdraft, delta.overdraft_units);
-        if let Some(id) = m.partitioned {
-            let _ = hostcalls::record_metric(id, u64::from(state == BreakerState::Open));
-        }
         let create = Create::ViaLock { now_ms: now };
-        let _ = cas_update(&HostStore, HEALTH, CAS_RETRIES, create, |current| {
+        let node_state = cas_update(&HostStore, HEALTH, CAS_RETRIES, create, |current| {
             let mut h: Health = current.and_then(|b| serde_json::from_slice(b).ok()).unwrap_or_default();
             h.counters.add(&delta);
             h.node_id.clone_from(&self.node_id);
-            h.state = match state {
-                BreakerState::Closed => "connected",
-                BreakerState::Open => "partitioned",
-                BreakerState::HalfOpen => "probing",
-            }
-            .into();
+            let idle = self.subjects.borrow().is_empty();
+            let mine = WorkerHealth {
+                worker: self.worker.clone(),
+                state: match state {
+                    BreakerState::Closed => "connected",
+                    BreakerState::Open => "partitioned",
+                    BreakerState::HalfOpen if idle => "idle",
+                    BreakerState::HalfOpen => "probing",
+                }
+                .into(),
+                subjects: self.subjects.borrow().len(),
+                overdraft_in_use,
+                refill_latency_ms_last: self.last_latency.get(),
+                updated_at_ms: now,
+            };
+            fleet_health::upsert(&mut h.workers, mine);
+            let summary = fleet_health::summarize(&mut h.workers, now);
+            h.state = summary.state;
+            h.degraded_workers = summary.degraded_workers;
+            h.overdraft_in_use = summary.overdraft_in_use;
+            h.subjects = summary.subjects;
             h.fleet_size = self.cfg.fleet_size;
             let c = &h.counters;
             let decided = c.lease_decisions + c.take_decisions + c.fallback_decisions + c.exhausted_decisions;
@@ -613,8 +781,6 @@ impl FleetNode {
             if self.last_latency.get() > 0 {
                 h.refill_latency_ms_last = self.last_latency.get();
             }
-            h.overdraft_in_use = overdraft_in_use;
-            h.subjects = self.subjects.borrow().len();
             h.last_success_at_ms = h.last_success_at_ms.max(self.last_success_ms.get());
             if let Some((at, e)) = self.last_error.borrow().as_ref() {
                 if *at >= h.last_failure_at_ms {
@@ -622,7 +788,13 @@ impl FleetNode {
                     h.last_error = Some(e.clone());
                 }
             }
-            CasStep::Write(serde_json::to_vec(&h).unwrap_or_default(), ())
+            let partitioned = h.state == "partitioned";
+            CasStep::Write(serde_json::to_vec(&h).unwrap_or_default(), partitioned)
         });
+        // The node's state (the worst live worker's), not this worker's: every worker
+        // sets the one gauge.
+        if let (Some(id), Ok(partitioned)) = (m.partitioned, node_state) {
+            let _ = hostcalls::record_metric(id, u64::from(partitioned));
+        }
     }
 }

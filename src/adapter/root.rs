@@ -70,11 +70,13 @@ impl Context for Root {
         }
         // Fleet mode: give the leases back (what is unspent returns to the fleet now,
         // not after the lease TTL); wait for the answers, bounded by the call timeout.
-        let sent = self
-            .state
-            .as_ref()
-            .and_then(|s| s.fleet.as_ref())
-            .map_or(0, |f| f.release_all());
+        let sent = self.state.as_ref().and_then(|s| s.fleet.as_ref()).map_or(0, |f| {
+            f.retire();
+            f.release_all()
+        });
+        if sent > 0 {
+            log::info!("keymeter fleet: unloading, returning {sent} lease(s)");
+        }
         self.closing = sent > 0;
         !self.closing
     }
@@ -124,7 +126,11 @@ impl RootContext for Root {
                 let challenges = config.challenges();
                 let metering = config.metering;
                 crate::core::store::init_create_lock(&super::host::HostStore);
-                let fleet = config.fleet.clone().map(super::fleet::FleetNode::new);
+                let fleet = config.fleet.clone().map(|f| {
+                    let mut node = super::fleet::FleetNode::new(f);
+                    node.ratelimit_headers = config.rate_limit_headers;
+                    node
+                });
                 if config.role == Role::Filter {
                     if metering.enabled || fleet.is_some() {
                         super::host::ensure_instance();

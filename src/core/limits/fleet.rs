@@ -274,6 +274,8 @@ pub struct FleetEntry {
     pub overdraft_used: u64,
     /// When the last lease call was sent (for the report interval).
     pub last_call_ms: u64,
+    /// What the fleet last said was left (the `RateLimit` fields, `super::fleet_view`).
+    pub view: super::fleet_view::FleetView,
 }
 
 impl FleetEntry {

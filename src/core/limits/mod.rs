@@ -1,4 +1,6 @@
 pub mod fleet;
+pub mod fleet_slots;
+pub mod fleet_view;
 pub mod lease;
 pub mod limiter;
 pub mod plan;

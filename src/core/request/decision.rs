@@ -141,8 +141,8 @@ impl Decision {
     }
 
     /// Applies the fleet's verdict on this request's limits (`FleetLimits`): a denial
-    /// becomes the same refusal a single-node limit gives (no `RateLimit` fields: a
-    /// node knows its lease, not the fleet's remaining count).
+    /// becomes the same refusal a single-node limit gives. (The adapter sets the
+    /// `RateLimit` fields, the node's view: `core::limits::fleet_view`.)
     pub fn apply_fleet(&mut self, v: &FleetVerdict) {
         self.fleet = None;
         let Some(denial) = v.denial else { return };

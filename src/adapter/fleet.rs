@@ -206,7 +206,7 @@ impl FleetNode {
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
             .and_then(|v| v["instance_id"].as_str().map(str::to_string))
             .unwrap_or_else(|| "0".into());
-        let node_id = format!("{}-{instance}", cfg.node_name);
+        let node_id = crate::core::limits::fleet::node_id_for(&cfg.node_name, &instance);
         let _ = ensure_exists(&HostStore, HEALTH, b"{}", host::now_ms());
         let create = Create::ViaLock { now_ms: host::now_ms() };
         let n = cas_update(&HostStore, WORKER_SEQ, CAS_RETRIES, create, |current| {

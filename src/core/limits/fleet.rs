@@ -278,12 +278,41 @@ pub struct FleetEntry {
     pub view: super::fleet_view::FleetView,
 }
 
+/// Layout version of the node's fleet state in shared data (`FleetEntry`, `AnonSlot`).
+/// Shared data outlives a plugin upgrade through LDS, and bincode cannot tell one layout
+/// from another: a value of another format is read as "no state", and the node id
+/// carries the format too (`node_id_for`), so limitd sees a new node rather than an old
+/// one whose sequence numbers and spend the fresh state would contradict. Bump it with
+/// any change to these structs.
+pub const ENTRY_FORMAT: u8 = 2;
+
+/// Encodes `v` behind the `ENTRY_FORMAT` byte.
+pub fn encode_tagged<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = vec![ENTRY_FORMAT];
+    bincode::serialize_into(&mut out, v).expect("fleet state encodes");
+    out
+}
+
+/// Decodes a value written by `encode_tagged` of this format; anything else (another
+/// format, garbage, nothing) is the default.
+pub fn decode_tagged<T: serde::de::DeserializeOwned + Default>(bytes: &[u8]) -> T {
+    match bytes.split_first() {
+        Some((&ENTRY_FORMAT, rest)) => bincode::deserialize(rest).unwrap_or_default(),
+        _ => T::default(),
+    }
+}
+
+/// The node id limitd knows this Envoy's node by: name, instance and state format.
+pub fn node_id_for(node_name: &str, instance: &str) -> String {
+    format!("{node_name}-{instance}-f{ENTRY_FORMAT}")
+}
+
 impl FleetEntry {
     pub fn decode(bytes: &[u8]) -> FleetEntry {
-        bincode::deserialize(bytes).unwrap_or_default()
+        decode_tagged(bytes)
     }
     pub fn encode(&self) -> Vec<u8> {
-        bincode::serialize(self).expect("fleet entry encodes")
+        encode_tagged(self)
     }
 }
 
@@ -946,6 +975,15 @@ mod tests {
         assert_eq!(e.lease.refill_sent_ms, 0);
         assert_eq!(FleetEntry::decode(&e.encode()), e);
         assert_eq!(FleetEntry::decode(b"garbage"), FleetEntry::default());
+        // A previous build's untagged entry (or any other format) is no state at all.
+        assert_eq!(
+            FleetEntry::decode(&bincode::serialize(&e).unwrap()),
+            FleetEntry::default()
+        );
+        let mut other = e.encode();
+        other[0] = ENTRY_FORMAT + 1;
+        assert_eq!(FleetEntry::decode(&other), FleetEntry::default());
+        assert!(node_id_for("edge", "abc").ends_with(&format!("-f{ENTRY_FORMAT}")));
     }
 
     #[test]

@@ -49,10 +49,10 @@ pub struct AnonSlot {
 
 impl AnonSlot {
     pub fn decode(bytes: &[u8]) -> AnonSlot {
-        bincode::deserialize(bytes).unwrap_or_default()
+        super::fleet::decode_tagged(bytes)
     }
     pub fn encode(&self) -> Vec<u8> {
-        bincode::serialize(self).expect("slot encodes")
+        super::fleet::encode_tagged(self)
     }
 }
 

@@ -90,7 +90,11 @@ def test_vm_panic_mid_push_keeps_the_old_set_and_the_next_push_succeeds(start_en
     for k in old:
         assert statuses(envoy, k) == {200}, k.id
     assert statuses(envoy, new[0]) == {401}
-    st = admin(envoy, "GET", "/v1/status").json()
+    # The admin listener's plugin on that worker is replaced separately, on its first
+    # request after the back-off: until then that worker's admin calls get an empty 5xx.
+    status = harness.wait_until(lambda: (r := admin(envoy, "GET", "/v1/status")).status == 200 and r,
+                                timeout=10, interval=0.3, message="the admin plugin never recovered")
+    st = status.json()
     assert (st["version"], st["keys"]) == (1, 3), st
 
     # Once the lock's TTL has run out, the next push succeeds and replaces the set whole.

@@ -362,18 +362,9 @@ pub fn ratelimit_field(views: &[LimitView], held: u64) -> String {
 mod tests {
     use super::*;
     use crate::core::limits::quota::Period;
+    use crate::core::limits::test_support::bucket;
     use crate::core::limits::token_bucket::BucketLimit;
 
-    fn bucket(rate: u64, interval_ms: u64, burst: u64) -> Vec<NamedBucket> {
-        vec![NamedBucket {
-            name: "b".into(),
-            limit: BucketLimit {
-                rate,
-                interval_ms,
-                burst,
-            },
-        }]
-    }
     fn daily(limit: u64) -> Vec<NamedQuota> {
         vec![NamedQuota {
             name: "day".into(),

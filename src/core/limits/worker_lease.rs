@@ -337,7 +337,7 @@ mod tests {
     use super::*;
     use crate::core::limits::limiter::{evaluate, Denial};
     use crate::core::limits::quota::Period;
-    use crate::core::limits::token_bucket::BucketLimit;
+    use crate::core::limits::test_support::bucket;
     use crate::core::store::MemStore;
     use std::cell::Cell;
 
@@ -345,16 +345,6 @@ mod tests {
     /// 2024-03-10T12:00:00Z
     const T0: u64 = 1_710_072_000_000;
 
-    fn bucket(rate: u64, interval_ms: u64, burst: u64) -> Vec<NamedBucket> {
-        vec![NamedBucket {
-            name: "b".into(),
-            limit: BucketLimit {
-                rate,
-                interval_ms,
-                burst,
-            },
-        }]
-    }
     fn quota(period: Period, limit: u64) -> Vec<NamedQuota> {
         vec![NamedQuota {
             name: "q".into(),

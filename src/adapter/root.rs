@@ -193,14 +193,12 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         if self.state.as_ref().is_some_and(|s| s.config.role == Role::Admin) {
             let store = super::host::HostStore;
-            if let Err(e) = crate::core::keyset::sweep::cleanup_step(
-                &store,
-                super::host::now_ms(),
-                crate::core::keyset::sweep::CLEANUP_STEP_CHUNKS,
-            ) {
+            let now = super::host::now_ms();
+            if let Err(e) =
+                crate::core::keyset::sweep::cleanup_step(&store, now, crate::core::keyset::sweep::CLEANUP_STEP_CHUNKS)
+            {
                 log::warn!("keymeter: key-set cleanup step failed: {e}");
             }
-            let now = super::host::now_ms();
             if now.saturating_sub(self.last_reclaim_ms) >= RECLAIM_EVERY_MS {
                 self.last_reclaim_ms = now;
                 let r = crate::core::limits::reclaim::step(&store, now, RECLAIM_STEP);

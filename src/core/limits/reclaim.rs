@@ -28,7 +28,7 @@
 use crate::core::cas::{add_u64_capped, cas_update, Create, Step};
 use crate::core::limits::limiter::LimitState;
 use crate::core::metering::usage;
-use crate::core::store::{decode_u64, Store};
+use crate::core::store::{decode_u64, read_u64, read_value, Store};
 
 /// How long a state must have been idle before it is reclaimed: 32 days, one more than
 /// the longest bucket refill and the longest quota period.
@@ -60,8 +60,7 @@ fn state_names(lineage: &str, consumer: &str) -> [String; 2] {
 
 /// Empties `name` if it holds an idle state; true when it did.
 pub fn reclaim_entry(store: &dyn Store, name: &str, now_ms: u64) -> bool {
-    let (bytes, cas) = store.get(name);
-    let Some(bytes) = bytes.filter(|b| !b.is_empty()) else {
+    let (Some(bytes), cas) = read_value(store, name) else {
         return false;
     };
     if cas == 0 || !is_idle(&LimitState::decode(&bytes), now_ms) {
@@ -83,7 +82,7 @@ pub struct StepReport {
 
 /// Walks up to `budget` positions of the usage index from the shared cursor.
 pub fn step(store: &dyn Store, now_ms: u64, budget: u64) -> StepReport {
-    let len = decode_u64(&store.get(usage::INDEX_LEN).0.unwrap_or_default()).unwrap_or(0);
+    let len = read_u64(store, usage::INDEX_LEN);
     if len == 0 || budget == 0 {
         return StepReport::default();
     }
@@ -129,8 +128,7 @@ pub fn step(store: &dyn Store, now_ms: u64, budget: u64) -> StepReport {
 
 /// `{cursor, reclaimed_states}` for the admin status.
 pub fn status(store: &dyn Store) -> serde_json::Value {
-    let read = |k| store.get(k).0.as_deref().and_then(decode_u64).unwrap_or(0);
-    serde_json::json!({"cursor": read(CURSOR), "reclaimed_states": read(RECLAIMED)})
+    serde_json::json!({"cursor": read_u64(store, CURSOR), "reclaimed_states": read_u64(store, RECLAIMED)})
 }
 
 #[cfg(test)]

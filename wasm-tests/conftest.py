@@ -23,6 +23,7 @@ import pytest
 
 import harness
 from echo_backend import EchoBackend
+from usage_collector import UsageCollector
 
 # Keyword arguments of start_envoy() that go to harness.Envoy; the rest go to
 # harness.envoy_config().
@@ -87,6 +88,16 @@ def backend():
         yield b
     finally:
         b.stop()
+
+
+@pytest.fixture
+def collector():
+    """CloudEvents usage collector in a thread of the test process (fresh per test)."""
+    c = UsageCollector()
+    try:
+        yield c
+    finally:
+        c.stop()
 
 
 @pytest.fixture

@@ -29,6 +29,15 @@ LIMITD_CLUSTER = "keymeter_limitd"
 _running: list = []
 
 
+def _kill(server) -> None:
+    """SIGKILLs a RedisServer's or Limitd's process and forgets it."""
+    if server.proc is not None and server.proc.poll() is None:
+        server.proc.kill()
+        server.proc.wait(10)
+    if server in _running:
+        _running.remove(server)
+
+
 def stop_all() -> None:
     """Stops every Redis and limitd this process started."""
     for p in list(_running):
@@ -112,11 +121,7 @@ class RedisServer:
 
     def kill(self) -> None:
         """SIGKILL: an outage, not a shutdown."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        if self in _running:
-            _running.remove(self)
+        _kill(self)
 
     @property
     def url(self) -> str:
@@ -161,11 +166,7 @@ class Limitd:
         raise RuntimeError(f"keymeter-limitd on {self.port} did not start")
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        if self in _running:
-            _running.remove(self)
+        _kill(self)
 
     def post(self, path: str, body: dict) -> dict:
         req = urllib.request.Request(

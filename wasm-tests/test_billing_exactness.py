@@ -23,7 +23,6 @@ from keys import Key, keyset
 from test_auth import push
 from test_export import usage_rows, wait_usage
 from test_metering import prom_samples
-from usage_collector import UsageCollector
 
 FILTER = {"role": "filter", "metering": {"flush_interval": "200ms"}}
 RESET_AFTER = 300  # body bytes the resetting upstream sends of the 1000 it announces
@@ -74,15 +73,6 @@ def resetting():
         yield u
     finally:
         u.stop()
-
-
-@pytest.fixture
-def collector():
-    c = UsageCollector()
-    try:
-        yield c
-    finally:
-        c.stop()
 
 
 def send(envoy, method, path, key, body=b""):

@@ -17,21 +17,11 @@ import harness
 from keys import Key, keyset
 from keyset_source import KeysetSource
 from test_auth import push
-from usage_collector import UsageCollector
 
 TOKEN = harness.TEST_ADMIN_TOKEN
 WAIT = 20
 FILTER = {"role": "filter", "metering": {"flush_interval": "200ms"}}
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")
-
-
-@pytest.fixture
-def collector():
-    c = UsageCollector()
-    try:
-        yield c
-    finally:
-        c.stop()
 
 
 def admin_get(envoy, path):

@@ -96,9 +96,9 @@ pub fn hash_key(full: &str) -> [u8; 32] {
 
 /// Constant-time equality of two hashes, so response timing does not reveal how many
 /// leading bytes of a guessed secret's hash matched.
-pub fn hashes_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+pub fn hashes_equal<const N: usize>(a: &[u8; N], b: &[u8; N]) -> bool {
     let mut diff = 0u8;
-    for i in 0..32 {
+    for i in 0..N {
         diff |= a[i] ^ b[i];
     }
     std::hint::black_box(diff) == 0

@@ -6,7 +6,7 @@
 
 use crate::core::auth::api_key::is_valid_id;
 use crate::core::auth::cidr::Cidr;
-use crate::core::auth::key_record::KeyRecord;
+use crate::core::auth::key_record::{stored_hash, KeyRecord};
 use crate::core::auth::scope::Scope;
 use crate::core::limits::plan::{is_valid_name, LimitsDoc, Plan, PlanDoc};
 use crate::core::time::parse_rfc3339;
@@ -230,7 +230,7 @@ impl KeyDoc {
         };
         Ok(KeyRecord {
             id: self.id.clone(),
-            hash,
+            hash: stored_hash(&hash),
             consumer: self.consumer.clone(),
             plan: self.plan.clone(),
             enabled: self.enabled,

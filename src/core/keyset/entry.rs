@@ -3,35 +3,32 @@
 use crate::core::auth::key_record::KeyRecord;
 use crate::core::cas::{cas_update, Create, Step};
 use crate::core::keyset::apply::ApplyError;
+use crate::core::keyset::entry_format;
 use crate::core::keyset::meta::Meta;
 use crate::core::keyset::names::key_entry_name;
 use crate::core::store::{read_value, Store};
-use serde::{Deserialize, Serialize};
 
 const CAS_RETRIES: usize = 16;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Slot {
     pub gen: u64,
     pub record: KeyRecord,
 }
 
-/// The per-key shared-data value.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The per-key shared-data value (bytes: `entry_format`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyEntry {
     pub slots: [Option<Slot>; 2],
 }
 
 impl KeyEntry {
-    pub fn decode(bytes: &[u8]) -> Option<KeyEntry> {
-        bincode::Options::deserialize(entry_codec(), bytes).ok()
+    /// Decodes the entry of key `id` (its name supplies the id; see `entry_format`).
+    pub fn decode(bytes: &[u8], id: &str) -> Option<KeyEntry> {
+        entry_format::decode(bytes, id)
     }
     pub(crate) fn encode(&self) -> Vec<u8> {
-        if self.slots.iter().all(Option::is_none) {
-            Vec::new()
-        } else {
-            bincode::Options::serialize(entry_codec(), self).expect("entry encodes")
-        }
+        entry_format::encode(self)
     }
     /// The record visible under `meta`, if any.
     pub fn active(&self, meta: &Meta) -> Option<&KeyRecord> {
@@ -57,17 +54,11 @@ impl KeyEntry {
     }
 }
 
-/// Key entries use bincode's varint encoding: a third smaller than fixed-width lengths,
-/// and entries are most of the memory a large key set takes.
-pub(crate) fn entry_codec() -> impl bincode::Options {
-    bincode::DefaultOptions::new()
-}
-
 /// The active record for `id` (admin and tests; the filter inlines this to reuse buffers).
 pub fn lookup(store: &dyn Store, meta: &Meta, id: &str) -> Option<KeyRecord> {
     let mut buf = [0u8; 32];
     let (v, _) = read_value(store, key_entry_name(id, &mut buf));
-    KeyEntry::decode(&v?)?.active(meta).cloned()
+    KeyEntry::decode(&v?, id)?.active(meta).cloned()
 }
 
 /// Read-modify-write of one key entry with CAS retries (bounded).
@@ -81,7 +72,7 @@ pub(crate) fn update_entry(
     // Key entries are created only by a key-set writer holding the writer lock (the
     // sweep, which runs without it, only touches entries that exist).
     Ok(cas_update(store, name, CAS_RETRIES, Create::Exclusive, |v| {
-        let mut entry = v.and_then(KeyEntry::decode).unwrap_or_default();
+        let mut entry = v.and_then(|b| KeyEntry::decode(b, id)).unwrap_or_default();
         f(&mut entry);
         Step::Write(entry.encode(), entry)
     })?)

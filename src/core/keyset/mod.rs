@@ -33,6 +33,7 @@ pub mod apply;
 pub mod delta;
 pub mod document;
 pub mod entry;
+pub mod entry_format;
 pub mod full_push;
 pub mod index;
 pub mod meta;

@@ -252,7 +252,12 @@ mod tests {
         let mut active = Vec::new();
         let mut stale = 0;
         for k in s.keys_with_prefix(KEY_ENTRY_PREFIX) {
-            let Some(e) = s.get(&k).0.filter(|v| !v.is_empty()).and_then(|v| KeyEntry::decode(&v)) else {
+            let Some(e) = s
+                .get(&k)
+                .0
+                .filter(|v| !v.is_empty())
+                .and_then(|v| KeyEntry::decode(&v, &k[KEY_ENTRY_PREFIX.len()..]))
+            else {
                 continue;
             };
             if let Some(r) = e.active(&m) {

@@ -8,7 +8,7 @@ use crate::core::auth::api_key::hashes_equal;
 use crate::core::auth::cidr::limit_subject;
 use crate::core::auth::credential::{self, CredentialError, Field, Source};
 use crate::core::auth::jwt::order::{self, Which};
-use crate::core::auth::key_record::{KeyRecord, Refusal};
+use crate::core::auth::key_record::{stored_hash, KeyRecord, Refusal};
 use crate::core::auth::path;
 use crate::core::auth::problem::Problem;
 use crate::core::config::{Config, NoKeySet, OnContention};
@@ -111,7 +111,7 @@ pub fn decide<H: Fetch>(
     let Some(rec) = rec else {
         return Decision::unauthenticated(Unauthenticated::Invalid, Problem::InvalidCredential);
     };
-    if !hashes_equal(&key.hash(), &rec.hash) {
+    if !hashes_equal(&stored_hash(&key.hash()), &rec.hash) {
         return Decision::unauthenticated(Unauthenticated::Invalid, Problem::InvalidCredential);
     }
     // From here on the key is authentic: everything is counted against it.
@@ -212,7 +212,7 @@ pub(super) fn clock_failed() -> Decision {
 fn active_record(host: &mut impl Fetch, meta: &Meta, id: &str) -> Option<Rc<KeyRecord>> {
     host.key_entry(id)
         .filter(|b| !b.is_empty())
-        .and_then(|b| KeyEntry::decode(&b))
+        .and_then(|b| KeyEntry::decode(&b, id))
         .and_then(|e| e.into_active(meta))
         .map(Rc::new)
 }

@@ -4,7 +4,7 @@
 use super::*;
 use crate::core::auth::api_key::{assemble, hash_key};
 use crate::core::auth::cidr::Cidr;
-use crate::core::auth::key_record::KeyRecord;
+use crate::core::auth::key_record::{stored_hash, KeyRecord};
 use crate::core::auth::problem::Problem;
 use crate::core::auth::scope::Scope;
 use crate::core::config::Config;
@@ -126,7 +126,7 @@ fn key() -> String {
 fn record() -> KeyRecord {
     KeyRecord {
         id: ID.into(),
-        hash: hash_key(&key()),
+        hash: stored_hash(&hash_key(&key())),
         consumer: "acme".into(),
         plan: "pro".into(),
         enabled: true,
@@ -1094,10 +1094,9 @@ fn a_cached_record_is_reread_after_its_ttl_even_without_a_meta_write() {
     });
     let mut buf = [0u8; 32];
     let name = crate::core::keyset::names::key_entry_name(ID, &mut buf).to_string();
-    h.store.mem.map_set_raw(
-        &name,
-        &bincode::Options::serialize(bincode::DefaultOptions::new(), &entry).unwrap(),
-    );
+    h.store
+        .mem
+        .map_set_raw(&name, &crate::core::keyset::entry_format::encode(&entry));
     h.now = Some(T0 + super::key_cache::TTL_MS - 1);
     assert_eq!(run(&c, &mut h).0.refused, None, "within the TTL the cache still serves");
     h.now = Some(T0 + super::key_cache::TTL_MS);

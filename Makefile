@@ -212,7 +212,7 @@ soak: tools wasm bench-tools
 # cargo-fuzz on nightly over the core's parsers and updaters (fuzz/, a separate crate
 # that `cargo test`/clippy never build; targets in fuzz/fuzz_targets, committed seeds in
 # fuzz/seeds). Never part of `make test`. Executions per target: defaults in fuzz/run.sh
-# (10.8M in all), or FUZZ_RUNS each: `make fuzz FUZZ_RUNS=100000 FUZZ_TARGETS=delta`.
+# (12.8M in all), or FUZZ_RUNS each: `make fuzz FUZZ_RUNS=100000 FUZZ_TARGETS=delta`.
 FUZZ_RUNS    ?=
 FUZZ_TARGETS ?=
 

@@ -6,10 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 # Executions per target: FUZZ_RUNS for all, or these defaults, weighted by speed
-# (the store-backed targets run ~1-2k exec/s, the parsers 10-100k) to 10.8M in all.
+# (the store-backed targets run ~1-2k exec/s, the parsers 10-100k) to 12.8M in all.
 declare -A DEFAULT_RUNS=(
     [admin_route]=4000000 [credential]=3000000 [plugin_config]=2000000
-    [keyset_document]=1000000 [keyset_stream]=300000 [delta]=300000 [upload]=200000
+    [key_entry]=2000000 [keyset_document]=1000000 [keyset_stream]=300000 [delta]=300000 [upload]=200000
 )
 TARGETS=${*:-$(cargo +nightly fuzz list)}
 # Build first, so a compile error is never mistaken for a crash (and the runs below

@@ -62,9 +62,9 @@ pub fn active(s: &MemStore, meta: &Meta) -> BTreeMap<String, String> {
         let Some(v) = s.get(&name).0.filter(|v| !v.is_empty()) else {
             continue;
         };
-        let entry = KeyEntry::decode(&v).unwrap_or_else(|| panic!("{name}: undecodable key entry"));
+        // The entry's name supplies the record's id (the format does not repeat it).
+        let entry = KeyEntry::decode(&v, &name[2..]).unwrap_or_else(|| panic!("{name}: undecodable key entry"));
         if let Some(rec) = entry.active(meta) {
-            assert_eq!(&name[2..], rec.id, "entry {name} holds record {}", rec.id);
             out.insert(rec.id.clone(), format!("{rec:?}"));
         }
     }

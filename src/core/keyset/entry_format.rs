@@ -74,7 +74,7 @@ pub fn encode(entry: &KeyEntry) -> Vec<u8> {
 pub fn decode(bytes: &[u8], id: &str) -> Option<KeyEntry> {
     let (&header, mut rest) = bytes.split_first()?;
     if header & HEADER_MASK != HEADER {
-        return decode_format1(bytes);
+        return decode_format1(bytes, id);
     }
     let mut entry = KeyEntry::default();
     for (i, slot) in entry.slots.iter_mut().enumerate() {
@@ -276,9 +276,13 @@ struct Format1Record {
     limits: Option<Limits>,
 }
 
-fn decode_format1(bytes: &[u8]) -> Option<KeyEntry> {
+/// A format 1 record must carry the id its entry is named by; any other is corrupt.
+fn decode_format1(bytes: &[u8], id: &str) -> Option<KeyEntry> {
     use bincode::Options;
     let old: Format1Entry = codec().with_limit(bytes.len() as u64).deserialize(bytes).ok()?;
+    if old.slots.iter().flatten().any(|s| s.record.id != id) {
+        return None;
+    }
     let mut entry = KeyEntry::default();
     for (new, old) in entry.slots.iter_mut().zip(old.slots) {
         *new = old.map(|s| {
@@ -410,7 +414,12 @@ mod tests {
         };
         let bytes = bincode::Options::serialize(codec(), &old).unwrap();
         assert!(bytes[0] <= 1, "format 1 starts with slot 0's tag");
-        let e = decode(&bytes, "ignored: format 1 carries its id").unwrap();
+        assert_eq!(
+            decode(&bytes, "XXXXXX012345"),
+            None,
+            "a record under another key's name"
+        );
+        let e = decode(&bytes, "AbCdEf012345").unwrap();
         assert_eq!(e.slots[0], None);
         assert_eq!(e.slots[1], Some(Slot { gen: 3, record: r }));
     }

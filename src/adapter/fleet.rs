@@ -18,11 +18,14 @@ use super::host::{self, HostStore};
 use super::service::{dispatch, CallResponse};
 use crate::core::cas::{cas_update, Create, Step as CasStep};
 use crate::core::limits::fleet::{self, FleetConfig, FleetEntry, FleetVerdict, Step, Subject, Via};
+use crate::core::limits::fleet_loans;
 use crate::core::limits::fleet_slots::{self, Miss, Place};
 use crate::core::limits::fleet_view;
 use crate::core::limits::lease::Ask;
+use crate::core::limits::limiter;
 use crate::core::limits::plan::{NamedBucket, NamedQuota};
 use crate::core::limits::subject_table::ANONYMOUS_SLOTS;
+use crate::core::limits::worker_lease::{self, Drawn, WorkerLeases};
 use crate::core::remote::breaker::{Breaker, BreakerState};
 use crate::core::remote::fleet_health::{self, WorkerHealth, HEARTBEAT_MS};
 use crate::core::remote::fleet_protocol::{LeaseResponse, TakeResponse};
@@ -42,9 +45,7 @@ const CAS_RETRIES: usize = 32;
 /// Largest limitd answer read.
 const MAX_BODY: usize = 64 * 1024;
 
-fn entry_key(subject: &str) -> String {
-    format!("km/fl/{subject}")
-}
+use crate::core::limits::fleet::entry_key;
 
 /// Counters since this Envoy started, merged into `km/fleet` by every worker.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +182,11 @@ pub struct FleetNode {
     published_at: std::cell::Cell<u64>,
     /// This worker's key in `Health::workers`.
     worker: String,
+    /// This worker's number in the node (`w<n>`): whom the node's entries lend to.
+    worker_id: u32,
+    /// When the worker leases drawn from node entries were last looked at for
+    /// settlement (every `worker_lease::SWEEP_MS`).
+    settled_at: std::cell::Cell<u64>,
     metrics: Metrics,
     /// Send `RateLimit-Policy` / `RateLimit` (the plugin's `rate_limit_headers`).
     pub ratelimit_headers: bool,
@@ -230,6 +236,8 @@ impl FleetNode {
             published: Default::default(),
             published_at: Default::default(),
             worker: format!("w{n}"),
+            worker_id: u32::try_from(n).unwrap_or(u32::MAX),
+            settled_at: Default::default(),
             metrics: Metrics::define(),
             ratelimit_headers: false,
         }
@@ -304,21 +312,66 @@ impl FleetNode {
         fleet_view::headers(subject.buckets, subject.quotas, held, &e.view, v, now_ms, cost)
     }
 
-    /// Decides a request of `cost` for `subject`; may dispatch a take and pause.
-    pub fn decide(&self, subject: &Subject<'_>, now_ms: u64, cost: u64) -> RequestStep {
+    /// Decides a request of `cost` for `subject`; may dispatch a take and pause. A named
+    /// subject's request this worker's lease could not serve (`core::request` tried it)
+    /// also settles that lease and draws a new one from the node's, in the same CAS
+    /// (`core::limits::fleet_loans`).
+    pub fn decide(&self, subject: &Subject<'_>, now_ms: u64, cost: u64, leases: &mut WorkerLeases) -> RequestStep {
         let connected = self.breaker.borrow().connected(now_ms);
         let cfg = &self.cfg;
+        let (buckets, quotas) = (subject.buckets, subject.quotas);
+        let lease_key = (!subject.name.starts_with("ip:")).then(|| entry_key(subject.name));
+        let draw = lease_key
+            .as_deref()
+            .and_then(|k| leases.begin_draw(k, buckets, quotas, now_ms));
+        let worker = self.worker_id;
         let placed = self.update_placed(subject.name, |e| {
-            let step = fleet::decide(e, subject.buckets, subject.quotas, cfg, now_ms, cost, connected);
-            let fields = match &step {
-                Step::Decided(v) => self.fields(e, subject, v, now_ms, cost),
-                Step::Take => None,
+            let (step, grant) =
+                fleet_loans::decide_drawing(e, worker, draw.as_ref(), buckets, quotas, cfg, now_ms, cost, connected);
+            let (fields, views) = match &step {
+                Step::Decided(v) if self.ratelimit_headers => {
+                    // The worker's new units are still the node's: counted as held.
+                    let held = e.lease.available + grant.granted;
+                    let mut views = fleet_view::views(buckets, quotas, held, &e.view, v, now_ms, cost);
+                    let fields = (!views.is_empty())
+                        .then(|| (limiter::policy_field(&views), limiter::ratelimit_field(&views, 0)));
+                    if grant.granted > 0 {
+                        for view in &mut views {
+                            view.remaining = view.remaining.saturating_sub(grant.granted);
+                        }
+                    } else {
+                        views.clear();
+                    }
+                    (fields, views)
+                }
+                _ => (None, Vec::new()),
             };
-            (step, fleet::wants_call(e, subject.quotas, cfg, now_ms), fields)
+            let admitted = matches!(&step, Step::Decided(v) if v.denial.is_none());
+            (
+                step,
+                fleet::wants_call(e, quotas, cfg, now_ms),
+                fields,
+                Drawn {
+                    granted: grant.granted,
+                    valid_ms: grant.valid_ms,
+                    admitted,
+                    views,
+                },
+            )
         });
         let (step, place) = match placed {
-            Some((s, p)) => (Some(s), p),
-            None => (None, None),
+            Some(((s, w, f, drawn), p)) => {
+                if let (Some(k), Some(d)) = (lease_key.as_deref(), draw.as_ref()) {
+                    leases.end_draw(k, d, Some(drawn), buckets, quotas, cost);
+                }
+                (Some((s, w, f)), p)
+            }
+            None => {
+                if let (Some(k), Some(d)) = (lease_key.as_deref(), draw.as_ref()) {
+                    leases.end_draw(k, d, None, buckets, quotas, cost);
+                }
+                (None, None)
+            }
         };
         // The subject whose limits apply (an anonymous newcomer sharing a neighbour's
         // slot in a full table is charged to the neighbour).
@@ -372,7 +425,7 @@ impl FleetNode {
             Some((Step::Decided(v), fields)) => (v, fields),
             _ => (
                 FleetVerdict {
-                    denial: Some(crate::core::limits::limiter::Denial::RateLimited),
+                    denial: Some(limiter::Denial::RateLimited),
                     retry_after_secs: Some(1),
                     via: Via::Fallback,
                 },
@@ -507,10 +560,32 @@ impl FleetNode {
         }
     }
 
-    /// Root tick: refill, renew or return the leases of the subjects this worker saw,
-    /// then publish health and metrics.
-    pub fn on_tick(&self) {
+    /// Settles this worker's leases drawn from node entries that are due (expired
+    /// units, spend to report; with `all` everything held) into those entries.
+    fn settle_worker_leases(&self, leases: &mut WorkerLeases, now: u64, all: bool) {
+        if !all && now.saturating_sub(self.settled_at.get()) < worker_lease::SWEEP_MS {
+            return;
+        }
+        self.settled_at.set(now);
+        self.delta.borrow_mut().lease_decisions += leases.take_served();
+        let worker = self.worker_id;
+        for (key, d) in leases.settlements_due(now, all) {
+            let subject = key.strip_prefix("km/fl/").unwrap_or(&key);
+            let ok = self
+                .update_named(subject, |e| {
+                    fleet_loans::settle(e, worker, d.spent, d.ask.returned, now)
+                })
+                .is_some();
+            leases.settled(&key, &d, ok);
+        }
+    }
+
+    /// Root tick: settle this worker's leases on node entries, refill, renew or return
+    /// the node's leases of the subjects this worker saw, then publish health and
+    /// metrics.
+    pub fn on_tick(&self, leases: &mut WorkerLeases) {
         let now = host::now_ms();
+        self.settle_worker_leases(leases, now, false);
         let cfg = &self.cfg;
         let idle_after = cfg.lease_ttl_ms;
         let names: Vec<String> = self
@@ -550,7 +625,7 @@ impl FleetNode {
             let node_id = self.node_for(place.as_ref());
             let started = self.update_tracked(&name, place.as_ref(), |e| {
                 let overdraft = e.overdraft_used;
-                if idle && e.lease.settled() && overdraft == 0 {
+                if idle && e.lease.settled() && e.loans.is_empty() && overdraft == 0 {
                     return (overdraft, None);
                 }
                 (overdraft, fleet::begin_lease(e, &node_id, &subject, cfg, now, idle))
@@ -650,10 +725,14 @@ impl FleetNode {
         true
     }
 
-    /// Returns every lease this worker knows of (unload, reload, shutdown); best effort.
-    /// Returns how many calls were sent.
-    pub fn release_all(&self) -> usize {
+    /// Returns every lease this worker knows of (unload, reload, shutdown); best effort:
+    /// first what it drew from the node's entries (back into them), then the node's
+    /// leases of its subjects (to the fleet; units other workers still hold stay in the
+    /// `hold` until they settle and their own unload returns them). Returns how many
+    /// calls were sent.
+    pub fn release_all(&self, leases: &mut WorkerLeases) -> usize {
         let now = host::now_ms();
+        self.settle_worker_leases(leases, now, true);
         let names: Vec<String> = self.subjects.borrow().keys().cloned().collect();
         let mut sent = 0;
         for name in names {

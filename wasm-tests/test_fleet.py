@@ -388,6 +388,29 @@ def test_ratelimit_fields_in_fleet_mode_are_the_nodes_view(start_envoy, limitd):
     assert last == {a: 0, b: 0}, last
 
 
+def test_worker_leases_serve_a_busy_key_and_the_fleet_counts_exactly_what_was_admitted(start_envoy, limitd):
+    """A busy key's requests are served from the workers' leases drawn from the node's
+    (no shared-data call for them), and what the fleet counts as consumed is exactly
+    what was admitted: units lent to a worker are reported only once spent, the rest go
+    back to the node."""
+    ds = limitd(1)
+    k = Key(plan="big")
+    quota = {"name": "monthly", "period": "month", "limit": 1_000_000}
+    (e,) = envoys(start_envoy, ds, 1, keyset(1, [k], {"big": {"quotas": [quota]}}), concurrency=2)
+    n = 1200
+    statuses, _ = hammer([e], k, n, threads=4)
+    assert statuses == [200] * n, {s: statuses.count(s) for s in set(statuses)}
+    node = wait_for(lambda: fleet_status(e).get("node_id"), what="the fleet status published")
+    wait_for(lambda: holding(ds[0], f"k:{k.id}", quota, node)[1] == n, timeout=10,
+             what=f"the {n} admitted requests reported")  # fmt: skip
+    served = wait_for(lambda: fleet_status(e)["counters"]["worker_lease_decisions"], what="worker-lease counts")
+    print(f"\nworker leases served {served} of {n} requests")
+    assert served >= n // 10, served
+    # Nothing more is counted later (lent units were not spent; they went back).
+    time.sleep(1.5)
+    assert holding(ds[0], f"k:{k.id}", quota, node)[1] == n
+
+
 # --------------------------------------------------------------------------- graceful return
 
 LONG_TTL_S = 60  # lease_ttl_ms of these tests: "at once" is measured against it

@@ -61,6 +61,10 @@ pub struct Counters {
     pub refill_latency_ms_sum: u64,
     /// Quota units admitted without a lease while partitioned (each later replayed).
     pub overdraft_units: u64,
+    /// Of `lease_decisions`, those served from a worker's lease drawn from the node's
+    /// (`core::limits::fleet_loans`): no shared-data call.
+    #[serde(default)]
+    pub worker_lease_decisions: u64,
 }
 
 impl Counters {
@@ -75,6 +79,7 @@ impl Counters {
         self.take_failures += o.take_failures;
         self.refill_latency_ms_sum += o.refill_latency_ms_sum;
         self.overdraft_units += o.overdraft_units;
+        self.worker_lease_decisions += o.worker_lease_decisions;
     }
 }
 
@@ -567,7 +572,12 @@ impl FleetNode {
             return;
         }
         self.settled_at.set(now);
-        self.delta.borrow_mut().lease_decisions += leases.take_served();
+        let served = leases.take_served();
+        {
+            let mut d = self.delta.borrow_mut();
+            d.lease_decisions += served;
+            d.worker_lease_decisions += served;
+        }
         let worker = self.worker_id;
         for (key, d) in leases.settlements_due(now, all) {
             let subject = key.strip_prefix("km/fl/").unwrap_or(&key);

@@ -784,6 +784,22 @@ mod tests {
         let cap = hold_cap(&[], &monthly(1_000_000));
         assert_eq!((cap, bounds::parked_max(8, cap)), (1_024, 8_192));
         assert_eq!(bounds::lost_worker_overcount_max(cap), 1_024);
+        // ... but with the default R (1 %, at most max_chunk 1 000) loans stay within 500.
+        assert_eq!(
+            node_bounds::report_at(node_bounds::unreported_max(1_000_000, 1, 1_000)),
+            500
+        );
+        let c = cfg("");
+        let q = monthly(1_000_000);
+        let mut node = holding(100_000, T0, 30_000);
+        let mut w = WorkerLeases::default();
+        request(&mut node, &mut w, 1, &[], &q, &c, T0, 1).unwrap();
+        request(&mut node, &mut w, 1, &[], &q, &c, T0 + 1, 1).unwrap();
+        assert_eq!(w.held(KEY), 50, "demand: 1 unit in 1 ms is 50 per lease period");
+        for i in 0..100 {
+            request(&mut node, &mut w, 1, &[], &q, &c, T0 + 2, 1).unwrap();
+            assert!(on_loan(&node) + node.lease.unreported() <= 500, "{i}");
+        }
         // The monthly 1 000 of the fleet tests: hold_cap 62, but R = 10 (1 %) caps the
         // loans at R/2 = 5, and a node holding fewer than 16 lends nothing.
         assert_eq!(hold_cap(&[], &monthly(1_000)), 62);

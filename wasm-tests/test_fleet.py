@@ -500,6 +500,37 @@ def test_plugin_reload_returns_held_leases_at_once(start_envoy, limitd, tmp_path
     wait_for(lambda: holding(ds[0], f"k:{k.id}", quota, node)[1] == 10, what="usage reported after the reload")
 
 
+def test_plugin_reload_right_after_a_burst_settles_worker_leases_and_counts_exactly(start_envoy, limitd, tmp_path):
+    """A reload right after a burst, while workers still hold (or have not yet settled)
+    units drawn from the node's lease: each worker settles them into the node's entry
+    before the node returns its lease, so everything is back in Redis at once and the
+    consumed count is exactly what was admitted."""
+    ds = limitd(1)
+    k = Key(plan="big")
+    quota = {"name": "monthly", "period": "month", "limit": 1_000_000}
+    conf = fleet.filter_conf(1, lease_ttl_ms=LONG_TTL_S * 1000)
+    e = start_envoy(concurrency=2, filter_conf=conf, extra_routes=[DIRECT], lds_dir=tmp_path / "lds",
+                    extra_args=harness.LDS_ENVOY_ARGS, extra_clusters=[fleet.limitd_cluster([ds[0].port])])  # fmt: skip
+    assert push(e, keyset(1, [k], {"big": {"quotas": [quota]}})).status == 200
+    n = 800
+    statuses, _ = hammer([e], k, n, threads=4)
+    t = time.monotonic()
+    harness.update_public_listener(e, {**conf, "realm": "reloaded"})
+    assert statuses == [200] * n, {s: statuses.count(s) for s in set(statuses)}
+    harness.wait_listeners_drained(e)
+    subject = f"k:{k.id}"
+    outstanding, consumed = wait_for(lambda: (o := fleet_outstanding(ds[0], subject, quota))[0] == 0 and o,
+                                     timeout=LONG_TTL_S / 4, what="every held unit back in Redis")  # fmt: skip
+    took = time.monotonic() - t
+    served = fleet_status(e)["counters"]["worker_lease_decisions"]
+    print(f"\nreload after a burst: {served} of {n} served by worker leases, all back after {took:.2f} s")
+    assert took < 10.0, took
+    assert consumed == n, (consumed, n)
+    for _ in range(5):
+        assert get(e, PATH, {"x-api-key": k.key}).status == 200
+    wait_for(lambda: fleet_outstanding(ds[0], subject, quota)[1] == n + 5, what="usage reported after the reload")
+
+
 # --------------------------------------------------------------------------- Valkey
 
 

@@ -587,6 +587,13 @@ impl FleetNode {
                 })
                 .is_some();
             leases.settled(&key, &d, ok);
+            if ok && d.spent > 0 {
+                // Spend entered the node's lease: let this tick see whether it is due
+                // for a report (R/2) rather than wait for the subject's next check.
+                if let Some(t) = self.subjects.borrow_mut().get_mut(subject) {
+                    t.wanted = true;
+                }
+            }
         }
     }
 

@@ -1,15 +1,20 @@
 //! Fleet mode in the filter: the host side of `core::limits::fleet`.
 //!
-//! * Request path (`FleetNode::decide`): reads the subject's node entry from shared
-//!   data, decides with the core, CAS-writes it back. When the core asks for a take, the
+//! * Request path: a busy named subject's request is served by the core from this
+//!   worker's lease drawn from the node's (`core::limits::fleet_loans`), with no call
+//!   here at all. Otherwise `FleetNode::decide` reads the subject's node entry from
+//!   shared data, decides with the core (settling the worker's previous lease and
+//!   drawing a new one in the same step), CAS-writes it back. When the core asks for a take, the
 //!   HTTP context dispatches `POST /v1/take` itself and pauses (bounded by `timeout_ms`);
 //!   its answer comes back to that context (`on_take_response`).
-//! * Root context (`on_tick`, every `refill_tick_ms` on each worker): for the subjects
+//! * Root context (`on_tick`, every `refill_tick_ms` on each worker): settles this
+//!   worker's leases on node entries that expired or hold unreported spend (every
+//!   `worker_lease::SWEEP_MS`); for the subjects
 //!   this worker has seen, refills leases at their low-water mark, renews them before
 //!   expiry, returns them when the subject went idle (one call in flight per subject per
 //!   node, claimed in the shared entry), and publishes fleet health and metrics.
-//! * `release_all` (plugin unload, reload, shutdown): returns every lease this worker
-//!   knows of.
+//! * `release_all` (plugin unload, reload, shutdown): settles this worker's leases into
+//!   the node's entries, then returns every node lease this worker knows of.
 //!
 //! Every call goes through the per-worker circuit breaker; while it is open requests use
 //! the core's partition fallback and only a trial call per cooldown is made.

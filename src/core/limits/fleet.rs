@@ -4,7 +4,9 @@
 //!
 //! Per subject (key lineage, consumer, client address) the node keeps one
 //! [`FleetEntry`] in shared data, updated by CAS like the single-node limit state. A
-//! request is decided by [`decide`]:
+//! busy named subject's request is first served from the worker's own lease drawn from
+//! this entry (`super::fleet_loans`: no shared-data call); any other request is decided
+//! by [`decide`]:
 //!
 //! 1. from the node's lease (units leased from the fleet ahead of time), as long as the
 //!    node's spend not yet acknowledged stays within R (`FleetConfig::unreported_max`),

@@ -141,6 +141,31 @@ def test_monthly_quota_of_1000_across_three_envoys_is_never_exceeded(start_envoy
     assert lease > take, "most requests are decided from leases"
 
 
+def test_a_quota_with_worker_leases_across_three_envoys_is_never_exceeded(start_envoy, limitd):
+    """A quota large enough for workers to draw leases from their node's (hold_cap 312,
+    loans within R/2 = 25): 3 Envoys x 2 workers still never admit more than it, and
+    once everything is spent or returned the fleet has counted exactly what was
+    admitted, all of it."""
+    limit = 5000
+    quota = {"name": "monthly", "period": "month", "limit": limit}
+    ds = limitd(2)
+    k = Key(plan="m")
+    es = envoys(start_envoy, ds, 3, keyset(1, [k], {"m": {"quotas": [quota]}}))
+    codes, _ = hammer(es, k, 6000, threads=12)
+    admitted = codes.count(200)
+    assert admitted <= limit, admitted
+    assert set(codes) <= {200, 429}, set(codes)
+    total = admitted + drain(es, k)
+    assert total == limit, (admitted, total)
+    subject = f"k:{k.id}"
+    consumed = wait_for(lambda: (c := ds[0].peek(subject, [quota])["monthly"]["consumed"]) == limit and c,
+                        what="every spend reported to the fleet")  # fmt: skip
+    assert consumed == limit
+    served = sum(fleet_status(e)["counters"]["worker_lease_decisions"] for e in es)
+    print(f"\nquota {limit} / 3 Envoys x 2 workers: first pass {admitted}, {served} served by worker leases")
+    assert served > 0, "workers drew leases from their nodes"
+
+
 def test_rate_limit_across_three_envoys_within_3_percent(start_envoy, limitd):
     ds = limitd(2)
     k = Key(plan="r")

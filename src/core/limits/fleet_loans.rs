@@ -547,6 +547,58 @@ mod tests {
         assert!(node.loans.is_empty());
     }
 
+    /// Partitioned (the breaker open): the node's lease and its workers' leases are
+    /// spent first, then the bounded overdraft; everything admitted, on whichever
+    /// level, is in the cumulative spend the node replays once the fleet is back.
+    #[test]
+    fn partitioned_worker_leases_are_spent_then_the_overdraft_and_all_of_it_is_replayed() {
+        let c = cfg(r#","overdraft":5"#);
+        let q = monthly(100_000);
+        let mut node = holding(40, T0, 30_000);
+        let mut w = WorkerLeases::default();
+        let partitioned = |node: &mut FleetEntry, w: &mut WorkerLeases, now: u64| {
+            if w.spend(KEY, &[], &q, now, 1).is_some() {
+                return Some(Via::Lease);
+            }
+            let draw = w.begin_draw(KEY, &[], &q, now);
+            let (step, grant) = decide_drawing(node, 1, draw.as_ref(), &[], &q, &c, now, 1, false);
+            let admitted = matches!(&step, Step::Decided(v) if v.denial.is_none());
+            if let Some(d) = draw {
+                let drawn = Drawn {
+                    granted: grant.granted,
+                    valid_ms: grant.valid_ms,
+                    admitted,
+                    views: vec![],
+                };
+                w.end_draw(KEY, &d, Some(drawn), &[], &q, 1);
+            }
+            match step {
+                Step::Decided(v) if v.denial.is_none() => Some(v.via),
+                _ => None,
+            }
+        };
+        let (mut vias, mut worker_held) = (Vec::new(), 0);
+        while let Some(via) = partitioned(&mut node, &mut w, T0 + vias.len() as u64) {
+            vias.push(via);
+            worker_held = worker_held.max(w.held(KEY));
+            assert!(vias.len() <= 45);
+        }
+        assert!(worker_held > 0, "the worker drew from the node while partitioned");
+        assert_eq!(vias.len(), 45, "40 leased units, then an overdraft of 5");
+        assert_eq!(vias.iter().filter(|v| **v == Via::Fallback).count(), 5);
+        assert!(w.held(KEY) == 0 && node.lease.available == 0);
+        // The worker settles (its units were all spent); the node replays 45.
+        sweep(&mut node, &mut w, 1, T0 + 1_000, false);
+        assert_eq!((node.lease.spent_total, node.lease.lent), (45, 0));
+        let s = Subject {
+            name: "k:a",
+            buckets: &[],
+            quotas: &q,
+        };
+        let (_, req) = begin_lease(&mut node, "n", &s, &c, T0 + 1_001, false).unwrap();
+        assert_eq!(req.spent_total, 45);
+    }
+
     /// A fleet quota as the limit service keeps it: consumed (reported spend) and what
     /// the node holds.
     struct FakeFleet {

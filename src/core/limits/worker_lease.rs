@@ -8,6 +8,12 @@
 //! ([`limiter::lease_take`]). A unit is one unit of request cost, good for every limit
 //! of the subject at once.
 //!
+//! In fleet mode the lender is the node's own lease instead (an *external* lender, in
+//! `km/fl/<subject>`): the same entries, sizes and [`WorkerLeases::spend`], drawn with
+//! [`WorkerLeases::begin_draw`] / [`WorkerLeases::end_draw`] inside the node entry's
+//! CAS and settled with [`WorkerLeases::settlements_due`]; the node's side, which
+//! counts lent units as lent and not spent, is `core::limits::fleet_loans`.
+//!
 //! * **Taken before spent.** A worker admits only what it holds; what it holds was taken
 //!   from the shared buckets and quotas by a CAS, like any request.
 //! * **Settled at every CAS.** When its lease cannot cover a request, the worker gives

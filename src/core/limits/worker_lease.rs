@@ -967,4 +967,44 @@ mod tests {
             u64::MAX
         );
     }
+
+    /// A lease on an external lender (fleet mode) is the fleet node's to settle: the
+    /// single-node sweep and unload never write it into shared data as a limit state,
+    /// and it is kept until its spend has been reported.
+    #[test]
+    fn leases_on_external_lenders_are_settled_only_through_their_lender() {
+        let s = MemStore::default();
+        let b = bucket(1_000, 1_000, 1_000);
+        let key = "km/fl/k:x";
+        let mut w = WorkerLeases::default();
+        let d = w.begin_draw(key, &b, &[], T0).unwrap();
+        assert_eq!((d.want, d.spent), (0, 0), "no demand seen yet");
+        let drawn = |granted| Drawn {
+            granted,
+            valid_ms: LEASE_MS,
+            admitted: true,
+            views: vec![],
+        };
+        w.end_draw(key, &d, Some(drawn(0)), &b, &[], 1);
+        let d = w.begin_draw(key, &b, &[], T0 + 1).unwrap();
+        assert_eq!(d.want, 10, "hold_cap");
+        w.end_draw(key, &d, Some(drawn(8)), &b, &[], 1);
+        assert!(w.spend(key, &b, &[], T0 + 2, 3).is_some());
+        assert_eq!((w.held(key), w.take_served(), w.take_served()), (5, 1, 0));
+        w.sweep(&s, T0 + 1_000);
+        w.release_all(&s, T0 + 1_000);
+        assert_eq!(s.len(), 0, "nothing written as a limit state");
+        assert_eq!(w.held(key), 5);
+        // Due once expired (or at unload); a failed settlement is offered again.
+        assert!(w.settlements_due(T0 + 2, false).is_empty());
+        let due = w.settlements_due(T0 + 3, true);
+        assert_eq!(due.len(), 1);
+        assert_eq!((due[0].1.spent, due[0].1.ask.returned), (3, 5));
+        w.settled(key, &due[0].1, false);
+        let due = w.settlements_due(T0 + 2_000, false);
+        assert_eq!((due[0].1.spent, due[0].1.ask.returned), (3, 5));
+        w.settled(key, &due[0].1, true);
+        assert!(w.settlements_due(T0 + 2_001, false).is_empty());
+        assert!(w.is_empty(), "settled and idle: forgotten");
+    }
 }

@@ -330,7 +330,10 @@ impl FleetNode {
         let connected = self.breaker.borrow().connected(now_ms);
         let cfg = &self.cfg;
         let (buckets, quotas) = (subject.buckets, subject.quotas);
-        let lease_key = (!subject.name.starts_with("ip:")).then(|| entry_key(subject.name));
+        // No worker lease for anonymous subjects (a slot changes owner), nor without a
+        // worker number of our own (0: the counter could not be read at start-up), since
+        // loans are settled by it.
+        let lease_key = (!subject.name.starts_with("ip:") && self.worker_id != 0).then(|| entry_key(subject.name));
         let draw = lease_key
             .as_deref()
             .and_then(|k| leases.begin_draw(k, buckets, quotas, now_ms));

@@ -742,6 +742,63 @@ mod tests {
         assert_eq!(admitted, fleet.limit, "demand was three times the quota");
     }
 
+    /// Reload on two workers, in either order: the first worker to unload settles its
+    /// lease and returns the node's (the other worker's loan stays in the `hold`); the
+    /// second settles into the returned lease (its units go up as `returned`) and
+    /// returns again. The fleet ends holding nothing, having counted exactly what was
+    /// admitted.
+    #[test]
+    fn unload_on_two_workers_returns_everything_whichever_unloads_first() {
+        let c = cfg("");
+        let q = monthly(100_000);
+        let s = Subject {
+            name: "k:a",
+            buckets: &[],
+            quotas: &q,
+        };
+        let mut fleet = FakeFleet {
+            limit: 100_000,
+            consumed: 0,
+            seen: 0,
+            held: 0,
+        };
+        let mut node = FleetEntry::default();
+        fleet.lease(&mut node, &s, &c, T0, false);
+        let mut ws = [WorkerLeases::default(), WorkerLeases::default()];
+        let (mut admitted, mut now) = (0, T0);
+        for t in 0..400u64 {
+            now = T0 + 1 + t / 4;
+            let i = (t % 2) as usize;
+            match request(&mut node, &mut ws[i], i as u32 + 1, &[], &q, &c, now, 1) {
+                Ok(_) => admitted += 1,
+                Err(Step::Take) => admitted += u64::from(fleet.take(&mut node, &c, now)),
+                Err(s) => panic!("{s:?}"),
+            }
+            if t % 80 == 0 {
+                fleet.lease(&mut node, &s, &c, now, false);
+            }
+            if t > 40 && ws.iter().all(|w| w.held(KEY) > 0) {
+                break;
+            }
+        }
+        let now = now + 1;
+        assert!(ws.iter().all(|w| w.held(KEY) > 0), "both workers hold valid units");
+        // Worker 1 unloads: settles, then returns the node's lease.
+        sweep(&mut node, &mut ws[0], 1, now, true);
+        node.lease.refill_sent_ms = 0;
+        fleet.lease(&mut node, &s, &c, now, true);
+        assert_eq!(fleet.held, node.lease.lent, "worker 2's loan is still held");
+        assert!(fleet.held > 0);
+        // Worker 2 unloads after it.
+        sweep(&mut node, &mut ws[1], 2, now + 1, true);
+        assert_eq!((node.lease.lent, node.lease.available), (0, 0));
+        node.lease.refill_sent_ms = 0;
+        fleet.lease(&mut node, &s, &c, now + 1, true);
+        assert_eq!(fleet.held, 0);
+        assert_eq!(fleet.consumed, admitted, "exactly what was admitted");
+        assert!(node.lease.settled() && node.loans.is_empty());
+    }
+
     /// Token buckets: workers' units are a part of the node's, valid no longer, so the
     /// fleet's rate bound `burst + rate × (window + rate_lease_ms) / interval` holds as it
     /// is, and what workers park is at most `workers × hold_cap`.

@@ -742,13 +742,13 @@ mod tests {
         assert_eq!(admitted, fleet.limit, "demand was three times the quota");
     }
 
-    /// Reload on two workers, in either order: the first worker to unload settles its
+    /// Reload on two workers: the first worker to unload settles its
     /// lease and returns the node's (the other worker's loan stays in the `hold`); the
     /// second settles into the returned lease (its units go up as `returned`) and
     /// returns again. The fleet ends holding nothing, having counted exactly what was
     /// admitted.
     #[test]
-    fn unload_on_two_workers_returns_everything_whichever_unloads_first() {
+    fn unload_on_two_workers_returns_everything_when_one_settles_after_the_node_returned() {
         let c = cfg("");
         let q = monthly(100_000);
         let s = Subject {

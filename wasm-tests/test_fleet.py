@@ -141,6 +141,31 @@ def test_monthly_quota_of_1000_across_three_envoys_is_never_exceeded(start_envoy
     assert lease > take, "most requests are decided from leases"
 
 
+def test_a_quota_with_worker_leases_across_three_envoys_is_never_exceeded(start_envoy, limitd):
+    """A quota large enough for workers to draw leases from their node's (hold_cap 312,
+    loans within R/2 = 25): 3 Envoys x 2 workers still never admit more than it, and
+    once everything is spent or returned the fleet has counted exactly what was
+    admitted, all of it."""
+    limit = 5000
+    quota = {"name": "monthly", "period": "month", "limit": limit}
+    ds = limitd(2)
+    k = Key(plan="m")
+    es = envoys(start_envoy, ds, 3, keyset(1, [k], {"m": {"quotas": [quota]}}))
+    codes, _ = hammer(es, k, 6000, threads=12)
+    admitted = codes.count(200)
+    assert admitted <= limit, admitted
+    assert set(codes) <= {200, 429}, set(codes)
+    total = admitted + drain(es, k)
+    assert total == limit, (admitted, total)
+    subject = f"k:{k.id}"
+    consumed = wait_for(lambda: (c := ds[0].peek(subject, [quota])["monthly"]["consumed"]) == limit and c,
+                        what="every spend reported to the fleet")  # fmt: skip
+    assert consumed == limit
+    served = sum(fleet_status(e)["counters"]["worker_lease_decisions"] for e in es)
+    print(f"\nquota {limit} / 3 Envoys x 2 workers: first pass {admitted}, {served} served by worker leases")
+    assert served > 0, "workers drew leases from their nodes"
+
+
 def test_rate_limit_across_three_envoys_within_3_percent(start_envoy, limitd):
     ds = limitd(2)
     k = Key(plan="r")
@@ -388,6 +413,29 @@ def test_ratelimit_fields_in_fleet_mode_are_the_nodes_view(start_envoy, limitd):
     assert last == {a: 0, b: 0}, last
 
 
+def test_worker_leases_serve_a_busy_key_and_the_fleet_counts_exactly_what_was_admitted(start_envoy, limitd):
+    """A busy key's requests are served from the workers' leases drawn from the node's
+    (no shared-data call for them), and what the fleet counts as consumed is exactly
+    what was admitted: units lent to a worker are reported only once spent, the rest go
+    back to the node."""
+    ds = limitd(1)
+    k = Key(plan="big")
+    quota = {"name": "monthly", "period": "month", "limit": 1_000_000}
+    (e,) = envoys(start_envoy, ds, 1, keyset(1, [k], {"big": {"quotas": [quota]}}), concurrency=2)
+    n = 1200
+    statuses, _ = hammer([e], k, n, threads=4)
+    assert statuses == [200] * n, {s: statuses.count(s) for s in set(statuses)}
+    node = wait_for(lambda: fleet_status(e).get("node_id"), what="the fleet status published")
+    wait_for(lambda: holding(ds[0], f"k:{k.id}", quota, node)[1] == n, timeout=10,
+             what=f"the {n} admitted requests reported")  # fmt: skip
+    served = wait_for(lambda: fleet_status(e)["counters"]["worker_lease_decisions"], what="worker-lease counts")
+    print(f"\nworker leases served {served} of {n} requests")
+    assert served >= n // 10, served
+    # Nothing more is counted later (lent units were not spent; they went back).
+    time.sleep(1.5)
+    assert holding(ds[0], f"k:{k.id}", quota, node)[1] == n
+
+
 # --------------------------------------------------------------------------- graceful return
 
 LONG_TTL_S = 60  # lease_ttl_ms of these tests: "at once" is measured against it
@@ -475,6 +523,37 @@ def test_plugin_reload_returns_held_leases_at_once(start_envoy, limitd, tmp_path
     for _ in range(5):
         assert get(e, PATH, {"x-api-key": k.key}).status == 200
     wait_for(lambda: holding(ds[0], f"k:{k.id}", quota, node)[1] == 10, what="usage reported after the reload")
+
+
+def test_plugin_reload_right_after_a_burst_settles_worker_leases_and_counts_exactly(start_envoy, limitd, tmp_path):
+    """A reload right after a burst, while workers still hold (or have not yet settled)
+    units drawn from the node's lease: each worker settles them into the node's entry
+    before the node returns its lease, so everything is back in Redis at once and the
+    consumed count is exactly what was admitted."""
+    ds = limitd(1)
+    k = Key(plan="big")
+    quota = {"name": "monthly", "period": "month", "limit": 1_000_000}
+    conf = fleet.filter_conf(1, lease_ttl_ms=LONG_TTL_S * 1000)
+    e = start_envoy(concurrency=2, filter_conf=conf, extra_routes=[DIRECT], lds_dir=tmp_path / "lds",
+                    extra_args=harness.LDS_ENVOY_ARGS, extra_clusters=[fleet.limitd_cluster([ds[0].port])])  # fmt: skip
+    assert push(e, keyset(1, [k], {"big": {"quotas": [quota]}})).status == 200
+    n = 800
+    statuses, _ = hammer([e], k, n, threads=4)
+    t = time.monotonic()
+    harness.update_public_listener(e, {**conf, "realm": "reloaded"})
+    assert statuses == [200] * n, {s: statuses.count(s) for s in set(statuses)}
+    harness.wait_listeners_drained(e)
+    subject = f"k:{k.id}"
+    outstanding, consumed = wait_for(lambda: (o := fleet_outstanding(ds[0], subject, quota))[0] == 0 and o,
+                                     timeout=LONG_TTL_S / 4, what="every held unit back in Redis")  # fmt: skip
+    took = time.monotonic() - t
+    served = fleet_status(e)["counters"]["worker_lease_decisions"]
+    print(f"\nreload after a burst: {served} of {n} served by worker leases, all back after {took:.2f} s")
+    assert took < 10.0, took
+    assert consumed == n, (consumed, n)
+    for _ in range(5):
+        assert get(e, PATH, {"x-api-key": k.key}).status == 200
+    wait_for(lambda: fleet_outstanding(ds[0], subject, quota)[1] == n + 5, what="usage reported after the reload")
 
 
 # --------------------------------------------------------------------------- Valkey

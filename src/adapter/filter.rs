@@ -154,7 +154,8 @@ impl HttpContext for FilterRequest {
                 buckets: &limits.buckets,
                 quotas: &limits.quotas,
             };
-            match fleet.decide(&subject, limits.now_ms, decision.cost) {
+            let step = fleet.decide(&subject, limits.now_ms, decision.cost, &mut state.leases.borrow_mut());
+            match step {
                 super::fleet::RequestStep::Decided(v, fields) => {
                     decision.apply_fleet(&v);
                     decision.ratelimit = fields;

@@ -1,15 +1,20 @@
 //! Fleet mode in the filter: the host side of `core::limits::fleet`.
 //!
-//! * Request path (`FleetNode::decide`): reads the subject's node entry from shared
-//!   data, decides with the core, CAS-writes it back. When the core asks for a take, the
+//! * Request path: a busy named subject's request is served by the core from this
+//!   worker's lease drawn from the node's (`core::limits::fleet_loans`), with no call
+//!   here at all. Otherwise `FleetNode::decide` reads the subject's node entry from
+//!   shared data, decides with the core (settling the worker's previous lease and
+//!   drawing a new one in the same step), CAS-writes it back. When the core asks for a take, the
 //!   HTTP context dispatches `POST /v1/take` itself and pauses (bounded by `timeout_ms`);
 //!   its answer comes back to that context (`on_take_response`).
-//! * Root context (`on_tick`, every `refill_tick_ms` on each worker): for the subjects
+//! * Root context (`on_tick`, every `refill_tick_ms` on each worker): settles this
+//!   worker's leases on node entries that expired or hold unreported spend (every
+//!   `worker_lease::SWEEP_MS`); for the subjects
 //!   this worker has seen, refills leases at their low-water mark, renews them before
 //!   expiry, returns them when the subject went idle (one call in flight per subject per
 //!   node, claimed in the shared entry), and publishes fleet health and metrics.
-//! * `release_all` (plugin unload, reload, shutdown): returns every lease this worker
-//!   knows of.
+//! * `release_all` (plugin unload, reload, shutdown): settles this worker's leases into
+//!   the node's entries, then returns every node lease this worker knows of.
 //!
 //! Every call goes through the per-worker circuit breaker; while it is open requests use
 //! the core's partition fallback and only a trial call per cooldown is made.
@@ -18,11 +23,14 @@ use super::host::{self, HostStore};
 use super::service::{dispatch, CallResponse};
 use crate::core::cas::{cas_update, Create, Step as CasStep};
 use crate::core::limits::fleet::{self, FleetConfig, FleetEntry, FleetVerdict, Step, Subject, Via};
+use crate::core::limits::fleet_loans;
 use crate::core::limits::fleet_slots::{self, Miss, Place};
 use crate::core::limits::fleet_view;
 use crate::core::limits::lease::Ask;
+use crate::core::limits::limiter;
 use crate::core::limits::plan::{NamedBucket, NamedQuota};
 use crate::core::limits::subject_table::ANONYMOUS_SLOTS;
+use crate::core::limits::worker_lease::{self, Drawn, WorkerLeases};
 use crate::core::remote::breaker::{Breaker, BreakerState};
 use crate::core::remote::fleet_health::{self, WorkerHealth, HEARTBEAT_MS};
 use crate::core::remote::fleet_protocol::{LeaseResponse, TakeResponse};
@@ -42,9 +50,7 @@ const CAS_RETRIES: usize = 32;
 /// Largest limitd answer read.
 const MAX_BODY: usize = 64 * 1024;
 
-fn entry_key(subject: &str) -> String {
-    format!("km/fl/{subject}")
-}
+use crate::core::limits::fleet::entry_key;
 
 /// Counters since this Envoy started, merged into `km/fleet` by every worker.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +66,10 @@ pub struct Counters {
     pub refill_latency_ms_sum: u64,
     /// Quota units admitted without a lease while partitioned (each later replayed).
     pub overdraft_units: u64,
+    /// Of `lease_decisions`, those served from a worker's lease drawn from the node's
+    /// (`core::limits::fleet_loans`): no shared-data call.
+    #[serde(default)]
+    pub worker_lease_decisions: u64,
 }
 
 impl Counters {
@@ -74,6 +84,7 @@ impl Counters {
         self.take_failures += o.take_failures;
         self.refill_latency_ms_sum += o.refill_latency_ms_sum;
         self.overdraft_units += o.overdraft_units;
+        self.worker_lease_decisions += o.worker_lease_decisions;
     }
 }
 
@@ -181,6 +192,11 @@ pub struct FleetNode {
     published_at: std::cell::Cell<u64>,
     /// This worker's key in `Health::workers`.
     worker: String,
+    /// This worker's number in the node (`w<n>`): whom the node's entries lend to.
+    worker_id: u32,
+    /// When the worker leases drawn from node entries were last looked at for
+    /// settlement (every `worker_lease::SWEEP_MS`).
+    settled_at: std::cell::Cell<u64>,
     metrics: Metrics,
     /// Send `RateLimit-Policy` / `RateLimit` (the plugin's `rate_limit_headers`).
     pub ratelimit_headers: bool,
@@ -230,6 +246,8 @@ impl FleetNode {
             published: Default::default(),
             published_at: Default::default(),
             worker: format!("w{n}"),
+            worker_id: u32::try_from(n).unwrap_or(u32::MAX),
+            settled_at: Default::default(),
             metrics: Metrics::define(),
             ratelimit_headers: false,
         }
@@ -304,21 +322,69 @@ impl FleetNode {
         fleet_view::headers(subject.buckets, subject.quotas, held, &e.view, v, now_ms, cost)
     }
 
-    /// Decides a request of `cost` for `subject`; may dispatch a take and pause.
-    pub fn decide(&self, subject: &Subject<'_>, now_ms: u64, cost: u64) -> RequestStep {
+    /// Decides a request of `cost` for `subject`; may dispatch a take and pause. A named
+    /// subject's request this worker's lease could not serve (`core::request` tried it)
+    /// also settles that lease and draws a new one from the node's, in the same CAS
+    /// (`core::limits::fleet_loans`).
+    pub fn decide(&self, subject: &Subject<'_>, now_ms: u64, cost: u64, leases: &mut WorkerLeases) -> RequestStep {
         let connected = self.breaker.borrow().connected(now_ms);
         let cfg = &self.cfg;
+        let (buckets, quotas) = (subject.buckets, subject.quotas);
+        // No worker lease for anonymous subjects (a slot changes owner), nor without a
+        // worker number of our own (0: the counter could not be read at start-up), since
+        // loans are settled by it.
+        let lease_key = (!subject.name.starts_with("ip:") && self.worker_id != 0).then(|| entry_key(subject.name));
+        let draw = lease_key
+            .as_deref()
+            .and_then(|k| leases.begin_draw(k, buckets, quotas, now_ms));
+        let worker = self.worker_id;
         let placed = self.update_placed(subject.name, |e| {
-            let step = fleet::decide(e, subject.buckets, subject.quotas, cfg, now_ms, cost, connected);
-            let fields = match &step {
-                Step::Decided(v) => self.fields(e, subject, v, now_ms, cost),
-                Step::Take => None,
+            let (step, grant) =
+                fleet_loans::decide_drawing(e, worker, draw.as_ref(), buckets, quotas, cfg, now_ms, cost, connected);
+            let (fields, views) = match &step {
+                Step::Decided(v) if self.ratelimit_headers => {
+                    // The worker's new units are still the node's: counted as held.
+                    let held = e.lease.available + grant.granted;
+                    let mut views = fleet_view::views(buckets, quotas, held, &e.view, v, now_ms, cost);
+                    let fields = (!views.is_empty())
+                        .then(|| (limiter::policy_field(&views), limiter::ratelimit_field(&views, 0)));
+                    if grant.granted > 0 {
+                        for view in &mut views {
+                            view.remaining = view.remaining.saturating_sub(grant.granted);
+                        }
+                    } else {
+                        views.clear();
+                    }
+                    (fields, views)
+                }
+                _ => (None, Vec::new()),
             };
-            (step, fleet::wants_call(e, subject.quotas, cfg, now_ms), fields)
+            let admitted = matches!(&step, Step::Decided(v) if v.denial.is_none());
+            (
+                step,
+                fleet::wants_call(e, quotas, cfg, now_ms),
+                fields,
+                Drawn {
+                    granted: grant.granted,
+                    valid_ms: grant.valid_ms,
+                    admitted,
+                    views,
+                },
+            )
         });
         let (step, place) = match placed {
-            Some((s, p)) => (Some(s), p),
-            None => (None, None),
+            Some(((s, w, f, drawn), p)) => {
+                if let (Some(k), Some(d)) = (lease_key.as_deref(), draw.as_ref()) {
+                    leases.end_draw(k, d, Some(drawn), buckets, quotas, cost);
+                }
+                (Some((s, w, f)), p)
+            }
+            None => {
+                if let (Some(k), Some(d)) = (lease_key.as_deref(), draw.as_ref()) {
+                    leases.end_draw(k, d, None, buckets, quotas, cost);
+                }
+                (None, None)
+            }
         };
         // The subject whose limits apply (an anonymous newcomer sharing a neighbour's
         // slot in a full table is charged to the neighbour).
@@ -372,7 +438,7 @@ impl FleetNode {
             Some((Step::Decided(v), fields)) => (v, fields),
             _ => (
                 FleetVerdict {
-                    denial: Some(crate::core::limits::limiter::Denial::RateLimited),
+                    denial: Some(limiter::Denial::RateLimited),
                     retry_after_secs: Some(1),
                     via: Via::Fallback,
                 },
@@ -507,10 +573,44 @@ impl FleetNode {
         }
     }
 
-    /// Root tick: refill, renew or return the leases of the subjects this worker saw,
-    /// then publish health and metrics.
-    pub fn on_tick(&self) {
+    /// Settles this worker's leases drawn from node entries that are due (expired
+    /// units, spend to report; with `all` everything held) into those entries.
+    fn settle_worker_leases(&self, leases: &mut WorkerLeases, now: u64, all: bool) {
+        if !all && now.saturating_sub(self.settled_at.get()) < worker_lease::SWEEP_MS {
+            return;
+        }
+        self.settled_at.set(now);
+        let served = leases.take_served();
+        {
+            let mut d = self.delta.borrow_mut();
+            d.lease_decisions += served;
+            d.worker_lease_decisions += served;
+        }
+        let worker = self.worker_id;
+        for (key, d) in leases.settlements_due(now, all) {
+            let subject = key.strip_prefix("km/fl/").unwrap_or(&key);
+            let ok = self
+                .update_named(subject, |e| {
+                    fleet_loans::settle(e, worker, d.spent, d.ask.returned, now)
+                })
+                .is_some();
+            leases.settled(&key, &d, ok);
+            if ok && d.spent > 0 {
+                // Spend entered the node's lease: let this tick see whether it is due
+                // for a report (R/2) rather than wait for the subject's next check.
+                if let Some(t) = self.subjects.borrow_mut().get_mut(subject) {
+                    t.wanted = true;
+                }
+            }
+        }
+    }
+
+    /// Root tick: settle this worker's leases on node entries, refill, renew or return
+    /// the node's leases of the subjects this worker saw, then publish health and
+    /// metrics.
+    pub fn on_tick(&self, leases: &mut WorkerLeases) {
         let now = host::now_ms();
+        self.settle_worker_leases(leases, now, false);
         let cfg = &self.cfg;
         let idle_after = cfg.lease_ttl_ms;
         let names: Vec<String> = self
@@ -550,7 +650,7 @@ impl FleetNode {
             let node_id = self.node_for(place.as_ref());
             let started = self.update_tracked(&name, place.as_ref(), |e| {
                 let overdraft = e.overdraft_used;
-                if idle && e.lease.settled() && overdraft == 0 {
+                if idle && e.lease.settled() && e.loans.is_empty() && overdraft == 0 {
                     return (overdraft, None);
                 }
                 (overdraft, fleet::begin_lease(e, &node_id, &subject, cfg, now, idle))
@@ -650,10 +750,14 @@ impl FleetNode {
         true
     }
 
-    /// Returns every lease this worker knows of (unload, reload, shutdown); best effort.
-    /// Returns how many calls were sent.
-    pub fn release_all(&self) -> usize {
+    /// Returns every lease this worker knows of (unload, reload, shutdown); best effort:
+    /// first what it drew from the node's entries (back into them), then the node's
+    /// leases of its subjects (to the fleet; units other workers still hold stay in the
+    /// `hold` until they settle and their own unload returns them). Returns how many
+    /// calls were sent.
+    pub fn release_all(&self, leases: &mut WorkerLeases) -> usize {
         let now = host::now_ms();
+        self.settle_worker_leases(leases, now, true);
         let names: Vec<String> = self.subjects.borrow().keys().cloned().collect();
         let mut sent = 0;
         for name in names {

@@ -70,9 +70,11 @@ impl Context for Root {
         }
         // Fleet mode: give the leases back (what is unspent returns to the fleet now,
         // not after the lease TTL); wait for the answers, bounded by the call timeout.
-        let sent = self.state.as_ref().and_then(|s| s.fleet.as_ref()).map_or(0, |f| {
-            f.retire();
-            f.release_all()
+        let sent = self.state.as_ref().map_or(0, |s| {
+            s.fleet.as_ref().map_or(0, |f| {
+                f.retire();
+                f.release_all(&mut s.leases.borrow_mut())
+            })
         });
         if sent > 0 {
             log::info!("keymeter fleet: unloading, returning {sent} lease(s)");
@@ -213,8 +215,10 @@ impl RootContext for Root {
         if let Some(e) = &mut self.export {
             e.on_tick();
         }
-        if let Some(fleet) = self.state.as_ref().and_then(|s| s.fleet.as_ref()) {
-            fleet.on_tick();
+        if let Some(s) = &self.state {
+            if let Some(fleet) = &s.fleet {
+                fleet.on_tick(&mut s.leases.borrow_mut());
+            }
         }
         let now = super::host::now_ms();
         // (Not on a failed clock read: expiry needs the time.)

@@ -4,7 +4,9 @@
 //!
 //! Per subject (key lineage, consumer, client address) the node keeps one
 //! [`FleetEntry`] in shared data, updated by CAS like the single-node limit state. A
-//! request is decided by [`decide`]:
+//! busy named subject's request is first served from the worker's own lease drawn from
+//! this entry (`super::fleet_loans`: no shared-data call); any other request is decided
+//! by [`decide`]:
 //!
 //! 1. from the node's lease (units leased from the fleet ahead of time), as long as the
 //!    node's spend not yet acknowledged stays within R (`FleetConfig::unreported_max`),
@@ -276,6 +278,14 @@ pub struct FleetEntry {
     pub last_call_ms: u64,
     /// What the fleet last said was left (the `RateLimit` fields, `super::fleet_view`).
     pub view: super::fleet_view::FleetView,
+    /// Units of `lease` lent to this node's workers (`super::fleet_loans`).
+    pub loans: Vec<super::fleet_loans::Loan>,
+}
+
+/// The shared-data key of a subject's node entry (`k:<lineage>` -> `km/fl/k:<lineage>`);
+/// also the key of a worker's lease drawn from it.
+pub fn entry_key(subject: &str) -> String {
+    format!("km/fl/{subject}")
 }
 
 /// Layout version of the node's fleet state in shared data (`FleetEntry`, `AnonSlot`).
@@ -284,7 +294,7 @@ pub struct FleetEntry {
 /// carries the format too (`node_id_for`), so limitd sees a new node rather than an old
 /// one whose sequence numbers and spend the fresh state would contradict. Bump it with
 /// any change to these structs.
-pub const ENTRY_FORMAT: u8 = 2;
+pub const ENTRY_FORMAT: u8 = 3;
 
 /// Encodes `v` behind the `ENTRY_FORMAT` byte.
 pub fn encode_tagged<T: Serialize>(v: &T) -> Vec<u8> {
@@ -384,11 +394,18 @@ pub fn decide(
         return denied(Denial::CostExceedsBurst, None, Via::Lease);
     }
     // Never more than R spent unreported: beyond it the cost is taken from the fleet
-    // directly (counted at once) until the report, sent at R/2, is acknowledged.
+    // directly (counted at once) until the report, sent at R/2, is acknowledged. Units
+    // on loan to workers count as spent here (they may be, unreported).
     entry.lease.expire(now_ms);
-    let within_r = cfg
-        .unreported_max(quotas)
-        .is_none_or(|r| entry.lease.unreported().saturating_add(cost) <= r);
+    super::fleet_loans::reclaim_orphans(entry, now_ms);
+    let within_r = cfg.unreported_max(quotas).is_none_or(|r| {
+        entry
+            .lease
+            .unreported()
+            .saturating_add(super::fleet_loans::on_loan(entry))
+            .saturating_add(cost)
+            <= r
+    });
     if within_r && entry.lease.try_spend(cost, now_ms) {
         return allowed(Via::Lease);
     }
@@ -633,6 +650,7 @@ pub fn begin_lease(
 ) -> Option<(Ask, LeaseRequest)> {
     let (buckets, quotas) = (subject.buckets, subject.quotas);
     let policy = cfg.policy();
+    super::fleet_loans::reclaim_orphans(entry, now_ms);
     let ask = if release {
         if entry.lease.refill_in_flight(now_ms, &policy) {
             return None;
@@ -690,8 +708,9 @@ pub fn apply_lease(
     }
     if resp.hold_void {
         // The fleet reclaimed our lease before this call arrived (it came late): the
-        // units we held are no longer ours, whatever our clock says.
+        // units we held are no longer ours, whatever our clock says, nor those lent.
         entry.lease.available = 0;
+        super::fleet_loans::void_all(entry);
     }
     entry.lease.on_grant(ask, resp.granted, resp.valid_ms);
     entry.overdraft_used = 0;

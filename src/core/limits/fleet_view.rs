@@ -65,6 +65,26 @@ pub fn headers(
     now_ms: u64,
     cost: u64,
 ) -> Option<(String, String)> {
+    render(&LimitCheck {
+        denial: verdict.denial,
+        retry_after_secs: verdict.retry_after_secs,
+        views: views(buckets, quotas, held, view, verdict, now_ms, cost),
+    })
+}
+
+/// The per-limit views `headers` renders. A worker's lease drawn from the node's
+/// (`super::fleet_loans`) keeps these, taken with its units counted in `held`, less its
+/// units: a request it serves adds back what it still holds, so it reports what the
+/// node would.
+pub fn views(
+    buckets: &[NamedBucket],
+    quotas: &[NamedQuota],
+    held: u64,
+    view: &FleetView,
+    verdict: &FleetVerdict,
+    now_ms: u64,
+    cost: u64,
+) -> Vec<LimitView> {
     let now_secs = (now_ms / 1000) as i64;
     let retry = verdict.retry_after_secs.unwrap_or(1).max(1);
     let mut views = Vec::with_capacity(buckets.len() + quotas.len());
@@ -120,11 +140,7 @@ pub fn headers(
             None => b.limit.interval_ms.div_ceil(b.limit.rate.max(1)).div_ceil(1000),
         };
     }
-    render(&LimitCheck {
-        denial: verdict.denial,
-        retry_after_secs: verdict.retry_after_secs,
-        views,
-    })
+    views
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
 pub mod fleet;
+pub mod fleet_loans;
 pub mod fleet_slots;
 pub mod fleet_view;
 pub mod lease;

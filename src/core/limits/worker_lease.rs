@@ -8,6 +8,12 @@
 //! ([`limiter::lease_take`]). A unit is one unit of request cost, good for every limit
 //! of the subject at once.
 //!
+//! In fleet mode the lender is the node's own lease instead (an *external* lender, in
+//! `km/fl/<subject>`): the same entries, sizes and [`WorkerLeases::spend`], drawn with
+//! [`WorkerLeases::begin_draw`] / [`WorkerLeases::end_draw`] inside the node entry's
+//! CAS and settled with [`WorkerLeases::settlements_due`]; the node's side, which
+//! counts lent units as lent and not spent, is `core::limits::fleet_loans`.
+//!
 //! * **Taken before spent.** A worker admits only what it holds; what it holds was taken
 //!   from the shared buckets and quotas by a CAS, like any request.
 //! * **Settled at every CAS.** When its lease cannot cover a request, the worker gives
@@ -43,7 +49,7 @@
 //!   within `LEASE_MS + SWEEP_MS`; a worker that dies without unloading loses at most
 //!   `hold_cap` units per subject (under-admission, never over).
 
-use super::lease::{self, Lease};
+use super::lease::{self, Ask, Lease};
 use super::limiter::{self, LimitOutcome, LimitState, LimitView, CAS_RETRIES};
 use super::plan::{NamedBucket, NamedQuota};
 use super::quota::period_bounds;
@@ -133,6 +139,40 @@ struct Entry {
     views: Vec<LimitView>,
     /// Their `RateLimit-Policy` value, rendered once per CAS.
     policy: String,
+    /// The lender is not a shared [`LimitState`] but a lease outside this module (fleet
+    /// mode: the node's lease in `km/fl/<subject>`, see `core::limits::fleet_loans`):
+    /// units are drawn with [`WorkerLeases::begin_draw`] / [`WorkerLeases::end_draw`]
+    /// and settled through [`WorkerLeases::settlements_due`], never by [`Self::sweep`]
+    /// or [`Self::release_all`]. Such a lender counts what the worker spent (its
+    /// `spent_total`), so the entry is kept until that is reported.
+    external: bool,
+}
+
+/// A draw on an external lender (fleet mode), made by the adapter inside the lender's
+/// CAS: the worker's settlement of its previous lease (`ask.spent_total -
+/// reported_total` spent, `ask.returned` given back) and the units it wants now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Draw {
+    pub ask: Ask,
+    /// Units spent from the previous lease and not yet reported to the lender.
+    pub spent: u64,
+    /// Units wanted on top of the request's cost (0: settle only).
+    pub want: u64,
+}
+
+/// What an external lender answered a [`Draw`] (its CAS succeeded).
+#[derive(Debug, Clone, Default)]
+pub struct Drawn {
+    /// Units lent to the worker.
+    pub granted: u64,
+    /// Their validity from the draw (never past the lender's own expiry).
+    pub valid_ms: u64,
+    /// Whether the request itself was admitted (its cost is spent by the lender).
+    pub admitted: bool,
+    /// The limits' views for a request served from the new units (`remaining` without
+    /// them: [`Served`] adds what the worker still holds); empty without `RateLimit`
+    /// fields.
+    pub views: Vec<LimitView>,
 }
 
 /// What a request served from the lease reports in its `RateLimit` fields.
@@ -156,6 +196,9 @@ impl Served<'_> {
 #[derive(Debug, Default)]
 pub struct WorkerLeases {
     entries: HashMap<String, Entry>,
+    /// Requests served from leases on external lenders since [`Self::take_served`]
+    /// (fleet mode's lease hit ratio).
+    external_served: u64,
 }
 
 impl WorkerLeases {
@@ -174,6 +217,9 @@ impl WorkerLeases {
             return None;
         }
         e.spent = e.spent.saturating_add(cost);
+        if e.external {
+            self.external_served += 1;
+        }
         Some(Served {
             views: &e.views,
             held: e.lease.available,
@@ -210,6 +256,7 @@ impl WorkerLeases {
             spent: 0,
             views: Vec::new(),
             policy: String::new(),
+            external: false,
         });
         // The units this worker is likely to spend within one lease, at its rate since
         // the last CAS (0 for a subject it took nothing for, or sees now and then).
@@ -243,15 +290,7 @@ impl WorkerLeases {
             e.quotas = quotas.to_vec();
         }
         let mut check = t.check;
-        if e.views.len() != check.views.len()
-            || e.views
-                .iter()
-                .zip(&check.views)
-                .any(|(a, b)| (&a.name, a.quota, a.window_secs) != (&b.name, b.quota, b.window_secs))
-        {
-            e.policy = limiter::policy_field(&check.views);
-        }
-        e.views.clone_from(&check.views);
+        e.set_views(&check.views);
         for v in &mut check.views {
             v.remaining = v.remaining.saturating_add(t.extra);
             if v.bucket && v.remaining > 0 {
@@ -263,8 +302,9 @@ impl WorkerLeases {
 
     /// Gives back the leases that expired (subjects this worker stopped seeing) and
     /// forgets subjects idle for [`FORGET_MS`]. Called every [`SWEEP_MS`] per worker.
+    /// Leases on external lenders are left to [`Self::settlements_due`].
     pub fn sweep(&mut self, store: &dyn Store, now_ms: u64) {
-        for (key, e) in &mut self.entries {
+        for (key, e) in self.entries.iter_mut().filter(|(_, e)| !e.external) {
             e.lease.expire(now_ms);
             if e.lease.returned_pending > 0 {
                 give_back(store, key, e, now_ms);
@@ -274,13 +314,125 @@ impl WorkerLeases {
     }
 
     /// Gives back everything this worker holds (the plugin is unloading).
+    /// Leases on external lenders are left to [`Self::settlements_due`] (the fleet node
+    /// settles them into its entries before it returns its own lease).
     pub fn release_all(&mut self, store: &dyn Store, now_ms: u64) {
-        for (key, e) in &mut self.entries {
+        for (key, e) in self.entries.iter_mut().filter(|(_, e)| !e.external) {
             if e.lease.available > 0 || e.lease.returned_pending > 0 {
                 give_back(store, key, e, now_ms);
             }
         }
-        self.entries.retain(|_, e| e.lease.returned_pending > 0);
+        self.entries.retain(|_, e| e.external || e.lease.returned_pending > 0);
+    }
+
+    /// Starts a draw on the external lender at `key` (fleet mode), for a request its
+    /// lease could not serve: gives up what the worker holds and sizes the new lease
+    /// exactly as [`Self::take`] does (this worker's recent demand, at most
+    /// [`hold_cap`]). `None`: no lease for these limits (a `hold_cap` of 0 and nothing
+    /// to settle, or no room): the lender decides the request alone.
+    pub fn begin_draw(
+        &mut self,
+        key: &str,
+        buckets: &[NamedBucket],
+        quotas: &[NamedQuota],
+        now_ms: u64,
+    ) -> Option<Draw> {
+        let cap = hold_cap(buckets, quotas);
+        if !self.entries.contains_key(key) && (cap == 0 || !self.make_room()) {
+            return None;
+        }
+        let e = self.entries.entry(key.to_string()).or_insert_with(|| Entry {
+            lease: Lease::default(),
+            buckets: buckets.to_vec(),
+            quotas: quotas.to_vec(),
+            taken_at_ms: now_ms,
+            spent: 0,
+            views: Vec::new(),
+            policy: String::new(),
+            external: true,
+        });
+        let elapsed = now_ms.saturating_sub(e.taken_at_ms).max(1);
+        let demand = u128::from(e.spent) * u128::from(LEASE_MS) / u128::from(elapsed);
+        let want = u64::try_from(demand).unwrap_or(u64::MAX).min(cap);
+        let ask = e.lease.release(now_ms);
+        Some(Draw {
+            ask,
+            spent: ask.spent_total.saturating_sub(e.lease.reported_total),
+            want,
+        })
+    }
+
+    /// Applies the lender's answer to `draw` (`None`: its CAS failed; what the worker
+    /// gave up and spent stays to settle with the next draw or sweep).
+    pub fn end_draw(
+        &mut self,
+        key: &str,
+        draw: &Draw,
+        drawn: Option<Drawn>,
+        buckets: &[NamedBucket],
+        quotas: &[NamedQuota],
+        cost: u64,
+    ) {
+        let now_ms = draw.ask.sent_at_ms;
+        let Some(e) = self.entries.get_mut(key) else { return };
+        let Some(d) = drawn else {
+            e.lease.on_failure();
+            return;
+        };
+        e.lease.on_grant(&draw.ask, d.granted, d.valid_ms);
+        if !d.admitted {
+            return;
+        }
+        e.taken_at_ms = now_ms;
+        e.spent = cost;
+        if e.buckets != buckets || e.quotas != quotas {
+            e.buckets = buckets.to_vec();
+            e.quotas = quotas.to_vec();
+        }
+        e.set_views(&d.views);
+    }
+
+    /// Leases on external lenders that must be settled now (fleet mode, every
+    /// [`SWEEP_MS`]): expired units to give back, or spend to report once nothing valid
+    /// is held; with `all` (unload) everything held. Each comes with its [`Draw`] (want
+    /// 0); the caller settles it into the lender and reports with
+    /// [`Self::settled`]. Forgets settled subjects idle for [`FORGET_MS`].
+    pub fn settlements_due(&mut self, now_ms: u64, all: bool) -> Vec<(String, Draw)> {
+        self.entries.retain(|_, e| !(e.external && idle(e, now_ms)));
+        let mut due = Vec::new();
+        for (key, e) in self.entries.iter_mut().filter(|(_, e)| e.external) {
+            e.lease.expire(now_ms);
+            let unreported = e.lease.spent_total.saturating_sub(e.lease.reported_total);
+            let holding = e.lease.available > 0;
+            if (all && holding) || (!holding && (e.lease.returned_pending > 0 || unreported > 0)) {
+                let ask = e.lease.release(now_ms);
+                due.push((
+                    key.clone(),
+                    Draw {
+                        ask,
+                        spent: unreported,
+                        want: 0,
+                    },
+                ));
+            }
+        }
+        due
+    }
+
+    /// The outcome of settling `draw` (from [`Self::settlements_due`]).
+    pub fn settled(&mut self, key: &str, draw: &Draw, ok: bool) {
+        if let Some(e) = self.entries.get_mut(key) {
+            if ok {
+                e.lease.on_grant(&draw.ask, 0, 0);
+            } else {
+                e.lease.on_failure();
+            }
+        }
+    }
+
+    /// Requests served from leases on external lenders since the last call.
+    pub fn take_served(&mut self) -> u64 {
+        std::mem::take(&mut self.external_served)
     }
 
     /// Units this worker holds for `key` (tests, status).
@@ -302,15 +454,40 @@ impl WorkerLeases {
         if self.entries.len() < CAPACITY {
             return true;
         }
-        self.entries
-            .retain(|_, e| e.lease.available > 0 || e.lease.returned_pending > 0);
+        self.entries.retain(|_, e| {
+            e.lease.available > 0
+                || e.lease.returned_pending > 0
+                || (e.external && e.lease.spent_total != e.lease.reported_total)
+        });
         self.entries.len() < CAPACITY
     }
 }
 
-/// Holds nothing, owes nothing, took nothing for [`FORGET_MS`].
+impl Entry {
+    /// Keeps the views of the last draw or CAS, re-rendering the policy only when the
+    /// limits' names, quotas or windows changed.
+    fn set_views(&mut self, views: &[LimitView]) {
+        if self.views.len() != views.len()
+            || self
+                .views
+                .iter()
+                .zip(views)
+                .any(|(a, b)| (&a.name, a.quota, a.window_secs) != (&b.name, b.quota, b.window_secs))
+        {
+            self.policy = limiter::policy_field(views);
+        }
+        self.views.clear();
+        self.views.extend_from_slice(views);
+    }
+}
+
+/// Holds nothing, owes nothing (an external lender also waits for the spend to be
+/// reported), took nothing for [`FORGET_MS`].
 fn idle(e: &Entry, now_ms: u64) -> bool {
-    e.lease.available == 0 && e.lease.returned_pending == 0 && now_ms.saturating_sub(e.taken_at_ms) >= FORGET_MS
+    e.lease.available == 0
+        && e.lease.returned_pending == 0
+        && (!e.external || e.lease.spent_total == e.lease.reported_total)
+        && now_ms.saturating_sub(e.taken_at_ms) >= FORGET_MS
 }
 
 /// One CAS giving back everything `e` holds or let expire, into the limits it was taken
@@ -789,5 +966,45 @@ mod tests {
             bounds::rate_admitted_max(u64::MAX, 1, u64::MAX, u64::MAX, u64::MAX, u64::MAX),
             u64::MAX
         );
+    }
+
+    /// A lease on an external lender (fleet mode) is the fleet node's to settle: the
+    /// single-node sweep and unload never write it into shared data as a limit state,
+    /// and it is kept until its spend has been reported.
+    #[test]
+    fn leases_on_external_lenders_are_settled_only_through_their_lender() {
+        let s = MemStore::default();
+        let b = bucket(1_000, 1_000, 1_000);
+        let key = "km/fl/k:x";
+        let mut w = WorkerLeases::default();
+        let d = w.begin_draw(key, &b, &[], T0).unwrap();
+        assert_eq!((d.want, d.spent), (0, 0), "no demand seen yet");
+        let drawn = |granted| Drawn {
+            granted,
+            valid_ms: LEASE_MS,
+            admitted: true,
+            views: vec![],
+        };
+        w.end_draw(key, &d, Some(drawn(0)), &b, &[], 1);
+        let d = w.begin_draw(key, &b, &[], T0 + 1).unwrap();
+        assert_eq!(d.want, 10, "hold_cap");
+        w.end_draw(key, &d, Some(drawn(8)), &b, &[], 1);
+        assert!(w.spend(key, &b, &[], T0 + 2, 3).is_some());
+        assert_eq!((w.held(key), w.take_served(), w.take_served()), (5, 1, 0));
+        w.sweep(&s, T0 + 1_000);
+        w.release_all(&s, T0 + 1_000);
+        assert_eq!(s.len(), 0, "nothing written as a limit state");
+        assert_eq!(w.held(key), 5);
+        // Due once expired (or at unload); a failed settlement is offered again.
+        assert!(w.settlements_due(T0 + 2, false).is_empty());
+        let due = w.settlements_due(T0 + 3, true);
+        assert_eq!(due.len(), 1);
+        assert_eq!((due[0].1.spent, due[0].1.ask.returned), (3, 5));
+        w.settled(key, &due[0].1, false);
+        let due = w.settlements_due(T0 + 2_000, false);
+        assert_eq!((due[0].1.spent, due[0].1.ask.returned), (3, 5));
+        w.settled(key, &due[0].1, true);
+        assert!(w.settlements_due(T0 + 2_001, false).is_empty());
+        assert!(w.is_empty(), "settled and idle: forgotten");
     }
 }

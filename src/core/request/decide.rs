@@ -14,6 +14,7 @@ use crate::core::auth::problem::Problem;
 use crate::core::config::{Config, NoKeySet, OnContention};
 use crate::core::keyset::entry::KeyEntry;
 use crate::core::keyset::meta::Meta;
+use crate::core::limits::fleet::entry_key as fleet_entry_key;
 use crate::core::limits::limiter::{self, Denial, LimitOutcome};
 use crate::core::limits::plan::{LimitBy, Plan};
 use crate::core::limits::subject_table::{self, ANONYMOUS_SLOTS};
@@ -297,6 +298,17 @@ pub(super) fn enforce(
             Target::Entry(key) => key.strip_prefix("km/rl/").unwrap_or(key).replacen('/', ":", 1),
             Target::Anonymous(addr) => format!("ip:{addr}"),
         };
+        // The steady request of a busy subject: from this worker's lease drawn from the
+        // node's (`core::limits::fleet_loans`), no host call. Never for anonymous
+        // subjects (their table slot may change owner).
+        if let Target::Entry(_) = target {
+            if let Some(served) = leases.spend(&fleet_entry_key(&subject), buckets, quotas, now_ms, cost) {
+                if cfg.rate_limit_headers {
+                    d.ratelimit = served.headers();
+                }
+                return d;
+            }
+        }
         d.fleet = Some(FleetLimits {
             subject,
             buckets: buckets.to_vec(),

@@ -1175,3 +1175,6 @@ fn fleet_mode_defers_limits_to_the_lease() {
 
 /// The JWT paths.
 mod jwt;
+
+/// Fleet mode's worker-lease path.
+mod fleet;

@@ -15,6 +15,8 @@ pub mod remote;
 /// The request decision: authentication, authorization and limits for one request.
 pub mod request;
 
+/// Admin answers held until every worker uses the key-set write they report.
+pub mod admin_hold;
 /// Which admin API call a request path names (pure, so it is fuzzed).
 pub mod admin_route;
 /// Size caps on documents and admin bodies.

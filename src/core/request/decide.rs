@@ -23,14 +23,15 @@ use crate::core::metering::usage::Outcome;
 use crate::core::store::Store;
 use std::rc::Rc;
 
-/// Decides one request. Host reads happen in this order, each only when needed:
-/// `km/meta`; the credential sources in `credential::find` order (with a `jwt` config:
-/// the dynamic metadata when no key decides, or first when `key_wins` is off, see
-/// `core::auth::jwt::order`; a JWT user continues in `super::jwt`); the clock, if
-/// `cache` holds the key under this `km/meta`, else the key entry (on a miss, `km/meta`
-/// again and, if the generation moved, the entry once more); `:method` and `:path` only
-/// for scopes or route costs; the peer address only for CIDRs; the clock (once per
-/// request); then the limit state through `store`, unless this worker's lease on it
+/// Decides one request. Host reads happen in this order, each only when needed: the
+/// clock; `km/meta` only when this worker's copy of it (in `cache`, see
+/// `super::meta_copy`) is older than `STALE_MS`; the credential sources in
+/// `credential::find` order (with a `jwt` config: the dynamic metadata when no key
+/// decides, or first when `key_wins` is off, see `core::auth::jwt::order`; a JWT user
+/// continues in `super::jwt`); the key entry unless `cache` holds the key under this
+/// `km/meta` (on a miss, `km/meta` again and, if the generation moved, the entry once
+/// more); `:method` and `:path` only for scopes or route costs; the peer address only
+/// for CIDRs; then the limit state through `store`, unless this worker's lease on it
 /// (`leases`, see `core::limits::worker_lease`) covers the request.
 pub fn decide<H: Fetch>(
     cfg: &Config,
@@ -39,16 +40,50 @@ pub fn decide<H: Fetch>(
     host: &mut H,
     store: &dyn Store,
 ) -> Decision {
-    let Some((meta, meta_cas)) = host.meta() else {
-        return match cfg.when_no_keyset {
+    if let Some(d) = decide_once(cfg, cache, leases, host, store) {
+        return d;
+    }
+    // The copy of `km/meta` named a generation whose plans are gone (two full pushes
+    // within the staleness bound): nothing was written yet, decide again from an inline
+    // read. That read is fresh, so this never repeats.
+    cache.meta.invalidate();
+    decide_once(cfg, cache, leases, host, store)
+        .unwrap_or_else(|| Decision::unauthenticated(Unauthenticated::Unavailable, Problem::Unavailable))
+}
+
+/// `decide`, or `None` when a copy of `km/meta` turned out to be too old to decide with.
+fn decide_once<H: Fetch>(
+    cfg: &Config,
+    cache: &mut KeyCache,
+    leases: &mut WorkerLeases,
+    host: &mut H,
+    store: &dyn Store,
+) -> Option<Decision> {
+    // The clock first: it says whether this worker's copy of `km/meta` may be used
+    // (and every later use of the time takes this reading).
+    let now = host.now_ms();
+    let copy = now.and_then(|t| cache.meta.fresh(t));
+    let from_copy = copy.is_some();
+    let read = copy.unwrap_or_else(|| {
+        let read = host.meta();
+        if let Some(t) = now {
+            cache.meta.store(read, t);
+        }
+        read
+    });
+    let Some((meta, meta_cas)) = read else {
+        return Some(match cfg.when_no_keyset {
             NoKeySet::Deny => Decision::unauthenticated(Unauthenticated::KeySetUnavailable, Problem::KeySetUnavailable),
             NoKeySet::Allow => {
                 let mut d = Decision::new(Caller::Nobody);
                 d.unauthenticated = Some(Unauthenticated::FailOpen);
                 d
             }
-        };
+        });
     };
+    // Plans come back empty only when they are not of `meta`'s generation: with a copy,
+    // its slot was reused by a later push. Decide again from a fresh read.
+    let copy_outdated = |host: &mut H, meta: &Meta| from_copy && host.plans(meta).is_empty();
     let mut path: Option<String> = None;
     let mut jwt_metadata: Option<Vec<u8>> = None;
     let find_key = |host: &mut H| {
@@ -73,47 +108,68 @@ pub fn decide<H: Fetch>(
         Which::Key(c) => c,
         Which::Jwt => {
             let (Some(j), Some(metadata)) = (&cfg.jwt, &jwt_metadata) else {
-                return Decision::unauthenticated(Unauthenticated::Missing, Problem::MissingCredential);
+                return Some(Decision::unauthenticated(
+                    Unauthenticated::Missing,
+                    Problem::MissingCredential,
+                ));
             };
-            return super::jwt::decide_jwt(cfg, j, host, store, leases, &meta, metadata);
+            if copy_outdated(host, &meta) {
+                return None;
+            }
+            return Some(super::jwt::decide_jwt(
+                cfg, j, host, store, leases, &meta, metadata, now,
+            ));
         }
         Which::Neither(CredentialError::Missing) => {
             return match &cfg.anonymous_plan {
-                Some(plan) => anonymous(cfg, host, store, leases, &meta, plan),
-                None => Decision::unauthenticated(Unauthenticated::Missing, Problem::MissingCredential),
+                Some(_) if copy_outdated(host, &meta) => None,
+                Some(plan) => Some(anonymous(cfg, host, store, leases, &meta, plan, now)),
+                None => Some(Decision::unauthenticated(
+                    Unauthenticated::Missing,
+                    Problem::MissingCredential,
+                )),
             }
         }
         Which::Neither(CredentialError::Malformed(_) | CredentialError::BadChecksum(_)) => {
-            return Decision::unauthenticated(Unauthenticated::Malformed, Problem::MalformedCredential)
+            return Some(Decision::unauthenticated(
+                Unauthenticated::Malformed,
+                Problem::MalformedCredential,
+            ))
         }
     };
     let key = cred.key();
-    let (mut meta, mut meta_cas) = (meta, meta_cas);
-    let mut now_ms = None;
-    let mut cached = None;
-    if cache.holds(meta_cas, key.id()) {
-        let Some(now) = host.now_ms() else {
-            return clock_failed();
-        };
-        now_ms = Some(now);
-        cached = cache.get(key.id(), now);
-    }
+    let (mut meta, mut meta_cas, mut meta_is_copy) = (meta, meta_cas, from_copy);
+    let cached = now.and_then(|t| cache.get(meta_cas, key.id(), t));
     let from_cache = cached.is_some();
     let mut rec = cached.or_else(|| active_record(host, &meta, key.id()));
     if rec.is_none() {
-        // A full push on another worker may have flipped the generation and swept the
-        // slot we were about to read since we read `km/meta`: re-read it, and retry
-        // once if it moved (a real miss costs one more read, a race no spurious 401).
-        if let Some((m, cas)) = host.meta().filter(|(m, _)| m.gen != meta.gen) {
-            (meta, meta_cas) = (m, cas);
+        // A full push may have flipped the generation and swept the slot we were about
+        // to read since `km/meta` was read (by this request, or by the worker's copy):
+        // re-read it, and retry once if it moved (a real miss costs one more read, a
+        // race or an old copy no spurious 401).
+        let fresh = host.meta();
+        if let Some(t) = now {
+            cache.meta.store(fresh, t);
+        }
+        if let Some((m, cas)) = fresh.filter(|(m, _)| m.gen != meta.gen) {
+            (meta, meta_cas, meta_is_copy) = (m, cas, false);
             rec = active_record(host, &meta, key.id());
         }
     }
     let Some(rec) = rec else {
-        return Decision::unauthenticated(Unauthenticated::Invalid, Problem::InvalidCredential);
+        return Some(Decision::unauthenticated(
+            Unauthenticated::Invalid,
+            Problem::InvalidCredential,
+        ));
     };
     if !hashes_equal(&stored_hash(&key.hash()), &rec.hash) {
-        return Decision::unauthenticated(Unauthenticated::Invalid, Problem::InvalidCredential);
+        return Some(Decision::unauthenticated(
+            Unauthenticated::Invalid,
+            Problem::InvalidCredential,
+        ));
+    }
+    if meta_is_copy && copy_outdated(host, &meta) {
+        return None;
     }
     // From here on the key is authentic: everything is counted against it.
     let mut d = Decision::new(Caller::Key(rec.clone()));
@@ -126,7 +182,10 @@ pub fn decide<H: Fetch>(
             rec.plan,
             rec.id
         );
-        return Decision::unauthenticated(Unauthenticated::Unavailable, Problem::Unavailable);
+        return Some(Decision::unauthenticated(
+            Unauthenticated::Unavailable,
+            Problem::Unavailable,
+        ));
     };
     // Method and path only matter for scopes and route costs: skip the two host calls
     // when the key has neither (the common case).
@@ -142,16 +201,12 @@ pub fn decide<H: Fetch>(
     let has_rules = !rec.scopes.is_empty() || !plan.costs.is_empty();
     let Ok(path_str) = path::for_rules(path.as_deref().unwrap_or("/"), has_rules) else {
         d.outcome = Outcome::Forbidden;
-        return d.refuse(Problem::AmbiguousPath, None);
+        return Some(d.refuse(Problem::AmbiguousPath, None));
     };
     let path_str: &str = &path_str;
     let peer = if rec.cidrs.is_empty() { None } else { host.peer_ip() };
-    let now_ms = match now_ms {
-        Some(t) => t,
-        None => match host.now_ms() {
-            Some(t) => t,
-            None => return clock_failed(),
-        },
+    let Some(now_ms) = now else {
+        return Some(clock_failed());
     };
     if !from_cache {
         cache.insert(meta_cas, rec.clone(), now_ms);
@@ -168,7 +223,7 @@ pub fn decide<H: Fetch>(
             Refusal::OutOfScope => Problem::OutOfScope,
             Refusal::AddressNotAllowed => Problem::AddressNotAllowed,
         };
-        return d.refuse(problem, None);
+        return Some(d.refuse(problem, None));
     }
     let state_key = match plan.limit_by {
         LimitBy::Key => format!("km/rl/k/{}", rec.lineage()),
@@ -187,7 +242,7 @@ pub fn decide<H: Fetch>(
         now_ms,
     );
     if d.refused.is_some() {
-        return d;
+        return Some(d);
     }
     if !cfg.keep_credential {
         d.strip = match cred.source {
@@ -199,7 +254,7 @@ pub fn decide<H: Fetch>(
             },
         };
     }
-    d
+    Some(d)
 }
 
 /// Without a clock, expiry, not-before and every limit are unknowable: fail closed
@@ -226,6 +281,7 @@ fn anonymous(
     leases: &mut WorkerLeases,
     meta: &Meta,
     plan_name: &str,
+    now: Option<u64>,
 ) -> Decision {
     let plans = host.plans(meta);
     let Some(plan) = plans.get(plan_name) else {
@@ -243,7 +299,7 @@ fn anonymous(
         d.outcome = Outcome::Forbidden;
         return d.refuse(Problem::AmbiguousPath, None);
     };
-    let Some(now_ms) = host.now_ms() else {
+    let Some(now_ms) = now else {
         return clock_failed();
     };
     enforce(

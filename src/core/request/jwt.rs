@@ -35,8 +35,9 @@ pub(super) fn verified_metadata(jwt: &JwtConfig, host: &mut impl Fetch) -> Optio
 }
 
 /// Decides a request whose verified JWT is the deciding credential. Host reads: the
-/// plans (cached), `:method` and `:path` only when the plan has route costs, the clock,
-/// then the limit state through `store`.
+/// plans (cached), `:method` and `:path` only when the plan has route costs, then the
+/// limit state through `store`. `now` is the clock `decide` read first.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn decide_jwt(
     cfg: &Config,
     jwt: &JwtConfig,
@@ -45,6 +46,7 @@ pub(super) fn decide_jwt(
     leases: &mut WorkerLeases,
     meta: &Meta,
     metadata: &[u8],
+    now: Option<u64>,
 ) -> Decision {
     let plans = host.plans(meta);
     let identity = match Payload::find(metadata, &jwt.metadata_namespace, &jwt.payload_key) {
@@ -77,7 +79,7 @@ pub(super) fn decide_jwt(
         d.outcome = Outcome::Forbidden;
         return d.refuse(Problem::AmbiguousPath, None);
     };
-    let Some(now_ms) = host.now_ms() else {
+    let Some(now_ms) = now else {
         return clock_failed();
     };
     d = enforce(

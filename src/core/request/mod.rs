@@ -11,6 +11,7 @@ mod decision;
 mod fetch;
 mod jwt;
 mod key_cache;
+pub mod meta_copy;
 mod plans_cache;
 #[cfg(test)]
 mod tests;

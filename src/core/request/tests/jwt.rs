@@ -42,7 +42,7 @@ const JWT_IDENTITY: [&str; 4] = [
 ];
 
 #[test]
-fn jwt_user_makes_exactly_14_host_calls() {
+fn jwt_user_makes_exactly_13_host_calls() {
     let c = jwt_cfg("");
     let mut h = jwt_host(json!({"sub": "alice", "plan": "pro"}), &[("pro", plan(100, 100, None))]);
     warm(&c, &mut h);
@@ -55,18 +55,17 @@ fn jwt_user_makes_exactly_14_host_calls() {
         calls,
         seq(&[
             &[
-                "get km/meta",
+                "time",
                 "req_header x-api-key",
                 "req_header authorization",
                 "property metadata",
-                "time"
             ],
             &[&format!("get {rl}"), &format!("set {rl}")],
             &JWT_IDENTITY,
             &["resp_header :status", "set_resp ratelimit-policy", "set_resp ratelimit"],
         ])
     );
-    assert_eq!(calls.len(), 14, "host calls per admitted JWT request");
+    assert_eq!(calls.len(), 13, "host calls per admitted JWT request");
 }
 
 #[test]
@@ -78,16 +77,13 @@ fn key_requests_never_read_the_metadata() {
     let (d, calls) = run(&c, &mut h);
     assert!(matches!(d.caller, Caller::Key(_)), "the key wins");
     assert!(!calls.iter().any(|c| c == "property metadata"), "{calls:?}");
-    assert_eq!(calls.len(), 14, "same as without a jwt config");
+    assert_eq!(calls.len(), 13, "same as without a jwt config");
     assert!(calls.contains(&"set_req x-keymeter-auth".to_string()));
     // A malformed key is refused, never rescued by a token (and no token is looked for).
     h.headers.insert("x-api-key", "km_nonsense".into());
     let (d, calls) = run(&c, &mut h);
     assert_eq!(refused(&d), Problem::MalformedCredential);
-    assert_eq!(
-        calls,
-        seq(&[&["get km/meta", "req_header x-api-key", "send_local_reply"]])
-    );
+    assert_eq!(calls, seq(&[&["time", "req_header x-api-key", "send_local_reply"]]));
 }
 
 #[test]
@@ -101,6 +97,7 @@ fn no_key_and_no_token_is_one_metadata_read_more_then_401() {
     assert_eq!(
         calls,
         seq(&[&[
+            "time",
             "get km/meta",
             "req_header x-api-key",
             "req_header authorization",
@@ -134,7 +131,7 @@ fn token_wins_when_configured_reading_no_key_and_stripping_it() {
     assert_eq!(
         calls,
         seq(&[
-            &["get km/meta", "property metadata", "time"],
+            &["time", "property metadata"],
             &["get km/rl/j/alice", "set km/rl/j/alice"],
             &JWT_IDENTITY,
             &["remove_req x-api-key"],
@@ -147,7 +144,7 @@ fn token_wins_when_configured_reading_no_key_and_stripping_it() {
     assert!(matches!(d.caller, Caller::Key(_)));
     assert_eq!(
         &calls[..3],
-        seq(&[&["get km/meta", "property metadata", "req_header x-api-key"]])
+        seq(&[&["time", "property metadata", "req_header x-api-key"]])
     );
 }
 
@@ -236,7 +233,7 @@ fn route_costs_read_method_and_path_for_jwt_users() {
     let (d, calls) = run(&c, &mut h);
     assert_eq!(d.cost, 7);
     assert_eq!(
-        &calls[3..7],
-        seq(&[&["property metadata", "req_header :method", "req_header :path", "time"]])
+        &calls[3..6],
+        seq(&[&["property metadata", "req_header :method", "req_header :path"]])
     );
 }

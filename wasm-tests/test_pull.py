@@ -104,6 +104,9 @@ def test_a_change_at_the_source_reaches_every_worker(pulled, source):
 
     source.set_doc(keyset(2, [keep, new]))
     wait_calls(envoy, new, 200)
+    # A pulled set has no admin answer to wait for: the status shows version 2 only once
+    # every worker's copy of `km/meta` does (a status read near an update is held).
+    wait_status(envoy, lambda s: s.get("version") == 2, "version 2 never reported")
     # Both workers, several connections each: none still has the old set.
     for _ in range(10):
         assert call(envoy, revoke) == 401

@@ -8,9 +8,15 @@
 //! parsed from that buffer in slices and written key by key (large sets arrive as staged
 //! uploads, one chunk per call), and the bodies read whole into the heap (delta, commit)
 //! have byte caps (413).
+//!
+//! An answer that reports a key-set change as live (200 to a push, a delta or a staged
+//! commit; a status read near an update) is held until every worker's copy of
+//! `km/meta` shows it (see `core::admin_hold`): the request stays paused and the root's
+//! tick sends the answer, so nothing blocks.
 
 use super::host::{self, HostBuffer, HostStore};
 use super::root::PluginState;
+use crate::core::admin_hold::status_needs_hold;
 use crate::core::admin_route::{self, Route};
 use crate::core::auth::api_key::hashes_equal;
 use crate::core::auth::problem::admin_body;
@@ -35,15 +41,65 @@ use std::rc::Rc;
 
 pub struct AdminRequest {
     shared: Rc<PluginState>,
+    /// This request's context id: a held answer is sent to it from the root's tick.
+    context_id: u32,
     route: Option<Route>,
     force: bool,
     upload_id: String,
 }
 
+/// An answer waiting in `PluginState::held` (only 2xx answers are held; they carry no
+/// extra headers).
+#[derive(Debug)]
+pub struct HeldReply {
+    status: u32,
+    body: String,
+}
+
+/// Every admin answer's headers: `cache-control: no-store` on all of them (status,
+/// usage and errors must not sit in a shared cache).
+fn reply_headers<'a>(status: u32, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let ctype = if status >= 400 {
+        "application/problem+json"
+    } else {
+        "application/json"
+    };
+    let mut headers = vec![("content-type", ctype), ("cache-control", "no-store")];
+    headers.extend_from_slice(extra);
+    headers
+}
+
+/// The admin root's tick: sends the held answers whose time has come (`now_ms`), and
+/// puts the tick back to its slow pace when none is left.
+pub fn send_due(state: &PluginState, now_ms: u64) {
+    if now_ms == 0 {
+        return; // a failed clock read: not a time to compare with
+    }
+    let due = state.held.borrow_mut().take_due(now_ms);
+    for (ctx, reply) in due {
+        // The request may be gone (client reset): then there is no context to answer.
+        let sent = proxy_wasm::hostcalls::set_effective_context(ctx).and_then(|()| {
+            proxy_wasm::hostcalls::send_http_response(
+                reply.status,
+                reply_headers(reply.status, &[]),
+                Some(reply.body.as_bytes()),
+            )
+        });
+        if let Err(e) = sent {
+            log::warn!("keymeter: held admin answer for context {ctx} not sent: {e:?}");
+        }
+    }
+    if state.fast_tick.get() && state.held.borrow().is_empty() {
+        state.fast_tick.set(false);
+        let _ = proxy_wasm::hostcalls::set_tick_period(super::root::CLEANUP_TICK);
+    }
+}
+
 impl AdminRequest {
-    pub fn new(shared: Rc<PluginState>) -> Self {
+    pub fn new(shared: Rc<PluginState>, context_id: u32) -> Self {
         AdminRequest {
             shared,
+            context_id,
             route: None,
             force: false,
             upload_id: String::new(),
@@ -54,17 +110,29 @@ impl AdminRequest {
         self.reply_with(status, body, &[])
     }
 
-    /// Every admin answer goes through here: `cache-control: no-store` on all of them
-    /// (status, usage and errors must not sit in a shared cache).
+    /// Every admin answer goes through here or through `hold`.
     fn reply_with(&self, status: u32, body: &str, extra: &[(&str, &str)]) -> Action {
-        let ctype = if status >= 400 {
-            "application/problem+json"
-        } else {
-            "application/json"
-        };
-        let mut headers = vec![("content-type", ctype), ("cache-control", "no-store")];
-        headers.extend_from_slice(extra);
-        self.send_http_response(status, headers, Some(body.as_bytes()));
+        self.send_http_response(status, reply_headers(status, extra), Some(body.as_bytes()));
+        Action::Pause
+    }
+
+    /// Answers once every worker uses the `km/meta` write this answer reports:
+    /// `written_ms` is a clock reading taken after that write (or after a read that saw
+    /// it). The request stays paused until the root's tick sends the answer.
+    fn hold(&self, status: u32, body: String, written_ms: u64) -> Action {
+        if written_ms == 0 {
+            // No clock: nothing to time the hold with. Answer now rather than never.
+            log::warn!("keymeter: the host clock failed; answering without the visibility hold");
+            return self.reply(status, &body);
+        }
+        self.shared
+            .held
+            .borrow_mut()
+            .hold(self.context_id, written_ms, HeldReply { status, body });
+        if !self.shared.fast_tick.replace(true) {
+            // Only on the change: setting the period re-arms the timer.
+            let _ = proxy_wasm::hostcalls::set_tick_period(super::root::HELD_TICK);
+        }
         Action::Pause
     }
 
@@ -128,7 +196,8 @@ impl AdminRequest {
         // Fleet mode's health (null when this Envoy's filters run single-node).
         let fleet = json_at(super::fleet::HEALTH);
         let reclaim = crate::core::limits::reclaim::status(&store);
-        let body = match read_meta(&store) {
+        let meta = read_meta(&store);
+        let body = match meta {
             None => {
                 json!({"loaded": false, "last_update": last, "source": source, "export": export, "fleet": fleet, "reclaim": reclaim})
             }
@@ -147,7 +216,13 @@ impl AdminRequest {
                 "reclaim": reclaim,
             }),
         };
-        self.reply(200, &body.to_string())
+        // A version written moments ago may not be in every worker's copy of `km/meta`
+        // yet: a status near an update answers once it is (`core::admin_hold`).
+        let now = host::now_ms();
+        match meta {
+            Some(m) if status_needs_hold(m.updated_at, now) => self.hold(200, body.to_string(), now),
+            _ => self.reply(200, &body.to_string()),
+        }
     }
 
     /// `GET /v1/usage?consumer=C&cursor=N&limit=L`: cumulative per-lineage usage since
@@ -251,7 +326,9 @@ impl AdminRequest {
                     _ => "delta",
                 };
                 host::record_update(source, opts.now_ms, &report);
-                self.reply(200, &serde_json::to_string(&report).unwrap_or_default())
+                // Read after the write: the answer goes once every worker sees it.
+                let written = host::now_ms();
+                self.hold(200, serde_json::to_string(&report).unwrap_or_default(), written)
             }
         }
     }
@@ -332,6 +409,13 @@ fn new_upload_id(now_ms: u64) -> String {
 }
 
 impl Context for AdminRequest {}
+
+impl Drop for AdminRequest {
+    /// A request that goes away while its answer is held takes the answer with it.
+    fn drop(&mut self) {
+        self.shared.held.borrow_mut().forget(self.context_id);
+    }
+}
 
 impl HttpContext for AdminRequest {
     fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {

@@ -5,10 +5,15 @@ use super::export::ExportService;
 use super::metering::Meter;
 use super::service::{Misplaced, Service};
 use super::{admin::AdminRequest, filter::FilterRequest};
+use crate::core::admin_hold::HeldReplies;
 use crate::core::auth::problem::Problem;
 use crate::core::config::{Config, Role};
+use crate::core::keyset::meta::Meta;
+use crate::core::keyset::names::META;
 use crate::core::limits::worker_lease::{self, WorkerLeases};
+use crate::core::request::meta_copy::POLL_MS;
 use crate::core::request::{KeyCache, PlansCache};
+use crate::core::store::read_value;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 use std::cell::RefCell;
@@ -24,7 +29,8 @@ pub struct PluginState {
     pub bodies: HashMap<Problem, String>,
     pub challenges: Vec<String>,
     pub plans: RefCell<PlansCache>,
-    /// This worker's decoded key records, valid for one `km/meta` write.
+    /// This worker's copy of `km/meta` (re-read on the tick) and the key records
+    /// decoded under it.
     pub keys: RefCell<KeyCache>,
     /// This worker's token leases on busy subjects (single-node limits).
     pub leases: RefCell<WorkerLeases>,
@@ -34,10 +40,17 @@ pub struct PluginState {
     pub warned_fail_open: std::cell::Cell<bool>,
     /// Fleet mode (role filter with `fleet`): this worker's lease refills and breaker.
     pub fleet: Option<super::fleet::FleetNode>,
+    /// Role admin: answers held until every worker uses the write they report, and
+    /// whether the tick runs at the short period that sends them.
+    pub held: RefCell<HeldReplies<super::admin::HeldReply>>,
+    pub fast_tick: std::cell::Cell<bool>,
 }
 
 /// How often an admin-role worker advances pending key-set cleanup.
-const CLEANUP_TICK: std::time::Duration = std::time::Duration::from_millis(200);
+pub const CLEANUP_TICK: std::time::Duration = std::time::Duration::from_millis(200);
+/// The admin tick while answers are held (see `core::admin_hold`): they go out within
+/// this much of their time.
+pub const HELD_TICK: std::time::Duration = std::time::Duration::from_millis(5);
 /// Idle limit states are looked for once a second per admin worker, a page of the usage
 /// index at a time: 1M lineages are walked in about an hour.
 const RECLAIM_EVERY_MS: u64 = 1000;
@@ -54,6 +67,12 @@ pub struct Root {
     last_flush_ms: u64,
     /// When this (admin) worker last walked a page for idle limit state.
     last_reclaim_ms: u64,
+    /// When this (admin) worker last advanced the key-set cleanup.
+    last_cleanup_ms: u64,
+    /// When this (filter) worker last returned expired leases / ran the fleet tick
+    /// (the tick itself runs every `POLL_MS` for the `km/meta` copy).
+    last_lease_sweep_ms: u64,
+    last_fleet_tick_ms: u64,
     /// Unloading: waiting for the lease returns to be answered before `done()`.
     closing: bool,
 }
@@ -147,6 +166,8 @@ impl RootContext for Root {
                         // Single-node limits: expired worker leases go back promptly.
                         None => tick = tick.min(worker_lease::SWEEP_MS),
                     }
+                    // This worker's copy of `km/meta` is re-read every `POLL_MS`.
+                    tick = tick.min(POLL_MS);
                     let _ = proxy_wasm::hostcalls::set_tick_period(std::time::Duration::from_millis(tick));
                 }
                 log::info!("keymeter: configured as {:?}", config.role);
@@ -172,6 +193,8 @@ impl RootContext for Root {
                     meter: RefCell::new(Meter::new(metering)),
                     warned_fail_open: Default::default(),
                     fleet,
+                    held: RefCell::default(),
+                    fast_tick: Default::default(),
                 }));
                 true
             }
@@ -183,23 +206,39 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let state = self.state.clone()?;
         Some(match state.config.role {
             Role::Filter => Box::new(FilterRequest::new(state)),
-            Role::Admin => Box::new(AdminRequest::new(state)),
+            Role::Admin => Box::new(AdminRequest::new(state, context_id)),
             Role::Service => Box::new(Misplaced),
         })
     }
 
     fn on_tick(&mut self) {
+        let now = super::host::now_ms();
+        // First, while nothing else ran: this worker's copy of `km/meta` (the clock is
+        // read before the shared-data read, as `MetaCopy` requires; not on a failed
+        // clock read, the request path then reads inline).
+        if let Some(s) = self.state.as_ref().filter(|s| s.config.role == Role::Filter && now > 0) {
+            s.keys.borrow_mut().poll_meta(now, || {
+                let (bytes, cas) = read_value(&super::host::HostStore, META);
+                Some((Meta::decode(&bytes?)?, cas))
+            });
+        }
         if self.state.as_ref().is_some_and(|s| s.config.role == Role::Admin) {
             let store = super::host::HostStore;
-            let now = super::host::now_ms();
-            if let Err(e) =
-                crate::core::keyset::sweep::cleanup_step(&store, now, crate::core::keyset::sweep::CLEANUP_STEP_CHUNKS)
-            {
-                log::warn!("keymeter: key-set cleanup step failed: {e}");
+            // The tick runs every `HELD_TICK` while answers are held: the cleanup
+            // keeps its own pace.
+            if now.saturating_sub(self.last_cleanup_ms) >= CLEANUP_TICK.as_millis() as u64 {
+                self.last_cleanup_ms = now;
+                if let Err(e) = crate::core::keyset::sweep::cleanup_step(
+                    &store,
+                    now,
+                    crate::core::keyset::sweep::CLEANUP_STEP_CHUNKS,
+                ) {
+                    log::warn!("keymeter: key-set cleanup step failed: {e}");
+                }
             }
             if now.saturating_sub(self.last_reclaim_ms) >= RECLAIM_EVERY_MS {
                 self.last_reclaim_ms = now;
@@ -217,18 +256,31 @@ impl RootContext for Root {
         }
         if let Some(s) = &self.state {
             if let Some(fleet) = &s.fleet {
-                fleet.on_tick(&mut s.leases.borrow_mut());
+                // At its configured pace, not the `km/meta` poll's: up to half a tick early.
+                let every = fleet.cfg.refill_tick_ms;
+                if now.saturating_add(POLL_MS / 2) >= self.last_fleet_tick_ms.saturating_add(every) {
+                    self.last_fleet_tick_ms = now;
+                    fleet.on_tick(&mut s.leases.borrow_mut());
+                }
             }
         }
-        let now = super::host::now_ms();
         // (Not on a failed clock read: expiry needs the time.)
         if let Some(s) = self.state.as_ref().filter(|s| s.config.role == Role::Filter && now > 0) {
-            s.leases.borrow_mut().sweep(&super::host::HostStore, now);
+            // At the pace the tick had before it ran for the `km/meta` copy.
+            let every = s.fleet.as_ref().map_or(worker_lease::SWEEP_MS, |f| f.cfg.refill_tick_ms);
+            if now.saturating_add(POLL_MS / 2) >= self.last_lease_sweep_ms.saturating_add(every) {
+                self.last_lease_sweep_ms = now;
+                s.leases.borrow_mut().sweep(&super::host::HostStore, now);
+            }
         }
         let interval = self.state.as_ref().map_or(0, |s| s.config.metering.flush_interval_ms);
         if now.saturating_sub(self.last_flush_ms) >= interval {
             self.last_flush_ms = now;
             self.flush_usage();
+        }
+        // Last: sending switches the effective context to each held request's.
+        if let Some(s) = self.state.as_ref().filter(|s| s.config.role == Role::Admin) {
+            super::admin::send_due(s, now);
         }
     }
 

@@ -56,8 +56,7 @@ impl Fetch for HostFetch<'_> {
         host::try_now_ms()
     }
     fn meta(&mut self) -> Option<(Meta, u32)> {
-        let (bytes, cas) = read_value(&HostStore, META);
-        Some((Meta::decode(&bytes?)?, cas))
+        read_meta_and_cas()
     }
     fn key_entry(&mut self, id: &str) -> Option<Vec<u8>> {
         let mut name_buf = [0u8; 32];
@@ -69,6 +68,13 @@ impl Fetch for HostFetch<'_> {
     fn dynamic_metadata(&mut self) -> Option<Vec<u8>> {
         host::dynamic_metadata()
     }
+}
+
+/// `km/meta` and its CAS token (one shared-data read): for a request whose worker's copy
+/// is stale, and for the worker's tick that refreshes the copy.
+pub(super) fn read_meta_and_cas() -> Option<(Meta, u32)> {
+    let (bytes, cas) = read_value(&HostStore, META);
+    Some((Meta::decode(&bytes?)?, cas))
 }
 
 impl FilterRequest {

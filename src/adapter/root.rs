@@ -8,12 +8,9 @@ use super::{admin::AdminRequest, filter::FilterRequest};
 use crate::core::admin_hold::HeldReplies;
 use crate::core::auth::problem::Problem;
 use crate::core::config::{Config, Role};
-use crate::core::keyset::meta::Meta;
-use crate::core::keyset::names::META;
 use crate::core::limits::worker_lease::{self, WorkerLeases};
 use crate::core::request::meta_copy::POLL_MS;
 use crate::core::request::{KeyCache, PlansCache};
-use crate::core::store::read_value;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 use std::cell::RefCell;
@@ -50,7 +47,7 @@ pub struct PluginState {
 pub const CLEANUP_TICK: std::time::Duration = std::time::Duration::from_millis(200);
 /// The admin tick while answers are held (see `core::admin_hold`): they go out within
 /// this much of their time.
-pub const HELD_TICK: std::time::Duration = std::time::Duration::from_millis(5);
+pub const HELD_TICK: std::time::Duration = std::time::Duration::from_millis(2);
 /// Idle limit states are looked for once a second per admin worker, a page of the usage
 /// index at a time: 1M lineages are walked in about an hour.
 const RECLAIM_EVERY_MS: u64 = 1000;
@@ -221,10 +218,7 @@ impl RootContext for Root {
         // read before the shared-data read, as `MetaCopy` requires; not on a failed
         // clock read, the request path then reads inline).
         if let Some(s) = self.state.as_ref().filter(|s| s.config.role == Role::Filter && now > 0) {
-            s.keys.borrow_mut().poll_meta(now, || {
-                let (bytes, cas) = read_value(&super::host::HostStore, META);
-                Some((Meta::decode(&bytes?)?, cas))
-            });
+            s.keys.borrow_mut().poll_meta(now, super::filter::read_meta_and_cas);
         }
         if self.state.as_ref().is_some_and(|s| s.config.role == Role::Admin) {
             let store = super::host::HostStore;

@@ -81,8 +81,9 @@ fn decide_once<H: Fetch>(
             }
         });
     };
-    // Plans come back empty only when they are not of `meta`'s generation: with a copy,
-    // its slot was reused by a later push. Decide again from a fresh read.
+    // Plans come back empty when they are not of `meta`'s generation (or the set has
+    // none): with a copy, its slot may have been reused by a later push. Then decide
+    // again from a fresh read (a set without plans admits nobody either way).
     let copy_outdated = |host: &mut H, meta: &Meta| from_copy && host.plans(meta).is_empty();
     let mut path: Option<String> = None;
     let mut jwt_metadata: Option<Vec<u8>> = None;

@@ -9,6 +9,7 @@ the very next request" check, so a slow machine cannot flake it."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import socket
 import time
 
@@ -108,3 +109,24 @@ def test_a_client_gone_during_the_hold_leaves_the_admin_api_working(start_envoy)
     assert r.status == 200 and r.json()["version"] == 2, r
     assert envoy.is_running()
     assert "panicked" not in envoy.log_text()
+
+
+def test_many_answers_held_at_once_all_go_out(start_envoy):
+    """Several held answers on one admin worker at once (status reads right after an
+    update): each is answered, none before the bound."""
+    envoy = start_envoy(concurrency=1, filter_conf=FILTER)
+    k = Key(plan="p")
+    assert push(envoy, keyset(1, [k], PLANS)).status == 200
+    assert delta(envoy, {"version": 2, "ops": [{"op": "disable", "id": k.id}]}).status == 200
+
+    def read_status(_):
+        return timed(lambda: harness.http("GET", envoy.admin_api_url("/v1/status"), AUTH))
+
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(read_status, range(16)))
+    for r, took in results:
+        assert r.status == 200 and r.json()["version"] == 2, r
+        assert took >= STALE_S, f"a status was answered after {took * 1000:.1f} ms"
+    # And the admin API answers on as before.
+    r = harness.http("GET", envoy.admin_api_url("/v1/nope"), AUTH)
+    assert r.status == 404, r

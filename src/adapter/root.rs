@@ -261,7 +261,10 @@ impl RootContext for Root {
         // (Not on a failed clock read: expiry needs the time.)
         if let Some(s) = self.state.as_ref().filter(|s| s.config.role == Role::Filter && now > 0) {
             // At the pace the tick had before it ran for the `km/meta` copy.
-            let every = s.fleet.as_ref().map_or(worker_lease::SWEEP_MS, |f| f.cfg.refill_tick_ms);
+            let every = s
+                .fleet
+                .as_ref()
+                .map_or(worker_lease::SWEEP_MS, |f| f.cfg.refill_tick_ms);
             if now.saturating_add(POLL_MS / 2) >= self.last_lease_sweep_ms.saturating_add(every) {
                 self.last_lease_sweep_ms = now;
                 s.leases.borrow_mut().sweep(&super::host::HostStore, now);

@@ -39,7 +39,7 @@ fn node_decides(c: &Config, fc: &FleetConfig, h: &mut FakeHost, node: &mut Fleet
 }
 
 /// The host calls of a single-node request served from the worker's lease (see
-/// `a_request_served_from_the_worker_lease_makes_11_host_calls`), the reference.
+/// `a_request_served_from_the_worker_lease_makes_10_host_calls`), the reference.
 fn single_node_lease_path(p: &Plan) -> Vec<String> {
     let c = filter_cfg();
     let mut h = host(&[record()], &[("pro", p.clone())]);

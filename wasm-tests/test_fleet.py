@@ -318,6 +318,7 @@ def test_an_envoy_killed_holding_leases_gives_them_back_after_the_ttl(start_envo
     # report is known to nobody but A.
     burst = 8
     a_admitted += sum(get(a, PATH, {"x-api-key": k.key}).status == 200 for _ in range(burst))
+    a.killed_on_purpose = True
     a.proc.send_signal(signal.SIGKILL)
     a.proc.wait(10)
     killed_at = time.monotonic()

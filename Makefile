@@ -40,7 +40,7 @@ SHELL       := /bin/bash
 
 .DEFAULT_GOAL := test
 
-.PHONY: tools wasm cli limitd fleet-tools valkey check test run run-fleet bench-tools bench bench-quick soak fuzz wasm-fault demo-config clean distclean
+.PHONY: tools wasm cli limitd fleet-tools valkey check test run run-fleet bench-tools bench bench-quick bench-fleet-ab soak fuzz wasm-fault demo-config clean distclean
 
 # --------------------------------------------------------------------------- tools
 
@@ -195,6 +195,11 @@ bench bench-quick: tools wasm bench-tools fleet-tools limitd
 	cd $(ROOT) && ENVOY_BIN=$(ENVOY_BIN) KEYMETER_WASM=$(WASM) KEYMETER_LIMITD=$(LIMITD) \
 		TRIVIAL_WASM=$(TRIVIAL_DIR)/$(WASM_TARGET)/release/trivial_filter.wasm \
 		$(PY) bench/run.py $(if $(filter bench-quick,$@),--quick) $(BENCH_ARGS)
+
+# Fleet mode's request-path cost (4f/4) over several fresh Envoy pairs (bench/fleet_ab.py).
+bench-fleet-ab: tools wasm bench-tools fleet-tools limitd
+	cd $(ROOT) && ENVOY_BIN=$(ENVOY_BIN) KEYMETER_WASM=$(WASM) KEYMETER_LIMITD=$(LIMITD) \
+		$(PY) bench/fleet_ab.py $(BENCH_ARGS)
 
 # --------------------------------------------------------------------------- soak
 

@@ -148,6 +148,16 @@ struct Entry {
     external: bool,
 }
 
+impl Entry {
+    /// The units this worker is likely to spend within one lease, at its rate since the
+    /// last draw (0 for a subject it took nothing for, or sees now and then), at most `cap`.
+    fn want(&self, now_ms: u64, cap: u64) -> u64 {
+        let elapsed = now_ms.saturating_sub(self.taken_at_ms).max(1);
+        let demand = u128::from(self.spent) * u128::from(LEASE_MS) / u128::from(elapsed);
+        u64::try_from(demand).unwrap_or(u64::MAX).min(cap)
+    }
+}
+
 /// A draw on an external lender (fleet mode), made by the adapter inside the lender's
 /// CAS: the worker's settlement of its previous lease (`ask.spent_total -
 /// reported_total` spent, `ask.returned` given back) and the units it wants now.
@@ -227,6 +237,27 @@ impl WorkerLeases {
         })
     }
 
+    /// This worker's entry for `key`, new (nothing held) if it has none.
+    fn entry(
+        &mut self,
+        key: &str,
+        buckets: &[NamedBucket],
+        quotas: &[NamedQuota],
+        now_ms: u64,
+        external: bool,
+    ) -> &mut Entry {
+        self.entries.entry(key.to_string()).or_insert_with(|| Entry {
+            lease: Lease::default(),
+            buckets: buckets.to_vec(),
+            quotas: quotas.to_vec(),
+            taken_at_ms: now_ms,
+            spent: 0,
+            views: Vec::new(),
+            policy: String::new(),
+            external,
+        })
+    }
+
     /// Decides a request the lease could not serve with one CAS on the shared state at
     /// `key`: gives back what the worker holds, decides `cost`, and takes a new lease
     /// sized by this worker's recent demand (none for a subject seen now and then).
@@ -248,21 +279,8 @@ impl WorkerLeases {
             // Nothing held and nothing to hold: the exact CAS, as without leases.
             return limiter::apply(store, key, buckets, quotas, now_ms, cost);
         }
-        let e = self.entries.entry(key.to_string()).or_insert_with(|| Entry {
-            lease: Lease::default(),
-            buckets: buckets.to_vec(),
-            quotas: quotas.to_vec(),
-            taken_at_ms: now_ms,
-            spent: 0,
-            views: Vec::new(),
-            policy: String::new(),
-            external: false,
-        });
-        // The units this worker is likely to spend within one lease, at its rate since
-        // the last CAS (0 for a subject it took nothing for, or sees now and then).
-        let elapsed = now_ms.saturating_sub(e.taken_at_ms).max(1);
-        let demand = u128::from(e.spent) * u128::from(LEASE_MS) / u128::from(elapsed);
-        let want = u64::try_from(demand).unwrap_or(u64::MAX).min(cap);
+        let e = self.entry(key, buckets, quotas, now_ms, false);
+        let want = e.want(now_ms, cap);
         let ask = e.lease.release(now_ms);
         let back = (ask.returned, e.taken_at_ms);
         let share = share();
@@ -341,19 +359,8 @@ impl WorkerLeases {
         if !self.entries.contains_key(key) && (cap == 0 || !self.make_room()) {
             return None;
         }
-        let e = self.entries.entry(key.to_string()).or_insert_with(|| Entry {
-            lease: Lease::default(),
-            buckets: buckets.to_vec(),
-            quotas: quotas.to_vec(),
-            taken_at_ms: now_ms,
-            spent: 0,
-            views: Vec::new(),
-            policy: String::new(),
-            external: true,
-        });
-        let elapsed = now_ms.saturating_sub(e.taken_at_ms).max(1);
-        let demand = u128::from(e.spent) * u128::from(LEASE_MS) / u128::from(elapsed);
-        let want = u64::try_from(demand).unwrap_or(u64::MAX).min(cap);
+        let e = self.entry(key, buckets, quotas, now_ms, true);
+        let want = e.want(now_ms, cap);
         let ask = e.lease.release(now_ms);
         Some(Draw {
             ask,

@@ -224,8 +224,7 @@ impl RootContext for Root {
             let store = super::host::HostStore;
             // The tick runs every `HELD_TICK` while answers are held: the cleanup
             // keeps its own pace.
-            if now.saturating_sub(self.last_cleanup_ms) >= CLEANUP_TICK.as_millis() as u64 {
-                self.last_cleanup_ms = now;
+            if paced(&mut self.last_cleanup_ms, now, CLEANUP_TICK.as_millis() as u64, 0) {
                 if let Err(e) = crate::core::keyset::sweep::cleanup_step(
                     &store,
                     now,
@@ -252,8 +251,7 @@ impl RootContext for Root {
             if let Some(fleet) = &s.fleet {
                 // At its configured pace, not the `km/meta` poll's: up to half a tick early.
                 let every = fleet.cfg.refill_tick_ms;
-                if now.saturating_add(POLL_MS / 2) >= self.last_fleet_tick_ms.saturating_add(every) {
-                    self.last_fleet_tick_ms = now;
+                if paced(&mut self.last_fleet_tick_ms, now, every, POLL_MS / 2) {
                     fleet.on_tick(&mut s.leases.borrow_mut());
                 }
             }
@@ -265,8 +263,7 @@ impl RootContext for Root {
                 .fleet
                 .as_ref()
                 .map_or(worker_lease::SWEEP_MS, |f| f.cfg.refill_tick_ms);
-            if now.saturating_add(POLL_MS / 2) >= self.last_lease_sweep_ms.saturating_add(every) {
-                self.last_lease_sweep_ms = now;
+            if paced(&mut self.last_lease_sweep_ms, now, every, POLL_MS / 2) {
                 s.leases.borrow_mut().sweep(&super::host::HostStore, now);
             }
         }
@@ -284,4 +281,16 @@ impl RootContext for Root {
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
     }
+}
+
+/// Whether a job run from the tick is due at `now`, `every_ms` after it last ran at
+/// `*last` (at most `early_ms` early, so a tick of another period does not skip it by a
+/// hair); if so, records `now` as its last run. The tick's period is the smallest any
+/// job needs, so each job keeps its own pace this way.
+fn paced(last: &mut u64, now: u64, every_ms: u64, early_ms: u64) -> bool {
+    let due = now.saturating_add(early_ms) >= last.saturating_add(every_ms);
+    if due {
+        *last = now;
+    }
+    due
 }

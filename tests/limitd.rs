@@ -876,6 +876,80 @@ fn take_is_all_or_nothing_and_never_exceeds_the_quota() {
     assert_eq!(peek(d.port, "k:race-take", 50)["consumed"], 50);
 }
 
+/// A take whose answer the node lost: the node decided the request itself (admitted it
+/// as overdraft, reported as its spend, or refused it), so its next lease call names
+/// the take and limitd settles it exactly once: an applied take's cost comes off the
+/// count again, one that has not arrived is voided and changes nothing when it does,
+/// and a take is never applied twice.
+#[test]
+fn a_take_whose_answer_was_lost_is_settled_exactly_once() {
+    let redis = Redis::start(&[]);
+    let d = Limitd::single(&redis);
+    let subject = "k:doubt";
+    let take = |id: u64| {
+        post(
+            d.port,
+            "/v1/take",
+            &json!({"subject": subject, "cost": 1, "quotas": quota(10), "node": "n1", "id": id}),
+        )
+        .1
+    };
+    let mut seq = 0;
+    let mut lease = |spent_total: u64, doubts: Value| {
+        seq += 1;
+        let body = json!({"node": "n1", "seq": seq, "subject": subject, "fleet_size": 1, "ttl_ms": 10_000,
+                          "want": 0, "spent_total": spent_total, "quotas": quota(10), "doubts": doubts});
+        let (status, r) = post(d.port, "/v1/lease", &body);
+        assert_eq!((status, &r["applied"]), (200, &json!(true)), "{r}");
+        r
+    };
+    let consumed = || peek(d.port, subject, 10)["consumed"].as_u64().unwrap();
+
+    // Take 1 applied, its answer lost; the node admitted the request as overdraft.
+    assert_eq!(take(1)["admitted"], true);
+    assert_eq!(consumed(), 1);
+    let r = lease(1, json!([{"id": 1, "cost": 1}]));
+    assert_eq!(r["settled"], json!([1]));
+    assert_eq!(consumed(), 1, "one request, counted once");
+    // Named again (that answer lost too): nothing more.
+    lease(1, json!([{"id": 1, "cost": 1}]));
+    assert_eq!(consumed(), 1);
+
+    // Take 2 applied, its answer lost; the node refused the request (no spend).
+    assert_eq!(take(2)["admitted"], true);
+    assert_eq!(consumed(), 2);
+    lease(1, json!([{"id": 2, "cost": 1}]));
+    assert_eq!(consumed(), 1, "a refused request is not counted");
+
+    // Take 3 settled before it arrives: void when it does.
+    lease(2, json!([{"id": 3, "cost": 1}]));
+    assert_eq!(consumed(), 2);
+    assert_eq!(take(3)["admitted"], false, "a take settled as never applied is void");
+    assert_eq!(consumed(), 2);
+
+    // The same take twice (a retried call): applied once, both answered as admitted.
+    assert_eq!(take(4)["admitted"], true);
+    assert_eq!(take(4)["admitted"], true);
+    assert_eq!(consumed(), 3);
+
+    // Another node's ids are its own.
+    let (_, r) = post(
+        d.port,
+        "/v1/take",
+        &json!({"subject": subject, "cost": 1, "quotas": quota(10), "node": "n2", "id": 3}),
+    );
+    assert_eq!(r["admitted"], true);
+    assert_eq!(consumed(), 4);
+
+    // Records live --take-record-ms (1 h by default), then go.
+    let out = Command::new(redis.server.binaries().1)
+        .args(["-p", &redis.port.to_string(), "pttl", &format!("km:{{{subject}}}:t")])
+        .output()
+        .unwrap();
+    let ttl: i64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(ttl > 0 && ttl <= 3_600_000, "{ttl}");
+}
+
 /// Issue 10.17 on the store side: every key limitd writes for a subject (an anonymous
 /// address churned once, say) has a TTL, so idle subjects expire from Redis too: the
 /// node record after `--forget-node-ms` (7 days), a bucket once it would be full again (plus the
@@ -977,6 +1051,10 @@ mod valkey {
     #[test]
     fn every_key_of_a_subject_expires() {
         on_valkey(super::every_key_of_a_subject_expires);
+    }
+    #[test]
+    fn a_take_whose_answer_was_lost_is_settled_exactly_once() {
+        on_valkey(super::a_take_whose_answer_was_lost_is_settled_exactly_once);
     }
     #[test]
     fn runs_on_valkey() {

@@ -123,6 +123,28 @@ class RedisServer:
         except OSError:
             return False
 
+    def command(self, *args: str) -> list[str] | str | int | None:
+        """One command (RESP): an integer, a (bulk) string, a flat list of strings."""
+        with socket.create_connection((harness.LOCALHOST, self.port), timeout=5) as s:
+            s.sendall(f"*{len(args)}\r\n".encode() + b"".join(f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args))
+            f = s.makefile("rb")
+
+            def read():
+                line = f.readline().rstrip(b"\r\n")
+                kind, rest = line[:1], line[1:].decode()
+                if kind in (b"+", b"-"):
+                    return rest
+                if kind == b":":
+                    return int(rest)
+                if kind == b"$":
+                    n = int(rest)
+                    return None if n < 0 else f.read(n + 2)[:-2].decode()
+                if kind == b"*":
+                    return [read() for _ in range(int(rest))]
+                raise ValueError(f"unexpected RESP {line!r}")
+
+            return read()
+
     def kill(self) -> None:
         """SIGKILL: an outage, not a shutdown."""
         _kill(self)

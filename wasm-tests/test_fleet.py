@@ -253,6 +253,56 @@ def test_consumer_shared_limits_across_envoys(start_envoy, limitd):
     wait_for(lambda: ds[0].peek("c:acme", [quota])["daily"]["consumed"] == admitted, what="consumer usage reported")
 
 
+def settled(read, quiet_s=2.5, timeout=20.0):
+    """`read()` once it has not changed for `quiet_s` (over two report intervals)."""
+    end = time.monotonic() + timeout
+    last, since = read(), time.monotonic()
+    while time.monotonic() < end:
+        time.sleep(0.2)
+        v = read()
+        if v != last:
+            last, since = v, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return v
+    raise AssertionError(f"never settled (last {last})")
+
+
+def test_a_take_whose_answer_is_lost_is_counted_once(start_envoy, redis, tmp_path):
+    """Redis stalls (SIGSTOP) while a node's take calls wait in limitd: the node gives up
+    after its timeout and decides the requests by its fallback (admitted as overdraft,
+    which it reports as its own spend), and limitd applies the takes once Redis resumes.
+    The node names those takes in its next lease call, so the fleet counts each request
+    once, not twice (without that: 4 for 2 requests)."""
+    d = fleet.Limitd(redis.url, tmp_path / "limitd", redis_timeout_ms=10_000).start()
+    try:
+        k, warm = Key(plan="m"), Key(plan="m")
+        quota = {"name": "monthly", "period": "month", "limit": 100}
+        (e,) = envoys(start_envoy, [d], 1, keyset(1, [k, warm], {"m": {"quotas": [quota]}}), concurrency=1,
+                      timeout_ms=300)  # fmt: skip
+        subject = f"k:{k.id}"
+        # Another key's first request: limitd connected to Redis and the take script in
+        # Redis's cache (a NOSCRIPT answered after the node gave up would not be retried).
+        assert get(e, PATH, {"x-api-key": warm.key}).status == 200
+        redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            codes = [get(e, PATH, {"x-api-key": k.key}).status for _ in range(2)]
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
+        assert codes == [200, 200], "the fallback's overdraft admits them"
+        wait_for(lambda: fleet_status(e)["counters"]["take_failures"] >= 2, what="both takes timed out")
+        consumed = settled(lambda: d.peek(subject, [quota])["monthly"]["consumed"])
+        assert consumed == 2, "each request counted once"
+        # The takes reached Redis (queued on limitd's connection while it was stopped) and
+        # were applied after the node had given up on them; its lease call settled them.
+        takes = redis.command("ZRANGE", f"km:{{{subject}}}:t", "0", "-1")
+        assert len(takes) == 2 and all(t.startswith("d|") for t in takes), takes
+        # And the fleet carries on exactly.
+        assert all(get(e, PATH, {"x-api-key": k.key}).status == 200 for _ in range(3))
+        assert settled(lambda: d.peek(subject, [quota])["monthly"]["consumed"]) == 5
+    finally:
+        d.kill()
+
+
 def test_redis_killed_mid_run_falls_back_then_replays_exactly(start_envoy, limitd, redis):
     ds = limitd(1)
     k = Key(plan="m")

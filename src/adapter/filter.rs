@@ -27,8 +27,9 @@ pub struct FilterRequest {
     status: u32,
     request_bytes: u64,
     response_bytes: u64,
-    /// Fleet mode: the take call this request is paused for, and the limits it decides.
-    pending_take: Option<(u32, FleetLimits)>,
+    /// Fleet mode: the take call this request is paused for (token, take id), and the
+    /// limits it decides.
+    pending_take: Option<(u32, u64, FleetLimits)>,
 }
 
 /// `core::request::Fetch` over proxy-wasm: one host call per method.
@@ -116,7 +117,7 @@ impl Context for FilterRequest {
     /// Fleet mode: the take this request was paused for answered (or failed, or timed
     /// out): apply the verdict, then resume or refuse.
     fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
-        let Some((_, limits)) = self.pending_take.take_if(|(t, _)| *t == token) else {
+        let Some((_, take_id, limits)) = self.pending_take.take_if(|(t, _, _)| *t == token) else {
             return;
         };
         let state = self.state.clone();
@@ -128,7 +129,7 @@ impl Context for FilterRequest {
             buckets: &limits.buckets,
             quotas: &limits.quotas,
         };
-        let (verdict, fields) = fleet.on_take_response(&subject, decision.cost, num_headers, body_size);
+        let (verdict, fields) = fleet.on_take_response(&subject, decision.cost, take_id, num_headers, body_size);
         decision.apply_fleet(&verdict);
         decision.ratelimit = fields;
         let action = self.apply(&decision);
@@ -166,8 +167,8 @@ impl HttpContext for FilterRequest {
                     decision.apply_fleet(&v);
                     decision.ratelimit = fields;
                 }
-                super::fleet::RequestStep::Paused(token) => {
-                    self.pending_take = Some((token, limits));
+                super::fleet::RequestStep::Paused(token, take_id) => {
+                    self.pending_take = Some((token, take_id, limits));
                     self.decision = Some(decision);
                     return Action::Pause;
                 }

@@ -34,6 +34,7 @@ use crate::core::limits::worker_lease::{self, Drawn, WorkerLeases};
 use crate::core::remote::breaker::{Breaker, BreakerState};
 use crate::core::remote::fleet_health::{self, WorkerHealth, HEARTBEAT_MS};
 use crate::core::remote::fleet_protocol::{LeaseResponse, TakeResponse};
+use crate::core::remote::outbound::{may_have_been_applied, snippet};
 use crate::core::store::{ensure_exists, Store};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
@@ -197,6 +198,8 @@ pub struct FleetNode {
     /// When the worker leases drawn from node entries were last looked at for
     /// settlement (every `worker_lease::SWEEP_MS`).
     settled_at: std::cell::Cell<u64>,
+    /// Takes this worker sent: the low bits of a take's id (`take_id`).
+    takes_sent: std::cell::Cell<u64>,
     metrics: Metrics,
     /// Send `RateLimit-Policy` / `RateLimit` (the plugin's `rate_limit_headers`).
     pub ratelimit_headers: bool,
@@ -208,9 +211,12 @@ pub type Fields = Option<(String, String)>;
 /// The request path's next move.
 pub enum RequestStep {
     Decided(FleetVerdict, Fields),
-    /// Paused for this take call.
-    Paused(u32),
+    /// Paused for this take call (token, take id or 0).
+    Paused(u32, u64),
 }
+
+/// Bits of a take id below the worker number.
+const TAKE_ID_WORKER_SHIFT: u32 = 40;
 
 impl FleetNode {
     /// Called from `on_configure` (filter role with `fleet`).
@@ -248,6 +254,7 @@ impl FleetNode {
             worker: format!("w{n}"),
             worker_id: u32::try_from(n).unwrap_or(u32::MAX),
             settled_at: Default::default(),
+            takes_sent: Default::default(),
             metrics: Metrics::define(),
             ratelimit_headers: false,
         }
@@ -402,20 +409,36 @@ impl FleetNode {
             Some((Step::Take, _, _)) => {
                 let allowed = self.breaker.borrow_mut().allow(now_ms, cfg.breaker_cooldown_ms);
                 if allowed {
-                    if let Some(token) = self.dispatch_take(subject, cost, now_ms) {
-                        return RequestStep::Paused(token);
+                    let id = self.take_id();
+                    let node = self.node_for(place.as_ref());
+                    let tag = (id != 0).then_some((node.as_ref(), id));
+                    if let Some(token) = self.dispatch_take(subject, cost, now_ms, tag) {
+                        return RequestStep::Paused(token, id);
                     }
                 }
-                let (v, fields) = self.fall_back(subject, now_ms, cost);
+                let (v, fields) = self.fall_back(subject, now_ms, cost, None);
                 RequestStep::Decided(v, fields)
             }
             // Contended beyond retries: decide from a fresh local fallback view, which
             // never admits more than the local share.
             None => {
-                let (v, fields) = self.fall_back(subject, now_ms, cost);
+                let (v, fields) = self.fall_back(subject, now_ms, cost, None);
                 RequestStep::Decided(v, fields)
             }
         }
+    }
+
+    /// A fresh take id, unique in this node: the worker's number above the count of its
+    /// takes; 0 (no id, a lost answer cannot be settled) without a number of our own or
+    /// beyond the 2^53 a Lua script counts exactly.
+    fn take_id(&self) -> u64 {
+        let n = self.takes_sent.get() + 1;
+        self.takes_sent.set(n);
+        let worker = u64::from(self.worker_id);
+        if worker == 0 || worker >= 1 << (53 - TAKE_ID_WORKER_SHIFT) || n >= 1 << TAKE_ID_WORKER_SHIFT {
+            return 0;
+        }
+        worker << TAKE_ID_WORKER_SHIFT | n
     }
 
     fn note_overdraft(&self, v: &FleetVerdict, subject: &Subject<'_>, cost: u64) {
@@ -424,9 +447,16 @@ impl FleetNode {
         }
     }
 
-    fn fall_back(&self, subject: &Subject<'_>, now_ms: u64, cost: u64) -> (FleetVerdict, Fields) {
+    /// The partition fallback for one request; `doubt`: the id of its take whose answer
+    /// was lost, kept in the entry for the next lease call to settle.
+    fn fall_back(&self, subject: &Subject<'_>, now_ms: u64, cost: u64, doubt: Option<u64>) -> (FleetVerdict, Fields) {
         let cfg = &self.cfg;
         let step = self.update(subject.name, |e| {
+            if let Some(id) = doubt {
+                if fleet::record_doubt(e, subject.quotas, id, cost) {
+                    log::warn!("keymeter fleet: too many takes in doubt; the oldest may be counted twice");
+                }
+            }
             let step = fleet::fallback(e, subject.buckets, subject.quotas, cfg, now_ms, cost);
             let fields = match &step {
                 Step::Decided(v) => self.fields(e, subject, v, now_ms, cost),
@@ -450,12 +480,13 @@ impl FleetNode {
         (v, fields)
     }
 
-    fn dispatch_take(&self, subject: &Subject<'_>, cost: u64, now_ms: u64) -> Option<u32> {
+    fn dispatch_take(&self, subject: &Subject<'_>, cost: u64, now_ms: u64, tag: Option<(&str, u64)>) -> Option<u32> {
         let body = serde_json::to_vec(&fleet::take_request(
             subject.name,
             subject.buckets,
             subject.quotas,
             cost,
+            tag,
         ))
         .ok()?;
         self.delta.borrow_mut().take_calls += 1;
@@ -503,7 +534,10 @@ impl FleetNode {
 
     /// Reads a limitd answer: the JSON body of a 200, or why there is none.
     fn answer<T: serde::de::DeserializeOwned>(num_headers: usize, body_size: usize) -> Result<T, String> {
-        let r = CallResponse::read(num_headers, body_size, MAX_BODY);
+        Self::answer_of(&CallResponse::read(num_headers, body_size, MAX_BODY))
+    }
+
+    fn answer_of<T: serde::de::DeserializeOwned>(r: &CallResponse) -> Result<T, String> {
         match r.status() {
             Some(200) => serde_json::from_slice(&r.body).map_err(|e| format!("bad answer: {e}")),
             Some(s) => Err(format!("limitd answered {s}")),
@@ -516,11 +550,13 @@ impl FleetNode {
         &self,
         subject: &Subject<'_>,
         cost: u64,
+        take_id: u64,
         num_headers: usize,
         body_size: usize,
     ) -> (FleetVerdict, Fields) {
         let now_ms = host::now_ms();
-        match Self::answer::<TakeResponse>(num_headers, body_size) {
+        let r = CallResponse::read(num_headers, body_size, MAX_BODY);
+        match Self::answer_of::<TakeResponse>(&r) {
             Ok(resp) => {
                 self.succeeded(now_ms);
                 let cfg = &self.cfg;
@@ -538,7 +574,15 @@ impl FleetNode {
             Err(why) => {
                 self.delta.borrow_mut().take_failures += 1;
                 self.failed(now_ms, why);
-                self.fall_back(subject, now_ms, cost)
+                let doubt = (take_id != 0 && may_have_been_applied(r.status(), &snippet(&r.body))).then_some(take_id);
+                let decided = self.fall_back(subject, now_ms, cost, doubt);
+                if doubt.is_some() {
+                    // The next tick sends the lease call that settles it.
+                    if let Some(t) = self.subjects.borrow_mut().get_mut(subject.name) {
+                        t.wanted = true;
+                    }
+                }
+                decided
             }
         }
     }
@@ -650,7 +694,7 @@ impl FleetNode {
             let node_id = self.node_for(place.as_ref());
             let started = self.update_tracked(&name, place.as_ref(), |e| {
                 let overdraft = e.overdraft_used;
-                if idle && e.lease.settled() && e.loans.is_empty() && overdraft == 0 {
+                if idle && e.lease.settled() && e.loans.is_empty() && overdraft == 0 && e.doubts.is_empty() {
                     return (overdraft, None);
                 }
                 (overdraft, fleet::begin_lease(e, &node_id, &subject, cfg, now, idle))

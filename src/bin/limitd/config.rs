@@ -26,6 +26,11 @@ pub struct Args {
     /// call, in ms (restarted Envoys come back as new nodes).
     #[arg(long, default_value_t = crate::scripts::DEFAULT_FORGET_MS)]
     pub forget_node_ms: u64,
+    /// Remember each take a node tagged this long, in ms, so that a take whose answer
+    /// the node lost is settled exactly (neither counted twice nor for a refused
+    /// request) by the node's next lease call within this time.
+    #[arg(long, default_value_t = crate::scripts::DEFAULT_TAKE_RECORD_MS)]
+    pub take_record_ms: u64,
     /// Tokio worker threads.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,

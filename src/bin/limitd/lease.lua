@@ -12,9 +12,17 @@
 --                                            e:<node> (expiry ms), r:<node> (bound on
 --                                            its unreported spend), p:<node> (presumed
 --                                            spent when its lease was reclaimed)
+-- KEYS[2 + nb + nq]        km:{S}:t          takes by id (take.lua), only with doubts
 -- ARGV: node, seq, ttl_ms, share, nb, nq, want, hold, returned, spent_total, forget_ms,
 --       unreported_max (-1: none), then rate, interval_ms, burst per bucket, then limit,
---       period_end_ms per quota.
+--       period_end_ms per quota, then nd, keep_ms and id, cost per take in doubt.
+--
+-- Takes in doubt: takes of this node whose answer it never got; it decided those
+-- requests itself (refused, or admitted as overdraft and reported in spent_total). A
+-- take that was applied (`a|<node>|<id>`) has its cost taken off the count again and
+-- becomes `d|` (done); one that was not becomes `x|` (void), so arriving late it changes
+-- nothing. Either way once: a doubt named again (the answer to this call lost) finds
+-- `d|` or `x|` and changes nothing.
 --
 -- Returns {applied, now_ms, granted, valid_ms, hold_void, then per bucket: tokens,
 -- wait_ms, then per quota: consumed, outstanding, available}; applied = 0 (nothing
@@ -37,6 +45,8 @@ local forget = tonumber(ARGV[11])
 local rmax = tonumber(ARGV[12])
 
 local now = now_ms()
+local doubt_at = 12 + tonumber(ARGV[5]) * 3 + tonumber(ARGV[6]) * 2
+local nd = tonumber(ARGV[doubt_at + 1] or '0') or 0
 
 -- Per-node sequence: only a call newer than the last applied one changes anything.
 local nk = KEYS[1]
@@ -59,6 +69,26 @@ for i = 1, #nf, 2 do
   end
 end
 redis.call('PEXPIRE', nk, int(forget))
+
+-- Takes in doubt: what applied takes counted that this node's own decisions replace.
+local undo = 0
+if nd > 0 then
+  local tkey = KEYS[2 + nb + nq]
+  local keep = tonumber(ARGV[doubt_at + 2])
+  redis.call('ZREMRANGEBYSCORE', tkey, '-inf', now)
+  for d = 1, nd do
+    local m = node .. '|' .. ARGV[doubt_at + 1 + 2 * d]
+    local cost = tonumber(ARGV[doubt_at + 2 + 2 * d])
+    if redis.call('ZSCORE', tkey, 'a|' .. m) then
+      redis.call('ZREM', tkey, 'a|' .. m)
+      redis.call('ZADD', tkey, int(now + keep), 'd|' .. m)
+      undo = undo + cost
+    elseif not redis.call('ZSCORE', tkey, 'd|' .. m) then
+      redis.call('ZADD', tkey, int(now + keep), 'x|' .. m)
+    end
+  end
+  redis.call('PEXPIRE', tkey, int(keep))
+end
 
 local grant = want
 local valid = ttl
@@ -93,7 +123,7 @@ for j = 1, nq do
   local a = 12 + nb * 3 + (j - 1) * 2
   local limit, pend = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local consumed, others, own_expired, presumed = quota_load(key, node, now)
-  consumed = consumed + delta - presumed
+  consumed = consumed + delta - presumed - undo
   if consumed < 0 then consumed = 0 end
   if own_expired or presumed > 0 then void = true end
   qk[j] = {key, limit, pend, consumed, others, presumed}

@@ -43,7 +43,11 @@ async fn run(args: config::Args) -> Result<(), String> {
         store::Store::cluster(&args.redis_cluster, timeout)
     }
     .map_err(|e| format!("invalid Redis address: {e}"))?;
-    let app = Arc::new(server::App::new(store, args.forget_node_ms.max(1)));
+    let app = Arc::new(server::App::new(
+        store,
+        args.forget_node_ms.max(1),
+        args.take_record_ms.max(1),
+    ));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;

@@ -27,6 +27,16 @@ pub fn script(body: &str) -> redis::Script {
 /// last call: a node partitioned for longer than this replays its spend as new.
 pub const DEFAULT_FORGET_MS: u64 = 7 * 86_400_000;
 
+/// How long a tagged take is remembered by id (`take.lua`): a take whose answer was lost
+/// is settled exactly by its node's next lease call within this time; a node that
+/// reaches limitd only later may have that take's cost counted twice.
+pub const DEFAULT_TAKE_RECORD_MS: u64 = 3_600_000;
+
+/// Takes of a subject by id (`take.lua`, `lease.lua`).
+pub fn takes_key(subject: &str) -> String {
+    format!("km:{{{subject}}}:t")
+}
+
 pub fn node_key(subject: &str) -> String {
     format!("km:{{{subject}}}:n")
 }
@@ -58,7 +68,12 @@ pub fn quota_key_at(subject: &str, q: &QuotaSpec, now_secs: i64) -> (String, i64
 
 /// KEYS and ARGV of the lease script for a validated request at `now_secs`, and the
 /// quota period bounds used.
-pub fn lease_call(req: &LeaseRequest, now_secs: i64, forget_ms: u64) -> (Vec<String>, Vec<String>, Vec<(i64, i64)>) {
+pub fn lease_call(
+    req: &LeaseRequest,
+    now_secs: i64,
+    forget_ms: u64,
+    take_record_ms: u64,
+) -> (Vec<String>, Vec<String>, Vec<(i64, i64)>) {
     let mut keys = Vec::with_capacity(1 + req.buckets.len() + req.quotas.len());
     keys.push(node_key(&req.subject));
     let mut args = vec![
@@ -76,6 +91,13 @@ pub fn lease_call(req: &LeaseRequest, now_secs: i64, forget_ms: u64) -> (Vec<Str
         req.unreported_max.map_or_else(|| "-1".to_string(), |r| r.to_string()),
     ];
     let periods = limit_args(&req.subject, &req.buckets, &req.quotas, now_secs, &mut keys, &mut args);
+    if !req.doubts.is_empty() {
+        keys.push(takes_key(&req.subject));
+        args.extend([req.doubts.len().to_string(), take_record_ms.to_string()]);
+        for d in &req.doubts {
+            args.extend([d.id.to_string(), d.cost.to_string()]);
+        }
+    }
     (keys, args, periods)
 }
 
@@ -102,14 +124,18 @@ fn limit_args(
 }
 
 /// KEYS and ARGV of the take script for a validated request at `now_secs`.
-pub fn take_call(req: &TakeRequest, now_secs: i64) -> (Vec<String>, Vec<String>, Vec<(i64, i64)>) {
-    let mut keys = Vec::with_capacity(req.buckets.len() + req.quotas.len());
+pub fn take_call(req: &TakeRequest, now_secs: i64, take_record_ms: u64) -> (Vec<String>, Vec<String>, Vec<(i64, i64)>) {
+    let mut keys = Vec::with_capacity(req.buckets.len() + req.quotas.len() + 1);
     let mut args = vec![
         req.buckets.len().to_string(),
         req.quotas.len().to_string(),
         req.cost.to_string(),
     ];
     let periods = limit_args(&req.subject, &req.buckets, &req.quotas, now_secs, &mut keys, &mut args);
+    if let (Some(node), Some(id)) = (&req.node, req.id) {
+        keys.push(takes_key(&req.subject));
+        args.extend([node.clone(), id.to_string(), take_record_ms.to_string()]);
+    }
     (keys, args, periods)
 }
 
@@ -168,6 +194,7 @@ pub fn lease_response(req: &LeaseRequest, periods: &[(i64, i64)], r: &[i64]) -> 
             now_ms,
             buckets: Vec::new(),
             quotas: Vec::new(),
+            settled: Vec::new(),
         });
     }
     let (granted, valid_ms, hold_void) = (u(2)?, u(3)?, u(4)? == 1);
@@ -193,12 +220,15 @@ pub fn lease_response(req: &LeaseRequest, periods: &[(i64, i64)], r: &[i64]) -> 
         now_ms,
         buckets,
         quotas,
+        // An applied call settles every take in doubt it names.
+        settled: req.doubts.iter().map(|d| d.id).collect(),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keymeter::core::remote::fleet_protocol::TakeDoubt;
 
     #[test]
     fn keys_share_the_subject_hash_tag_and_periods_come_from_the_core() {
@@ -224,10 +254,11 @@ mod tests {
                 period: Period::Month,
                 limit: 1000,
             }],
+            doubts: vec![],
         };
         // 2024-02-29T12:00:00Z: the month is February 2024.
         let now = 1_709_208_000;
-        let (keys, args, periods) = lease_call(&req, now, 99);
+        let (keys, args, periods) = lease_call(&req, now, 99, 5);
         assert_eq!(
             keys,
             ["km:{c:acme}:n", "km:{c:acme}:b:s", "km:{c:acme}:q:m.m:1706745600"]
@@ -274,5 +305,59 @@ mod tests {
         );
         assert!(lease_response(&req, &periods, &[1, 5, 7]).is_none());
         assert!(!lease_response(&req, &periods, &[0, 5]).unwrap().applied);
+    }
+
+    #[test]
+    fn takes_in_doubt_and_tagged_takes_add_the_takes_key_and_their_arguments() {
+        let quotas = vec![QuotaSpec {
+            name: "m".into(),
+            period: Period::Month,
+            limit: 1000,
+        }];
+        let now = 1_709_208_000;
+        let req = LeaseRequest {
+            node: "n1".into(),
+            seq: 3,
+            subject: "c:acme".into(),
+            fleet_size: 1,
+            ttl_ms: 5000,
+            want: 0,
+            hold: 0,
+            returned: 0,
+            spent_total: 2,
+            unreported_max: None,
+            buckets: vec![],
+            quotas: quotas.clone(),
+            doubts: vec![TakeDoubt { id: 9, cost: 2 }, TakeDoubt { id: 11, cost: 1 }],
+        };
+        let (keys, args, periods) = lease_call(&req, now, 99, 3_600_000);
+        assert_eq!(keys.last().unwrap(), "km:{c:acme}:t");
+        assert_eq!(args[args.len() - 6..], ["2", "3600000", "9", "2", "11", "1"]);
+        // Every doubt named in an applied call is settled; none in a replay.
+        let r = lease_response(&req, &periods, &[1, 5, 0, 5000, 0, 2, 0, 998]).unwrap();
+        assert_eq!(r.settled, [9, 11]);
+        assert!(lease_response(&req, &periods, &[0, 5]).unwrap().settled.is_empty());
+        // Without doubts, nothing of it (the call a limitd without doubts knows).
+        let plain = LeaseRequest { doubts: vec![], ..req };
+        let (keys, args, _) = lease_call(&plain, now, 99, 3_600_000);
+        assert_eq!((keys.len(), args.len()), (2, 14));
+        let take = TakeRequest {
+            subject: "c:acme".into(),
+            cost: 1,
+            buckets: vec![],
+            quotas,
+            node: Some("n1".into()),
+            id: Some(9),
+        };
+        let (keys, args, _) = take_call(&take, now, 60_000);
+        assert_eq!(keys.last().unwrap(), "km:{c:acme}:t");
+        assert_eq!(args[args.len() - 3..], ["n1", "9", "60000"]);
+        let untagged = TakeRequest {
+            node: None,
+            id: None,
+            ..take
+        };
+        let (keys, args, _) = take_call(&untagged, now, 60_000);
+        assert_eq!((keys.len(), args.len()), (1, 5));
     }
 }

@@ -27,18 +27,21 @@ pub struct App {
     pub take_script: Script,
     pub metrics: Metrics,
     pub forget_ms: u64,
+    /// How long takes are remembered by id (`--take-record-ms`).
+    pub take_record_ms: u64,
     /// Unix second of the last Redis error logged: at most one line a second.
     last_error_log: AtomicU64,
 }
 
 impl App {
-    pub fn new(store: Store, forget_ms: u64) -> App {
+    pub fn new(store: Store, forget_ms: u64, take_record_ms: u64) -> App {
         App {
             store,
             lease_script: crate::scripts::script(crate::scripts::LEASE_LUA),
             take_script: crate::scripts::script(crate::scripts::TAKE_LUA),
             metrics: Metrics::default(),
             forget_ms,
+            take_record_ms,
             last_error_log: AtomicU64::new(0),
         }
     }
@@ -105,7 +108,7 @@ async fn lease(State(app): State<Arc<App>>, body: Bytes) -> Response {
     if let Err(e) = req.validate() {
         return app.bad_request(&e);
     }
-    let (keys, args, periods) = lease_call(&req, now_secs(), app.forget_ms);
+    let (keys, args, periods) = lease_call(&req, now_secs(), app.forget_ms, app.take_record_ms);
     let t0 = Instant::now();
     let result = app.store.eval(&app.lease_script, &keys, &args).await;
     Metrics::add(&app.metrics.redis_micros, t0.elapsed().as_micros() as u64);
@@ -139,7 +142,7 @@ async fn take(State(app): State<Arc<App>>, body: Bytes) -> Response {
     if let Err(e) = req.validate() {
         return app.bad_request(&e);
     }
-    let (keys, args, periods) = take_call(&req, now_secs());
+    let (keys, args, periods) = take_call(&req, now_secs(), app.take_record_ms);
     let t0 = Instant::now();
     let result = app.store.eval(&app.take_script, &keys, &args).await;
     Metrics::add(&app.metrics.redis_micros, t0.elapsed().as_micros() as u64);

@@ -34,7 +34,7 @@ use super::limiter::Denial;
 use super::plan::{NamedBucket, NamedQuota};
 use super::token_bucket::{self, BucketLimit, BucketState};
 use crate::core::remote::fleet_protocol::{
-    BucketSpec, BucketView, LeaseRequest, LeaseResponse, QuotaSpec, TakeRequest, TakeResponse,
+    BucketSpec, BucketView, LeaseRequest, LeaseResponse, QuotaSpec, TakeDoubt, TakeRequest, TakeResponse, MAX_DOUBTS,
 };
 use serde::{Deserialize, Serialize};
 
@@ -280,6 +280,9 @@ pub struct FleetEntry {
     pub view: super::fleet_view::FleetView,
     /// Units of `lease` lent to this node's workers (`super::fleet_loans`).
     pub loans: Vec<super::fleet_loans::Loan>,
+    /// Takes whose answer was lost, oldest first, until a lease call settles them
+    /// (`TakeDoubt`); at most `MAX_DOUBTS`.
+    pub doubts: Vec<TakeDoubt>,
 }
 
 /// The shared-data key of a subject's node entry (`k:<lineage>` -> `km/fl/k:<lineage>`);
@@ -294,7 +297,7 @@ pub fn entry_key(subject: &str) -> String {
 /// carries the format too (`node_id_for`), so limitd sees a new node rather than an old
 /// one whose sequence numbers and spend the fresh state would contradict. Bump it with
 /// any change to these structs.
-pub const ENTRY_FORMAT: u8 = 3;
+pub const ENTRY_FORMAT: u8 = 4;
 
 /// Encodes `v` behind the `ENTRY_FORMAT` byte.
 pub fn encode_tagged<T: Serialize>(v: &T) -> Vec<u8> {
@@ -487,15 +490,41 @@ fn specs(buckets: &[NamedBucket], quotas: &[NamedQuota]) -> (Vec<BucketSpec>, Ve
     )
 }
 
-/// The `POST /v1/take` body for a request of `cost`.
-pub fn take_request(subject: &str, buckets: &[NamedBucket], quotas: &[NamedQuota], cost: u64) -> TakeRequest {
+/// The `POST /v1/take` body for a request of `cost`; `tag`: the node id and this take's
+/// id (unique per node), so that a lost answer can be settled later.
+pub fn take_request(
+    subject: &str,
+    buckets: &[NamedBucket],
+    quotas: &[NamedQuota],
+    cost: u64,
+    tag: Option<(&str, u64)>,
+) -> TakeRequest {
     let (buckets, quotas) = specs(buckets, quotas);
     TakeRequest {
         subject: subject.to_string(),
         cost,
         buckets,
         quotas,
+        node: tag.map(|(n, _)| n.to_string()),
+        id: tag.map(|(_, id)| id),
     }
+}
+
+/// Records a take whose answer was lost (it may have been applied) for the next lease
+/// call to settle. Only quotas need it: a take applied twice over, once in Redis and
+/// once as this node's overdraft, would be billed twice, whereas tokens taken from a
+/// bucket for nothing just refill. At `MAX_DOUBTS` the oldest is dropped unsettled
+/// (counted as applied: at most its cost counted twice); returns whether one was.
+pub fn record_doubt(entry: &mut FleetEntry, quotas: &[NamedQuota], id: u64, cost: u64) -> bool {
+    if quotas.is_empty() || entry.doubts.iter().any(|d| d.id == id) {
+        return false;
+    }
+    let dropped = entry.doubts.len() >= MAX_DOUBTS;
+    if dropped {
+        entry.doubts.remove(0);
+    }
+    entry.doubts.push(TakeDoubt { id, cost });
+    dropped
 }
 
 /// Applies a take answer to the entry; returns the request's verdict. A refusal makes
@@ -661,7 +690,11 @@ pub fn begin_lease(
         let report_due = (entry.lease.spent_total > entry.lease.reported_total
             && now_ms.saturating_sub(entry.last_call_ms) >= cfg.report_interval_ms)
             || report_due_by_r(entry, quotas, cfg);
-        if !entry.lease.needs_refill(now_ms, &policy) && entry.overdraft_used == 0 && !report_due {
+        if !entry.lease.needs_refill(now_ms, &policy)
+            && entry.overdraft_used == 0
+            && entry.doubts.is_empty()
+            && !report_due
+        {
             return None;
         }
         match entry.lease.begin_refill(now_ms, &policy) {
@@ -687,6 +720,7 @@ pub fn begin_lease(
         unreported_max: cfg.unreported_max(quotas),
         buckets: b,
         quotas: q,
+        doubts: entry.doubts.clone(),
     };
     Some((ask, req))
 }
@@ -706,6 +740,7 @@ pub fn apply_lease(
         entry.lease.on_failure();
         return;
     }
+    entry.doubts.retain(|d| !resp.settled.contains(&d.id));
     if resp.hold_void {
         // The fleet reclaimed our lease before this call arrived (it came late): the
         // units we held are no longer ours, whatever our clock says, nor those lent.
@@ -840,6 +875,7 @@ mod tests {
             now_ms: 0,
             buckets: vec![],
             quotas: vec![],
+            settled: Vec::new(),
         };
         apply_lease(&mut e, &ask, &resp, &[], 1_002, &c);
         for _ in 0..10 {
@@ -935,11 +971,89 @@ mod tests {
             now_ms: 0,
             buckets: vec![],
             quotas: vec![],
+            settled: Vec::new(),
         };
         apply_lease(&mut e, &ask, &resp, &[], 11_001, &c);
         assert_eq!(e.overdraft_used, 0);
         // Held lease units are spent first, even while partitioned.
         assert_eq!(decide(&mut e, &[], &q, &c, 11_002, 1, false), allowed(Via::Lease));
+    }
+
+    #[test]
+    fn a_take_in_doubt_rides_the_next_lease_calls_until_one_settles_it() {
+        let c = cfg();
+        let q = monthly(1_000);
+        let s = Subject {
+            name: "k:a",
+            buckets: &[],
+            quotas: &q,
+        };
+        let mut e = FleetEntry::default();
+        // Tagged with the node and the take id.
+        let t = take_request("k:a", &[], &q, 2, Some(("n", 7)));
+        assert_eq!((t.node.as_deref(), t.id), (Some("n"), Some(7)));
+        assert_eq!(take_request("k:a", &[], &q, 2, None).id, None);
+        // Only quotas are settled (a bucket's tokens taken for nothing just refill), and
+        // an id is recorded once.
+        assert!(!record_doubt(&mut e, &[], 6, 1));
+        assert!(e.doubts.is_empty());
+        assert!(!record_doubt(&mut e, &q, 7, 2));
+        assert!(!record_doubt(&mut e, &q, 7, 2));
+        assert_eq!(e.doubts, [TakeDoubt { id: 7, cost: 2 }]);
+        // The lost take's request was admitted as overdraft.
+        assert_eq!(decide(&mut e, &[], &q, &c, 10, 2, false), allowed(Via::Fallback));
+        // A doubt alone makes a lease call due, and the call names it.
+        e.overdraft_used = 0;
+        let (ask, req) = begin_lease(&mut e, "n", &s, &c, 20, false).unwrap();
+        assert_eq!(req.doubts, [TakeDoubt { id: 7, cost: 2 }]);
+        assert_eq!(req.spent_total, 2, "the overdraft is reported as the node's spend");
+        let resp = LeaseResponse {
+            applied: true,
+            granted: 10,
+            valid_ms: 30_000,
+            hold_void: false,
+            now_ms: 0,
+            buckets: vec![],
+            quotas: vec![],
+            settled: vec![],
+        };
+        // Not applied (a replay): the doubt stays for the next call.
+        apply_lease(
+            &mut e,
+            &ask,
+            &LeaseResponse {
+                applied: false,
+                ..resp.clone()
+            },
+            &[],
+            21,
+            &c,
+        );
+        assert_eq!(e.doubts.len(), 1);
+        let (ask, req) = begin_lease(&mut e, "n", &s, &c, 22, false).unwrap();
+        assert_eq!(req.doubts.len(), 1);
+        // A doubt recorded while the call was out is not dropped by its answer.
+        record_doubt(&mut e, &q, 8, 1);
+        apply_lease(
+            &mut e,
+            &ask,
+            &LeaseResponse {
+                settled: vec![7],
+                ..resp
+            },
+            &[],
+            23,
+            &c,
+        );
+        assert_eq!(e.doubts, [TakeDoubt { id: 8, cost: 1 }]);
+        assert_eq!(FleetEntry::decode(&e.encode()), e);
+        // Bounded: beyond MAX_DOUBTS the oldest goes, and the caller is told.
+        for id in 100..100 + MAX_DOUBTS as u64 - 1 {
+            assert!(!record_doubt(&mut e, &q, id, 1));
+        }
+        assert!(record_doubt(&mut e, &q, 999, 1));
+        assert_eq!(e.doubts.len(), MAX_DOUBTS);
+        assert_eq!(e.doubts[0].id, 100);
     }
 
     #[test]
@@ -968,6 +1082,7 @@ mod tests {
             now_ms: 0,
             buckets: vec![],
             quotas: vec![],
+            settled: Vec::new(),
         };
         apply_lease(&mut e, &ask, &resp, &[], 1, &c);
         assert_eq!(decide(&mut e, &[], &q, &c, 2, 3, true), allowed(Via::Lease));
@@ -1024,6 +1139,7 @@ mod tests {
             now_ms: 0,
             buckets: vec![],
             quotas: vec![],
+            settled: Vec::new(),
         };
         apply_lease(&mut e, &ask, &resp, &[], 1, &c);
         assert!(
@@ -1050,6 +1166,7 @@ mod tests {
                 wait_ms,
             }],
             quotas: vec![],
+            settled: Vec::new(),
         }
     }
 
@@ -1171,6 +1288,7 @@ mod tests {
             now_ms: 0,
             buckets: vec![],
             quotas: vec![],
+            settled: Vec::new(),
         };
         apply_lease(&mut e, &ask, &grant, &[], 1, &c);
         assert!(!wants_call(&e, &q, &c, 2));
@@ -1259,6 +1377,7 @@ mod tests {
                 outstanding: 20,
                 available: 0,
             }],
+            settled: Vec::new(),
         };
         apply_lease(&mut e, &ask, &grant, &[], 1, &c);
         assert_eq!(e.lease.retry_at_ms, 1 + c.breaker_cooldown_ms);

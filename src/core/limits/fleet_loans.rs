@@ -534,6 +534,7 @@ mod tests {
             now_ms: 0,
             buckets: vec![],
             quotas: vec![],
+            settled: Vec::new(),
         };
         apply_lease(&mut node, &ask, &void, &[], T0 + 4, &c);
         assert_eq!((node.lease.available, node.lease.lent), (5, 0));
@@ -639,6 +640,7 @@ mod tests {
                 now_ms: now,
                 buckets: vec![],
                 quotas,
+                settled: Vec::new(),
             };
             apply_lease(node, &ask, &resp, &[], now, c);
         }
@@ -863,6 +865,7 @@ mod tests {
                             wait_ms: 0,
                         }],
                         quotas: vec![],
+                        settled: Vec::new(),
                     };
                     apply_lease(&mut node, &ask, &resp, &b, now, &c);
                 }

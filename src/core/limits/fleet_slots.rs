@@ -102,11 +102,12 @@ fn base36(mut v: u64) -> String {
 }
 
 /// Whether forgetting `e` at `now_ms` loses nothing: no units held, lent or to give
-/// back, every spend reported (billing), no call in flight, no partition overdraft.
+/// back, every spend reported (billing), no call in flight, no partition overdraft, no
+/// take in doubt.
 pub fn forgettable(e: &FleetEntry, now_ms: u64, policy: &LeasePolicy) -> bool {
     let mut lease = e.lease;
     lease.expire(now_ms);
-    lease.settled() && !lease.refill_in_flight(now_ms, policy) && e.overdraft_used == 0
+    lease.settled() && !lease.refill_in_flight(now_ms, policy) && e.overdraft_used == 0 && e.doubts.is_empty()
 }
 
 /// Finds (or claims) the slot of `subject` in a table of `slots` and applies `f` to
@@ -287,6 +288,7 @@ mod tests {
                     now_ms: now,
                     buckets: vec![],
                     quotas: vec![],
+                    settled: Vec::new(),
                 };
                 fleet::apply_lease(e, &ask, &resp, &[], now, &c);
                 assert!(e.lease.try_spend(1, now));
@@ -315,6 +317,7 @@ mod tests {
                 now_ms: now,
                 buckets: vec![],
                 quotas: vec![],
+                settled: Vec::new(),
             };
             fleet::apply_lease(e, &ask, &resp, &[], now, &c);
         })

@@ -22,6 +22,23 @@ pub const MAX_LUA_INT: u64 = 1 << 53;
 pub const MAX_TTL_MS: u64 = 86_400_000;
 /// Most limits per subject (each is a key and a few script arguments).
 pub const MAX_LIMITS: usize = 16;
+/// Most takes in doubt one lease call settles (`LeaseRequest::doubts`).
+pub const MAX_DOUBTS: usize = 16;
+
+/// A take whose answer the node never got (timeout, reset, a 5xx): limitd may have
+/// applied it, counting `cost` as consumed, while the node decided the request by its
+/// partition fallback. The node names it in its next lease call, which settles it
+/// exactly once: an applied take's cost is taken off the count again (the node either
+/// refused the request or admitted it as overdraft, which it reports as its own
+/// spend), and a take that has not arrived yet is voided, so arriving late it changes
+/// nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TakeDoubt {
+    /// `TakeRequest::id`.
+    pub id: u64,
+    pub cost: u64,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -84,6 +101,10 @@ pub struct LeaseRequest {
     pub buckets: Vec<BucketSpec>,
     #[serde(default)]
     pub quotas: Vec<QuotaSpec>,
+    /// This node's takes of the subject in doubt, settled by this call if it applies.
+    /// Left out when empty, so a limitd that predates it still takes the call.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub doubts: Vec<TakeDoubt>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +147,9 @@ pub struct LeaseResponse {
     pub now_ms: u64,
     pub buckets: Vec<BucketView>,
     pub quotas: Vec<QuotaView>,
+    /// Ids of the `doubts` this call settled (all of them when it applied).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub settled: Vec<u64>,
 }
 
 /// Take `cost` units of every limit of a subject at once, or nothing.
@@ -138,6 +162,13 @@ pub struct TakeRequest {
     pub buckets: Vec<BucketSpec>,
     #[serde(default)]
     pub quotas: Vec<QuotaSpec>,
+    /// The calling node and its id for this take (unique per node), so that a take
+    /// whose answer is lost can be settled by a later lease call (`TakeDoubt`). Without
+    /// them a lost answer cannot be told from a take that never arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -250,6 +281,14 @@ impl LeaseRequest {
                 return Err(format!("{name}: must be below 2^53"));
             }
         }
+        if self.doubts.len() > MAX_DOUBTS {
+            return Err(format!("doubts: at most {MAX_DOUBTS}"));
+        }
+        for (i, d) in self.doubts.iter().enumerate() {
+            if d.id == 0 || d.id >= MAX_LUA_INT || d.cost == 0 || d.cost >= MAX_LUA_INT {
+                return Err(format!("doubts[{i}]: id and cost must be 1 to 2^53 - 1"));
+            }
+        }
         check_limits(&self.buckets, &self.quotas)
     }
 }
@@ -261,6 +300,11 @@ impl TakeRequest {
         }
         if self.cost == 0 || self.cost >= MAX_LUA_INT {
             return Err("cost: must be 1 to 2^53 - 1".into());
+        }
+        match (&self.node, self.id) {
+            (None, None) => {}
+            (Some(n), Some(id)) if valid_node(n) && (1..MAX_LUA_INT).contains(&id) => {}
+            _ => return Err("node, id: both or neither; node 1-64 of A-Z a-z 0-9 _ - ., id 1 to 2^53 - 1".into()),
         }
         check_limits(&self.buckets, &self.quotas)
     }
@@ -321,5 +365,44 @@ mod tests {
         assert!(
             serde_json::from_str::<LeaseRequest>(r#"{"node":"n","seq":1,"subject":"s","ttl_ms":1,"x":1}"#).is_err()
         );
+        let mut r = req();
+        r.doubts = vec![TakeDoubt { id: 1, cost: 1 }; MAX_DOUBTS + 1];
+        assert!(r.validate().unwrap_err().starts_with("doubts"));
+        r.doubts = vec![TakeDoubt { id: 0, cost: 1 }];
+        assert!(r.validate().unwrap_err().starts_with("doubts[0]"));
+        r.doubts = vec![TakeDoubt { id: 7, cost: 2 }];
+        assert_eq!(r.validate(), Ok(()));
+    }
+
+    #[test]
+    fn doubts_and_take_ids_stay_off_the_wire_when_unused() {
+        // A node with nothing in doubt sends what a limitd without doubts accepts.
+        let mut r = req();
+        assert!(!serde_json::to_string(&r).unwrap().contains("doubts"));
+        r.doubts = vec![TakeDoubt { id: 3, cost: 1 }];
+        assert!(serde_json::to_string(&r)
+            .unwrap()
+            .contains(r#""doubts":[{"id":3,"cost":1}]"#));
+        let t = TakeRequest {
+            subject: "k:a".into(),
+            cost: 1,
+            buckets: vec![],
+            quotas: req().quotas,
+            node: None,
+            id: None,
+        };
+        assert_eq!(t.validate(), Ok(()));
+        assert!(!serde_json::to_string(&t).unwrap().contains("id"));
+        let half = TakeRequest {
+            id: Some(5),
+            ..t.clone()
+        };
+        assert!(half.validate().unwrap_err().starts_with("node, id"));
+        let both = TakeRequest {
+            node: Some("n-1".into()),
+            id: Some(5),
+            ..t
+        };
+        assert_eq!(both.validate(), Ok(()));
     }
 }

@@ -44,6 +44,30 @@ pub fn is_envoy_upstream_failure(status: u32, body: &str) -> bool {
     }
 }
 
+/// Whether a call without a usable answer may still have reached the peer and been
+/// applied there (and so must be settled later if it changed anything). `status`:
+/// `None` for no response at all (a timeout or reset the host reports as such); `body`
+/// is the `snippet` of the body. Not applied: an answer the peer gave refusing the call
+/// (4xx), and Envoy's local replies for a call never sent: no healthy upstream, a
+/// connection that was never made (failure, timeout) and a full circuit breaker
+/// (overflow). Anything else (no answer, Envoy's 504, a reset after connecting, a 5xx of
+/// the peer, a 200 that does not parse) may have been applied.
+pub fn may_have_been_applied(status: Option<u32>, body: &str) -> bool {
+    match status {
+        None => true,
+        Some(400..=499) => false,
+        Some(503) if body == "no healthy upstream" => false,
+        Some(503) if body.starts_with("upstream connect error") => {
+            // "... reset reason: <reason>[, transport failure reason: ...]" (also "the
+            // latest reset reason" after retries).
+            let reason = body.split("reset reason: ").nth(1).unwrap_or("");
+            let reason = reason.split(',').next().unwrap_or("");
+            !(reason.ends_with("connection failure") || reason == "connection timeout" || reason == "overflow")
+        }
+        Some(_) => true,
+    }
+}
+
 /// `"<peer> answered HTTP <status>[: <snippet>]"`.
 pub fn answered(peer: &str, status: u32, snippet: &str) -> String {
     if snippet.is_empty() {
@@ -297,6 +321,35 @@ mod tests {
         assert!(!is_envoy_upstream_failure(503, "maintenance"));
         assert!(!is_envoy_upstream_failure(502, "no healthy upstream"));
         assert!(!is_envoy_upstream_failure(504, "upstream request timeout, retry"));
+    }
+
+    #[test]
+    fn a_call_may_have_been_applied_unless_it_was_refused_or_never_sent() {
+        let reset = "upstream connect error or disconnect/reset before headers. reset reason:";
+        for (status, body, applied) in [
+            (None, "", true),
+            (Some(504), "upstream request timeout", true),
+            (Some(503), "store unavailable", true),
+            (Some(500), "", true),
+            (Some(200), "not json", true),
+            (Some(503), &*format!("{reset} connection termination"), true),
+            (Some(503), &*format!("{reset} remote reset"), true),
+            (Some(503), &*format!("{reset} connection failure"), false),
+            (Some(503), &*format!("{reset} remote connection failure"), false),
+            (Some(503), &*format!("{reset} connection timeout"), false),
+            (Some(503), &*format!("{reset} overflow"), false),
+            (Some(503), "no healthy upstream", false),
+            (
+                Some(503),
+                "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: \
+                 remote connection failure, transport failure reason: delayed connect error: Connection refused",
+                false,
+            ),
+            (Some(400), "bad request", false),
+            (Some(413), "", false),
+        ] {
+            assert_eq!(may_have_been_applied(status, body), applied, "{status:?} {body}");
+        }
     }
 
     #[test]

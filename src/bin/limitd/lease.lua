@@ -75,7 +75,7 @@ local undo = 0
 if nd > 0 then
   local tkey = KEYS[2 + nb + nq]
   local keep = tonumber(ARGV[doubt_at + 2])
-  redis.call('ZREMRANGEBYSCORE', tkey, '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', tkey, '-inf', int(now))
   for d = 1, nd do
     local m = node .. '|' .. ARGV[doubt_at + 1 + 2 * d]
     local cost = tonumber(ARGV[doubt_at + 2 + 2 * d])

@@ -30,7 +30,7 @@ if #ARGV > tag_at then
   tkey = KEYS[nb + nq + 1]
   member = ARGV[tag_at + 1] .. '|' .. ARGV[tag_at + 2]
   keep = tonumber(ARGV[tag_at + 3])
-  redis.call('ZREMRANGEBYSCORE', tkey, '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', tkey, '-inf', int(now))
   if redis.call('ZSCORE', tkey, 'x|' .. member) then
     void = true
   elseif redis.call('ZSCORE', tkey, 'a|' .. member) or redis.call('ZSCORE', tkey, 'd|' .. member) then
@@ -89,7 +89,7 @@ for j = 1, nq do
   res[#res + 1] = avail
 end
 if write and tkey and nq > 0 then
-  redis.call('ZADD', tkey, now + keep, 'a|' .. member)
-  redis.call('PEXPIRE', tkey, keep)
+  redis.call('ZADD', tkey, int(now + keep), 'a|' .. member)
+  redis.call('PEXPIRE', tkey, int(keep))
 end
 return res
